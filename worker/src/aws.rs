@@ -1,0 +1,155 @@
+//! AWS clients and the one place that turns SDK errors into outcomes and metrics.
+//!
+//! Region, credentials and endpoints come from the standard AWS SDK settings
+//! (`AWS_REGION`, `AWS_ENDPOINT_URL[_KINESIS|_DYNAMODB]`, the default credential chain):
+//! nothing here knows about emulators.
+
+use std::future::Future;
+use std::time::Duration;
+
+use aws_config::timeout::TimeoutConfig;
+
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+
+use crate::metrics::Metrics;
+
+/// Upper bound of one AWS call including the SDK's retries. Loops are judged stuck only after
+/// the failover timeout plus this.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The two clients a worker needs, plus the metrics every call is counted in.
+#[derive(Clone)]
+pub struct AwsClients {
+    pub kinesis: aws_sdk_kinesis::Client,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub metrics: Metrics,
+}
+
+impl AwsClients {
+    /// Loads the shared AWS configuration the way every AWS tool does.
+    pub async fn from_env(metrics: Metrics) -> Self {
+        // Bounded calls: a hung connection must not stall a heartbeat past the failover timeout.
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .operation_attempt_timeout(Duration::from_secs(4))
+            .operation_timeout(OPERATION_TIMEOUT)
+            .build();
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .timeout_config(timeouts)
+            .load()
+            .await;
+        AwsClients {
+            kinesis: aws_sdk_kinesis::Client::new(&shared),
+            dynamodb: aws_sdk_dynamodb::Client::new(&shared),
+            metrics,
+        }
+    }
+}
+
+/// What went wrong with one AWS call, reduced to what the worker acts on.
+#[derive(Debug, thiserror::Error)]
+pub enum AwsError {
+    /// A conditional write lost: somebody else changed the item first.
+    #[error("{operation}: condition failed")]
+    ConditionFailed { operation: &'static str },
+    /// The table or stream does not exist.
+    #[error("{operation}: not found: {message}")]
+    NotFound {
+        operation: &'static str,
+        message: String,
+    },
+    /// The resource exists already (CreateTable / CreateStream races).
+    #[error("{operation}: already exists")]
+    AlreadyExists { operation: &'static str },
+    /// Anything else: network, throttling after retries, service errors.
+    #[error("{operation}: {message}")]
+    Unavailable {
+        operation: &'static str,
+        message: String,
+    },
+}
+
+impl AwsError {
+    pub fn is_condition_failed(&self) -> bool {
+        matches!(self, AwsError::ConditionFailed { .. })
+    }
+}
+
+fn classify(code: Option<&str>) -> &'static str {
+    match code {
+        Some("ConditionalCheckFailedException") | Some("TransactionCanceledException") => {
+            "conditional_check_failed"
+        }
+        Some("ResourceNotFoundException") => "not_found",
+        Some("ResourceInUseException") => "already_exists",
+        Some(c)
+            if c.contains("Throttl")
+                || c.contains("LimitExceeded")
+                || c.contains("ThroughputExceeded") =>
+        {
+            "throttled"
+        }
+        _ => "error",
+    }
+}
+
+/// Runs one AWS call, counts it by outcome, and maps its error.
+pub async fn call<T, E, R, F>(
+    metrics: &Metrics,
+    service: &'static str,
+    operation: &'static str,
+    request: F,
+) -> Result<T, AwsError>
+where
+    F: Future<Output = Result<T, SdkError<E, R>>>,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match request.await {
+        Ok(v) => {
+            metrics.record_call(service, operation, "ok");
+            Ok(v)
+        }
+        Err(err) => {
+            let code = err.code().map(str::to_owned);
+            let outcome = classify(code.as_deref());
+            metrics.record_call(service, operation, outcome);
+            let message = match err.message() {
+                Some(m) => format!("{}: {m}", code.as_deref().unwrap_or("error")),
+                None => aws_sdk_dynamodb::error::DisplayErrorContext(&err).to_string(),
+            };
+            Err(match outcome {
+                "conditional_check_failed" => AwsError::ConditionFailed { operation },
+                "not_found" => AwsError::NotFound { operation, message },
+                "already_exists" => AwsError::AlreadyExists { operation },
+                _ => AwsError::Unavailable { operation, message },
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::classify;
+
+    #[test]
+    fn error_codes_map_to_outcomes() {
+        assert_eq!(
+            classify(Some("ConditionalCheckFailedException")),
+            "conditional_check_failed"
+        );
+        assert_eq!(
+            classify(Some("TransactionCanceledException")),
+            "conditional_check_failed"
+        );
+        assert_eq!(classify(Some("ResourceNotFoundException")), "not_found");
+        assert_eq!(classify(Some("ResourceInUseException")), "already_exists");
+        assert_eq!(classify(Some("ThrottlingException")), "throttled");
+        assert_eq!(
+            classify(Some("ProvisionedThroughputExceededException")),
+            "throttled"
+        );
+        assert_eq!(classify(Some("LimitExceededException")), "throttled");
+        assert_eq!(classify(None), "error");
+    }
+}

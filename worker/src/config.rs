@@ -1,0 +1,731 @@
+//! Configuration: built-in defaults < TOML file (the ConfigMap) < `KDS_*` environment.
+//!
+//! Values are read through figment as loosely typed values and validated here, so that every
+//! mistake is reported as one line naming the key, the bad value, where it came from and what
+//! is allowed (exit code 2, before any AWS call).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::value::Value;
+use figment::{Figment, Provider};
+use serde::Serialize;
+
+/// Where the ConfigMap is mounted in the pod.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kds-worker/config.toml";
+/// Environment prefix of every key.
+pub const ENV_PREFIX: &str = "KDS_";
+
+/// Every configuration key, in the order `kds-worker config` prints them.
+pub const KEYS: &[&str] = &[
+    "app_name",
+    "stream_name",
+    "max_leases_cap",
+    "worker_id",
+    "worker_count_source",
+    "statefulset_name",
+    "namespace",
+    "shard_poll_interval",
+    "heartbeat_interval",
+    "failover_timeout",
+    "http_addr",
+    "log_format",
+];
+
+/// How the coordinator counts workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerCountSource {
+    /// `min(StatefulSet spec.replicas, live heartbeats)`.
+    Kubernetes,
+    /// Live heartbeats only; no cluster needed.
+    Heartbeats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// The validated configuration of one worker.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Settings {
+    pub app_name: String,
+    pub stream_name: String,
+    pub max_leases_cap: u64,
+    pub worker_id: String,
+    pub worker_count_source: WorkerCountSource,
+    pub statefulset_name: String,
+    pub namespace: String,
+    #[serde(with = "humantime_serde")]
+    pub shard_poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub failover_timeout: Duration,
+    pub http_addr: SocketAddr,
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    /// The KCL-compatible lease table.
+    pub fn lease_table(&self) -> String {
+        self.app_name.clone()
+    }
+
+    /// The metadata table: coordinator, lease_limits and heartbeats.
+    pub fn meta_table(&self) -> String {
+        format!("{}_meta", self.app_name)
+    }
+}
+
+/// A configuration mistake: exactly one line for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    /// The offending value as written, if there was one.
+    pub value: Option<String>,
+    /// Where the value came from (`KDS_MAX_LEASES_CAP`, `/etc/kds-worker/config.toml`, …).
+    pub origin: Option<String>,
+    /// What is allowed instead.
+    pub allowed: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: {}", self.key)?;
+        match &self.value {
+            Some(v) => write!(f, " = {v:?}")?,
+            None => write!(f, " is missing")?,
+        }
+        if let Some(origin) = &self.origin {
+            write!(f, " (from {origin})")?;
+        }
+        write!(f, ": {}", self.allowed)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Facts about the process' surroundings that defaults depend on. Injected so that tests do
+/// not depend on the machine they run on.
+#[derive(Debug, Clone, Default)]
+pub struct Surroundings {
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+    pub serviceaccount_namespace: Option<String>,
+    pub hostname: Option<String>,
+    pub in_kubernetes: bool,
+}
+
+impl Surroundings {
+    /// Reads the downward-API variables, the service-account namespace and the hostname.
+    pub fn detect() -> Self {
+        let non_empty = |s: String| {
+            let s = s.trim().to_owned();
+            (!s.is_empty()).then_some(s)
+        };
+        Surroundings {
+            pod_name: std::env::var("POD_NAME").ok().and_then(non_empty),
+            pod_namespace: std::env::var("POD_NAMESPACE").ok().and_then(non_empty),
+            serviceaccount_namespace: std::fs::read_to_string(
+                "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
+            )
+            .ok()
+            .and_then(non_empty),
+            hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .and_then(non_empty),
+            in_kubernetes: std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+        }
+    }
+}
+
+/// Where the TOML file is and whether the user named it (a named file must exist).
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub explicit: bool,
+}
+
+impl ConfigFile {
+    pub fn from_arg(arg: Option<PathBuf>) -> Self {
+        match arg {
+            Some(path) => ConfigFile {
+                path,
+                explicit: true,
+            },
+            None => ConfigFile {
+                path: PathBuf::from(DEFAULT_CONFIG_PATH),
+                explicit: false,
+            },
+        }
+    }
+}
+
+/// The layered sources (file < env); defaults are applied in [`Settings::from_figment`].
+pub fn figment(file: &ConfigFile) -> Result<Figment, ConfigError> {
+    if file.explicit && !file.path.is_file() {
+        return Err(ConfigError {
+            key: "--config".into(),
+            value: Some(file.path.display().to_string()),
+            origin: Some("command line".into()),
+            allowed: "expected a readable TOML file".into(),
+        });
+    }
+    Ok(Figment::new()
+        .merge(Toml::file(&file.path))
+        .merge(Env::prefixed(ENV_PREFIX)))
+}
+
+/// One effective value and where it came from, for `kds-worker config`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Provenance {
+    pub key: &'static str,
+    pub value: String,
+    pub source: String,
+}
+
+impl Settings {
+    /// Loads, layers and validates the configuration.
+    pub fn load(
+        file: &ConfigFile,
+        env: &Surroundings,
+    ) -> Result<(Settings, Vec<Provenance>), ConfigError> {
+        Settings::from_figment(&figment(file)?, env)
+    }
+
+    /// Validates every key of `figment`, filling in defaults.
+    pub fn from_figment(
+        figment: &Figment,
+        env: &Surroundings,
+    ) -> Result<(Settings, Vec<Provenance>), ConfigError> {
+        let reader = Reader { figment };
+        reader.reject_unknown_keys()?;
+        let mut provenance = Vec::new();
+        let mut take = |key: &'static str,
+                        default: Option<(String, &str)>|
+         -> Result<Option<Raw>, ConfigError> {
+            let raw = reader.raw(key)?;
+            let (value, source) = match (&raw, default) {
+                (Some(raw), _) => (raw.text.clone(), raw.origin.clone()),
+                (None, Some((value, source))) => (value, source.to_owned()),
+                (None, None) => return Ok(None),
+            };
+            provenance.push(Provenance { key, value, source });
+            Ok(raw)
+        };
+
+        let app_name = take("app_name", Some(("kds-consumer-app".into(), "default")))?;
+        let app_name = match app_name {
+            Some(raw) => raw.table_name("app_name")?,
+            None => "kds-consumer-app".to_owned(),
+        };
+        let stream_name = match take("stream_name", None)? {
+            Some(raw) => raw.stream_name()?,
+            None => {
+                return Err(ConfigError {
+                    key: "stream_name".into(),
+                    value: None,
+                    origin: None,
+                    allowed: "set stream_name in the config file or KDS_STREAM_NAME".into(),
+                });
+            }
+        };
+        let max_leases_cap = match take("max_leases_cap", Some(("80".into(), "default")))? {
+            Some(raw) => raw.integer_at_least("max_leases_cap", 1)?,
+            None => 80,
+        };
+        let default_worker_id = env
+            .pod_name
+            .clone()
+            .map(|n| (n, "default (POD_NAME)"))
+            .or_else(|| env.hostname.clone().map(|h| (h, "default (hostname)")))
+            .unwrap_or_else(|| {
+                (
+                    format!("kds-worker-{}", std::process::id()),
+                    "default (pid)",
+                )
+            });
+        let worker_id = match take("worker_id", Some(default_worker_id.clone()))? {
+            Some(raw) => raw.identifier("worker_id")?,
+            None => default_worker_id.0,
+        };
+        let worker_count_source = match take(
+            "worker_count_source",
+            Some(("kubernetes".into(), "default")),
+        )? {
+            Some(raw) => match raw.text.to_ascii_lowercase().as_str() {
+                "kubernetes" => WorkerCountSource::Kubernetes,
+                "heartbeats" => WorkerCountSource::Heartbeats,
+                _ => {
+                    return Err(
+                        raw.invalid("worker_count_source", "expected kubernetes or heartbeats")
+                    );
+                }
+            },
+            None => WorkerCountSource::Kubernetes,
+        };
+        let statefulset_name =
+            match take("statefulset_name", Some(("kds-consumer".into(), "default")))? {
+                Some(raw) => raw.dns_label("statefulset_name")?,
+                None => "kds-consumer".into(),
+            };
+        let default_namespace = env
+            .pod_namespace
+            .clone()
+            .map(|n| (n, "default (POD_NAMESPACE)"))
+            .or_else(|| {
+                env.serviceaccount_namespace
+                    .clone()
+                    .map(|n| (n, "default (service account)"))
+            })
+            .unwrap_or_else(|| ("default".into(), "default"));
+        let namespace = match take("namespace", Some(default_namespace.clone()))? {
+            Some(raw) => raw.dns_label("namespace")?,
+            None => default_namespace.0,
+        };
+        let shard_poll_interval =
+            match take("shard_poll_interval", Some(("10s".into(), "default")))? {
+                Some(raw) => raw.duration("shard_poll_interval")?,
+                None => Duration::from_secs(10),
+            };
+        let heartbeat_interval = match take("heartbeat_interval", Some(("2s".into(), "default")))? {
+            Some(raw) => raw.duration("heartbeat_interval")?,
+            None => Duration::from_secs(2),
+        };
+        let failover_raw = take("failover_timeout", Some(("10s".into(), "default")))?;
+        let failover_timeout = match &failover_raw {
+            Some(raw) => raw.duration("failover_timeout")?,
+            None => Duration::from_secs(10),
+        };
+        // A worker renews every heartbeat; the timeout must leave room for at least two
+        // renewals or a single slow call would look like a death.
+        if failover_timeout < heartbeat_interval * 2 {
+            return Err(ConfigError {
+                key: "failover_timeout".into(),
+                value: Some(humantime::format_duration(failover_timeout).to_string()),
+                origin: failover_raw.map(|r| r.origin),
+                allowed: format!(
+                    "expected at least twice heartbeat_interval ({})",
+                    humantime::format_duration(heartbeat_interval)
+                ),
+            });
+        }
+        let http_addr = match take("http_addr", Some(("0.0.0.0:8080".into(), "default")))? {
+            Some(raw) => raw.text.parse::<SocketAddr>().map_err(|_| {
+                raw.invalid(
+                    "http_addr",
+                    "expected an address like 0.0.0.0:8080 or 127.0.0.1:0",
+                )
+            })?,
+            None => SocketAddr::from(([0, 0, 0, 0], 8080)),
+        };
+        let default_format = if env.in_kubernetes {
+            ("json".to_owned(), "default (in a pod)")
+        } else {
+            ("pretty".to_owned(), "default (not in a pod)")
+        };
+        let log_format = match take("log_format", Some(default_format.clone()))? {
+            Some(raw) => match raw.text.to_ascii_lowercase().as_str() {
+                "json" => LogFormat::Json,
+                "pretty" => LogFormat::Pretty,
+                _ => return Err(raw.invalid("log_format", "expected json or pretty")),
+            },
+            None if env.in_kubernetes => LogFormat::Json,
+            None => LogFormat::Pretty,
+        };
+
+        let settings = Settings {
+            app_name,
+            stream_name,
+            max_leases_cap,
+            worker_id,
+            worker_count_source,
+            statefulset_name,
+            namespace,
+            shard_poll_interval,
+            heartbeat_interval,
+            failover_timeout,
+            http_addr,
+            log_format,
+        };
+        Ok((settings, provenance))
+    }
+}
+
+/// A value as the user wrote it, with its origin.
+#[derive(Debug, Clone)]
+struct Raw {
+    text: String,
+    origin: String,
+}
+
+impl Raw {
+    fn invalid(&self, key: &str, allowed: impl Into<String>) -> ConfigError {
+        ConfigError {
+            key: key.into(),
+            value: Some(self.text.clone()),
+            origin: Some(self.origin.clone()),
+            allowed: allowed.into(),
+        }
+    }
+
+    fn integer_at_least(&self, key: &str, min: u64) -> Result<u64, ConfigError> {
+        match self.text.trim().parse::<u64>() {
+            Ok(n) if n >= min => Ok(n),
+            _ => Err(self.invalid(key, format!("expected an integer >= {min}"))),
+        }
+    }
+
+    fn duration(&self, key: &str) -> Result<Duration, ConfigError> {
+        match humantime::parse_duration(self.text.trim()) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            _ => Err(self.invalid(key, "expected a positive duration such as 10s, 500ms or 1m")),
+        }
+    }
+
+    /// DynamoDB table names: 3..=255 of `[A-Za-z0-9_.-]`; `_meta` is appended, so ≤ 250.
+    fn table_name(&self, key: &str) -> Result<String, ConfigError> {
+        let t = self.text.trim();
+        let ok = (3..=250).contains(&t.len())
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if ok {
+            Ok(t.to_owned())
+        } else {
+            Err(self.invalid(key, "expected 3 to 250 characters of A-Z a-z 0-9 _ . -"))
+        }
+    }
+
+    /// Kinesis stream names: 1..=128 of `[A-Za-z0-9_.-]`.
+    fn stream_name(&self) -> Result<String, ConfigError> {
+        let t = self.text.trim();
+        let ok = (1..=128).contains(&t.len())
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if ok {
+            Ok(t.to_owned())
+        } else {
+            Err(self.invalid(
+                "stream_name",
+                "expected 1 to 128 characters of A-Z a-z 0-9 _ . -",
+            ))
+        }
+    }
+
+    /// Worker ids end up inside DynamoDB keys and log lines: printable, no `#`, ≤ 128.
+    fn identifier(&self, key: &str) -> Result<String, ConfigError> {
+        let t = self.text.trim();
+        let ok =
+            (1..=128).contains(&t.len()) && t.chars().all(|c| c.is_ascii_graphic() && c != '#');
+        if ok {
+            Ok(t.to_owned())
+        } else {
+            Err(self.invalid(
+                key,
+                "expected 1 to 128 printable ASCII characters without spaces or '#'",
+            ))
+        }
+    }
+
+    /// Kubernetes object names (RFC 1123 label).
+    fn dns_label(&self, key: &str) -> Result<String, ConfigError> {
+        let t = self.text.trim();
+        let ok = (1..=63).contains(&t.len())
+            && t.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !t.starts_with('-')
+            && !t.ends_with('-');
+        if ok {
+            Ok(t.to_owned())
+        } else {
+            Err(self.invalid(
+                key,
+                "expected a Kubernetes name: 1 to 63 of a-z 0-9 -, not starting or ending with -",
+            ))
+        }
+    }
+}
+
+struct Reader<'a> {
+    figment: &'a Figment,
+}
+
+impl Reader<'_> {
+    fn origin_of(&self, key: &str, value: &Value) -> String {
+        match self.figment.get_metadata(value.tag()) {
+            Some(meta) if meta.name.contains("environment") => {
+                format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
+            }
+            Some(meta) => match &meta.source {
+                Some(source) => source.to_string(),
+                None => meta.name.to_string(),
+            },
+            None => "unknown source".into(),
+        }
+    }
+
+    /// The user-written text of `key`, or `None` when no layer sets it.
+    fn raw(&self, key: &str) -> Result<Option<Raw>, ConfigError> {
+        let value = match self.figment.find_value(key) {
+            Ok(value) => value,
+            Err(e) if e.missing() => return Ok(None),
+            Err(e) => {
+                return Err(ConfigError {
+                    key: key.into(),
+                    value: None,
+                    origin: None,
+                    allowed: format!("could not be read: {e}"),
+                });
+            }
+        };
+        let origin = self.origin_of(key, &value);
+        let text = match &value {
+            Value::String(_, s) => s.clone(),
+            Value::Char(_, c) => c.to_string(),
+            Value::Bool(_, b) => b.to_string(),
+            Value::Num(_, n) => match n.to_u128() {
+                Some(u) => u.to_string(),
+                None => match n.to_i128() {
+                    Some(i) => i.to_string(),
+                    None => n.to_f64().map(|f| f.to_string()).unwrap_or_default(),
+                },
+            },
+            other => {
+                return Err(ConfigError {
+                    key: key.into(),
+                    value: Some(format!("{other:?}")),
+                    origin: Some(origin),
+                    allowed: "expected a plain value (string or number), not a table or list"
+                        .into(),
+                });
+            }
+        };
+        Ok(Some(Raw { text, origin }))
+    }
+
+    /// A typo in the ConfigMap must not be silently ignored.
+    fn reject_unknown_keys(&self) -> Result<(), ConfigError> {
+        let Ok(dict) = self.figment.data() else {
+            return Ok(());
+        };
+        for profile in dict.values() {
+            for (key, value) in profile {
+                if !KEYS.contains(&key.as_str()) {
+                    return Err(ConfigError {
+                        key: key.clone(),
+                        value: None,
+                        origin: Some(self.origin_of(key, value)),
+                        allowed: format!("unknown key; known keys are {}", KEYS.join(", ")),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Path shown in `kds-worker config` output for the file layer.
+pub fn describe_file(file: &ConfigFile) -> String {
+    let p: &Path = &file.path;
+    if p.is_file() {
+        p.display().to_string()
+    } else {
+        format!("{} (not present)", p.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn surroundings() -> Surroundings {
+        Surroundings {
+            pod_name: Some("kds-consumer-1".into()),
+            pod_namespace: Some("lab".into()),
+            serviceaccount_namespace: None,
+            hostname: Some("laptop".into()),
+            in_kubernetes: true,
+        }
+    }
+
+    fn load_in_jail(jail: &Jail) -> Result<(Settings, Vec<Provenance>), ConfigError> {
+        let file = ConfigFile {
+            path: jail.directory().join("config.toml"),
+            explicit: false,
+        };
+        Settings::load(&file, &surroundings())
+    }
+
+    #[test]
+    fn defaults_apply_with_only_the_stream_name() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("KDS_STREAM_NAME", "orders");
+            let (s, provenance) = load_in_jail(jail).unwrap();
+            assert_eq!(s.app_name, "kds-consumer-app");
+            assert_eq!(s.meta_table(), "kds-consumer-app_meta");
+            assert_eq!(s.max_leases_cap, 80);
+            assert_eq!(s.worker_id, "kds-consumer-1");
+            assert_eq!(s.namespace, "lab");
+            assert_eq!(s.worker_count_source, WorkerCountSource::Kubernetes);
+            assert_eq!(s.shard_poll_interval, Duration::from_secs(10));
+            assert_eq!(s.heartbeat_interval, Duration::from_secs(2));
+            assert_eq!(s.failover_timeout, Duration::from_secs(10));
+            assert_eq!(s.http_addr, "0.0.0.0:8080".parse().unwrap());
+            assert_eq!(s.log_format, LogFormat::Json);
+            let stream = provenance.iter().find(|p| p.key == "stream_name").unwrap();
+            assert_eq!(stream.source, "KDS_STREAM_NAME");
+            let id = provenance.iter().find(|p| p.key == "worker_id").unwrap();
+            assert_eq!(id.source, "default (POD_NAME)");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "config.toml",
+                r#"
+                stream_name = "from-file"
+                max_leases_cap = 40
+                heartbeat_interval = "500ms"
+                failover_timeout = "3s"
+                worker_count_source = "heartbeats"
+                "#,
+            )?;
+            jail.set_env("KDS_MAX_LEASES_CAP", "12");
+            let (s, provenance) = load_in_jail(jail).unwrap();
+            assert_eq!(s.stream_name, "from-file");
+            assert_eq!(s.max_leases_cap, 12);
+            assert_eq!(s.heartbeat_interval, Duration::from_millis(500));
+            assert_eq!(s.failover_timeout, Duration::from_secs(3));
+            assert_eq!(s.worker_count_source, WorkerCountSource::Heartbeats);
+            let cap = provenance
+                .iter()
+                .find(|p| p.key == "max_leases_cap")
+                .unwrap();
+            assert_eq!(cap.source, "KDS_MAX_LEASES_CAP");
+            let stream = provenance.iter().find(|p| p.key == "stream_name").unwrap();
+            assert!(stream.source.ends_with("config.toml"), "{}", stream.source);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn hostname_is_the_worker_id_outside_a_pod() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("KDS_STREAM_NAME", "s");
+            let file = ConfigFile {
+                path: jail.directory().join("config.toml"),
+                explicit: false,
+            };
+            let env = Surroundings {
+                hostname: Some("laptop".into()),
+                ..Default::default()
+            };
+            let (s, _) = Settings::load(&file, &env).unwrap();
+            assert_eq!(s.worker_id, "laptop");
+            assert_eq!(s.namespace, "default");
+            assert_eq!(s.log_format, LogFormat::Pretty);
+            Ok(())
+        });
+    }
+
+    /// Each bad value is named by key, value and origin.
+    #[test]
+    fn bad_values_are_reported_by_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("KDS_MAX_LEASES_CAP", "0", "max_leases_cap"),
+            ("KDS_MAX_LEASES_CAP", "-3", "max_leases_cap"),
+            ("KDS_MAX_LEASES_CAP", "abc", "max_leases_cap"),
+            ("KDS_MAX_LEASES_CAP", "1.5", "max_leases_cap"),
+            ("KDS_STREAM_NAME", "", "stream_name"),
+            ("KDS_STREAM_NAME", "has space", "stream_name"),
+            ("KDS_WORKER_COUNT_SOURCE", "consul", "worker_count_source"),
+            ("KDS_HEARTBEAT_INTERVAL", "0s", "heartbeat_interval"),
+            ("KDS_SHARD_POLL_INTERVAL", "soon", "shard_poll_interval"),
+            ("KDS_FAILOVER_TIMEOUT", "1s", "failover_timeout"),
+            ("KDS_HTTP_ADDR", "8080", "http_addr"),
+            ("KDS_LOG_FORMAT", "xml", "log_format"),
+            ("KDS_APP_NAME", "a", "app_name"),
+            ("KDS_WORKER_ID", "a#b", "worker_id"),
+            ("KDS_NAMESPACE", "Bad_NS", "namespace"),
+            ("KDS_MAX_LEASE_CAP", "10", "max_lease_cap"),
+        ];
+        for &(var, value, key) in cases {
+            Jail::expect_with(|jail| {
+                jail.clear_env();
+                if var != "KDS_STREAM_NAME" {
+                    jail.set_env("KDS_STREAM_NAME", "orders");
+                }
+                jail.set_env(var, value);
+                let err = load_in_jail(jail).expect_err(var);
+                assert_eq!(err.key, key, "{var}={value}: {err}");
+                let line = err.to_string();
+                assert!(!line.contains('\n'), "{line}");
+                assert!(line.contains(key), "{line}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn missing_stream_name_is_an_error() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let err = load_in_jail(jail).unwrap_err();
+            assert_eq!(err.key, "stream_name");
+            assert!(err.to_string().contains("KDS_STREAM_NAME"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_file_key_names_the_file() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("config.toml", "stream_name = \"s\"\nmax_lease_cap = 3\n")?;
+            let err = load_in_jail(jail).unwrap_err();
+            assert_eq!(err.key, "max_lease_cap");
+            assert!(err.origin.unwrap().ends_with("config.toml"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let file = ConfigFile::from_arg(Some("/nonexistent/kds.toml".into()));
+        let err = Settings::load(&file, &surroundings()).unwrap_err();
+        assert_eq!(err.key, "--config");
+    }
+
+    #[test]
+    fn failover_must_be_at_least_two_heartbeats() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("KDS_STREAM_NAME", "s");
+            jail.set_env("KDS_HEARTBEAT_INTERVAL", "2s");
+            jail.set_env("KDS_FAILOVER_TIMEOUT", "4s");
+            assert!(load_in_jail(jail).is_ok());
+            jail.set_env("KDS_FAILOVER_TIMEOUT", "3s");
+            let err = load_in_jail(jail).unwrap_err();
+            assert!(
+                err.to_string().contains("twice heartbeat_interval"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+}

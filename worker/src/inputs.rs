@@ -1,0 +1,102 @@
+//! The formula's inputs from outside: open shards (Kinesis) and desired replicas (Kubernetes).
+//! Only the coordinator uses these.
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::aws::{AwsClients, AwsError, call};
+
+/// `DescribeStreamSummary.OpenShardCount`: closed parents after a reshard are not counted.
+pub async fn open_shard_count(aws: &AwsClients, stream: &str) -> Result<u64, AwsError> {
+    let out = call(
+        &aws.metrics,
+        "kinesis",
+        "DescribeStreamSummary",
+        aws.kinesis
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send(),
+    )
+    .await?;
+    Ok(out
+        .stream_description_summary()
+        .map(|d| d.open_shard_count().max(0) as u64)
+        .unwrap_or(0))
+}
+
+/// Replica count a StatefulSet asks for; Kubernetes defaults an unset `spec.replicas` to 1.
+pub fn desired_replicas(sts: &StatefulSet) -> u64 {
+    sts.spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1)
+        .max(0) as u64
+}
+
+/// Watches one StatefulSet (list + watch, never polling) and publishes its `spec.replicas`
+/// into `tx` until `stop` is cancelled. `None` while it is unknown or deleted.
+pub async fn watch_desired_replicas(
+    client: Client,
+    namespace: String,
+    name: String,
+    tx: watch::Sender<Option<u64>>,
+    stop: CancellationToken,
+) {
+    let api: Api<StatefulSet> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher(api, config).default_backoff().boxed();
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = events.next() => e,
+        };
+        match event {
+            Some(Ok(watcher::Event::Apply(sts) | watcher::Event::InitApply(sts))) => {
+                let replicas = desired_replicas(&sts);
+                tx.send_if_modified(|current| {
+                    if *current != Some(replicas) {
+                        tracing::info!(statefulset = %name, replicas, "desired replicas");
+                        *current = Some(replicas);
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            Some(Ok(watcher::Event::Delete(_))) => {
+                tracing::warn!(statefulset = %name, "StatefulSet deleted; counting live workers only");
+                tx.send_replace(None);
+            }
+            Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => {}
+            Some(Err(e)) => {
+                // The backoff retries; the last known value stays in force meanwhile.
+                tracing::warn!(statefulset = %name, error = %e, "StatefulSet watch failed; retrying");
+            }
+            None => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unset_replicas_default_to_one() {
+        let sts: StatefulSet = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "kds-consumer"},
+            "spec": {"selector": {}, "serviceName": "kds", "template": {}}
+        }))
+        .unwrap();
+        assert_eq!(desired_replicas(&sts), 1);
+        let mut sts = sts;
+        sts.spec.as_mut().unwrap().replicas = Some(5);
+        assert_eq!(desired_replicas(&sts), 5);
+    }
+}

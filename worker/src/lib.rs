@@ -1,0 +1,23 @@
+//! `kds-worker`: a Kinesis consumer worker whose shard-lease limit is computed by an elected
+//! coordinator and published in DynamoDB.
+//!
+//! The pipeline, one module each:
+//! inputs ([`inputs`]: open shards, desired replicas; [`election::LivenessTracker`]: live
+//! workers) → pure policy ([`policy`]) → coordinator ([`election`], [`coordinator`]) →
+//! published limit ([`store`]) → every worker ([`worker`]) obeys it.
+//! Edges: [`config`] (figment), [`aws`] (SDK clients, error mapping), [`schema`] (tables),
+//! [`http`] (hyper), [`metrics`], [`telemetry`].
+
+pub mod aws;
+pub mod config;
+pub mod coordinator;
+pub mod election;
+pub mod http;
+pub mod inputs;
+pub mod metrics;
+pub mod policy;
+pub mod schema;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,193 @@
+//! `kds-worker` binary: wires configuration, telemetry, AWS, the worker loops and HTTP.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kds_worker::aws::AwsClients;
+use kds_worker::config::{ConfigFile, Settings, Surroundings, WorkerCountSource, describe_file};
+use kds_worker::metrics::Metrics;
+use kds_worker::worker::{StartError, Worker};
+use kds_worker::{http, schema, telemetry};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for configuration mistakes (before any AWS call).
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "kds-worker",
+    version,
+    about = "Kinesis consumer worker with a coordinator-published lease limit",
+    long_about = "Kinesis consumer worker. One worker is elected coordinator through DynamoDB \
+conditional writes; it publishes max_leases_per_worker = min(cap, ceil(open_shards / workers)) \
+in <app_name>_meta and every worker obeys it.\n\nConfiguration: built-in defaults < TOML file \
+(--config) < KDS_* environment variables. AWS region, credentials and endpoints come from the \
+standard AWS settings (AWS_REGION, AWS_ENDPOINT_URL, ...)."
+)]
+struct Cli {
+    /// TOML configuration file (the mounted ConfigMap). A missing default file is ignored;
+    /// a file named here must exist.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "KDS_CONFIG_FILE",
+        hide_env = true
+    )]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker (the default).
+    Run,
+    /// Print the effective configuration and where each value came from.
+    Config {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the stream (if missing) and both tables, then exit. Idempotent.
+    Init {
+        /// Shard count of a newly created stream (an existing stream is left as it is).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        shards: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The config file path may come from KDS_CONFIG_FILE; it is not a configuration key.
+    // SAFETY: single-threaded here, before the runtime starts.
+    unsafe { std::env::remove_var("KDS_CONFIG_FILE") };
+    let file = ConfigFile::from_arg(cli.config);
+    let (settings, provenance) = match Settings::load(&file, &Surroundings::detect()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("kds-worker: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Config { json } = command {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&provenance).expect("serialisable")
+            );
+        } else {
+            println!("# config file: {}", describe_file(&file));
+            let width = provenance.iter().map(|p| p.key.len()).max().unwrap_or(0);
+            for p in &provenance {
+                println!("{:width$} = {:<28} # {}", p.key, p.value, p.source);
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(settings.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        match command {
+            Command::Init { shards } => init(settings, shards).await,
+            _ => run(settings).await,
+        }
+    })
+}
+
+async fn init(settings: Settings, shards: u32) -> ExitCode {
+    let aws = AwsClients::from_env(Metrics::new()).await;
+    let open = match schema::ensure_stream(&aws, &settings.stream_name, shards).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, stream = %settings.stream_name, "cannot create the stream");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) =
+        schema::ensure_tables(&aws, &settings.lease_table(), &settings.meta_table()).await
+    {
+        tracing::error!(error = %e, "cannot create the tables");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(
+        stream = %settings.stream_name,
+        open_shards = open,
+        lease_table = %settings.lease_table(),
+        meta_table = %settings.meta_table(),
+        "initialised"
+    );
+    ExitCode::SUCCESS
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    let kube = match settings.worker_count_source {
+        WorkerCountSource::Heartbeats => None,
+        WorkerCountSource::Kubernetes => match kube::Client::try_default().await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!(
+                    "kds-worker: invalid configuration: worker_count_source = \"kubernetes\" but no \
+                     Kubernetes API is configured ({e}): run in a pod or set KDS_WORKER_COUNT_SOURCE=heartbeats"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let listener = match http::bind(settings.http_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "kds-worker: invalid configuration: http_addr = {:?}: cannot listen: {e}",
+                settings.http_addr.to_string()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    tracing::info!(
+        worker_id = %settings.worker_id,
+        stream = %settings.stream_name,
+        app_name = %settings.app_name,
+        http_addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "starting"
+    );
+    let aws = AwsClients::from_env(Metrics::new()).await;
+    let worker = Worker::new(settings, aws, kube);
+    if let Err(e) = worker.prepare().await {
+        tracing::error!(error = %e, "cannot start");
+        eprintln!("kds-worker: {e}");
+        return match e {
+            StartError::UnknownStream { .. } => ExitCode::from(3),
+            StartError::Aws(_) => ExitCode::FAILURE,
+        };
+    }
+    let stop = CancellationToken::new();
+    tokio::spawn(shutdown_signal(stop.clone()));
+    let server = tokio::spawn(http::serve(listener, worker.state(), stop.clone()));
+    worker.run(stop).await;
+    let _ = server.await;
+    ExitCode::SUCCESS
+}
+
+/// Cancels `stop` on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal(stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    stop.cancel();
+}

@@ -1,0 +1,175 @@
+//! Prometheus metrics, served as text on `GET /metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiCallLabels {
+    pub service: &'static str,
+    pub operation: &'static str,
+    /// `ok`, `conditional_check_failed`, `throttled`, `not_found` or `error`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: &'static str,
+}
+
+/// Every metric the worker exports. Cheap to clone (all handles are shared).
+#[derive(Clone, Default)]
+pub struct Metrics {
+    pub api_calls: Family<ApiCallLabels, Counter>,
+    pub conditional_write_conflicts: Family<OperationLabels, Counter>,
+    pub leases_held: Gauge,
+    pub max_leases_per_worker: Gauge,
+    pub is_coordinator: Gauge,
+    pub coordinator_epoch: Gauge,
+    pub shard_count: Gauge,
+    pub worker_count: Gauge,
+    pub capacity_deficit: Gauge,
+    pub lease_limit_publications: Counter,
+    pub coordinator_takeovers: Counter,
+    pub heartbeat_age_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A fresh registry holding this worker's metrics.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("kds");
+        r.register(
+            "aws_api_calls",
+            "AWS API calls by service, operation and outcome",
+            self.api_calls.clone(),
+        );
+        r.register(
+            "conditional_write_conflicts",
+            "DynamoDB conditional writes that lost (another writer was first)",
+            self.conditional_write_conflicts.clone(),
+        );
+        r.register(
+            "leases_held",
+            "Shard leases this worker holds",
+            self.leases_held.clone(),
+        );
+        r.register(
+            "max_leases_per_worker",
+            "The published lease limit this worker obeys",
+            self.max_leases_per_worker.clone(),
+        );
+        r.register(
+            "is_coordinator",
+            "1 while this worker is the coordinator, else 0",
+            self.is_coordinator.clone(),
+        );
+        r.register(
+            "coordinator_epoch",
+            "Epoch of the coordinator this worker last saw",
+            self.coordinator_epoch.clone(),
+        );
+        r.register(
+            "shard_count",
+            "Open shards in the published lease limit",
+            self.shard_count.clone(),
+        );
+        r.register(
+            "worker_count",
+            "Workers in the published lease limit",
+            self.worker_count.clone(),
+        );
+        r.register(
+            "capacity_deficit",
+            "Shards that no worker may hold because every worker is at the cap",
+            self.capacity_deficit.clone(),
+        );
+        r.register(
+            "lease_limit_publications",
+            "lease_limits writes by this worker as coordinator",
+            self.lease_limit_publications.clone(),
+        );
+        r.register(
+            "coordinator_takeovers",
+            "Times this worker became coordinator",
+            self.coordinator_takeovers.clone(),
+        );
+        r.register(
+            "heartbeat_age_seconds",
+            "Seconds since this worker's last successful heartbeat",
+            self.heartbeat_age_seconds.clone(),
+        );
+        r
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
+        out
+    }
+
+    pub fn record_call(
+        &self,
+        service: &'static str,
+        operation: &'static str,
+        outcome: &'static str,
+    ) {
+        self.api_calls
+            .get_or_create(&ApiCallLabels {
+                service,
+                operation,
+                outcome,
+            })
+            .inc();
+        if outcome == "conditional_check_failed" {
+            self.conditional_write_conflicts
+                .get_or_create(&OperationLabels { operation })
+                .inc();
+        }
+    }
+
+    /// Sum of API calls for one service (all operations and outcomes), for tests and reports.
+    pub fn calls_total(&self, service: &str) -> u64 {
+        parse_total(&self.encode(), service)
+    }
+}
+
+/// Sums `kds_aws_api_calls_total{service="…"}` lines of a Prometheus text page.
+pub fn parse_total(text: &str, service: &str) -> u64 {
+    let needle = format!("service=\"{service}\"");
+    text.lines()
+        .filter(|l| l.starts_with("kds_aws_api_calls_total{") && l.contains(&needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_and_conflicts_are_exported() {
+        let m = Metrics::new();
+        m.record_call("dynamodb", "UpdateItem", "ok");
+        m.record_call("dynamodb", "UpdateItem", "conditional_check_failed");
+        m.record_call("kinesis", "DescribeStreamSummary", "ok");
+        let text = m.encode();
+        assert!(text.contains(
+            r#"kds_aws_api_calls_total{service="dynamodb",operation="UpdateItem",outcome="ok"} 1"#
+        ));
+        assert!(
+            text.contains(r#"kds_conditional_write_conflicts_total{operation="UpdateItem"} 1"#)
+        );
+        assert_eq!(parse_total(&text, "dynamodb"), 2);
+        assert_eq!(m.calls_total("kinesis"), 1);
+    }
+}
