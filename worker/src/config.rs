@@ -543,6 +543,8 @@ pub fn describe_file(file: &ConfigFile) -> String {
 }
 
 #[cfg(test)]
+// figment::Jail's closures must return figment's (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

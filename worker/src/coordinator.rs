@@ -125,7 +125,7 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
                     }
                     // This worker is alive by definition, even before its first row is read.
                     let mut n = judged.live.len() as u64;
-                    if !judged.live.iter().any(|id| *id == me) {
+                    if !judged.live.contains(&me) {
                         n += 1;
                     }
                     live = Some(n);

@@ -1,0 +1,225 @@
+//! The `kds-worker` binary as an operator meets it: bad configuration, unknown streams,
+//! `init`, `config`, and a real process serving its endpoints and exiting 0 on SIGTERM.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+fn worker_bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kds-worker"));
+    // Only what each test sets: no KDS_* from the developer's shell.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KDS_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("KDS_LOG_FORMAT", "pretty");
+    c
+}
+
+async fn table_exists(aws: &kds_worker::aws::AwsClients, table: &str) -> bool {
+    aws.dynamodb
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await
+        .is_ok()
+}
+
+/// Each bad value exits 2 with one line naming the key, and writes nothing to DynamoDB.
+#[tokio::test]
+async fn bad_configuration_exits_2_naming_the_key_and_writes_nothing() {
+    let aws = aws().await;
+    let stream = unique("badcfg");
+    create_stream(&aws, &stream, 1).await;
+    let cases: &[(&str, &str, &str)] = &[
+        ("KDS_MAX_LEASES_CAP", "0", "max_leases_cap"),
+        ("KDS_MAX_LEASES_CAP", "-1", "max_leases_cap"),
+        ("KDS_MAX_LEASES_CAP", "eighty", "max_leases_cap"),
+        ("KDS_STREAM_NAME", "", "stream_name"),
+        (
+            "KDS_WORKER_COUNT_SOURCE",
+            "zookeeper",
+            "worker_count_source",
+        ),
+        ("KDS_HEARTBEAT_INTERVAL", "0s", "heartbeat_interval"),
+        ("KDS_SHARD_POLL_INTERVAL", "0ms", "shard_poll_interval"),
+        ("KDS_FAILOVER_TIMEOUT", "1s", "failover_timeout"),
+        ("KDS_HTTP_ADDR", "localhost", "http_addr"),
+        ("KDS_LOG_FORMAT", "yaml", "log_format"),
+        ("KDS_MAX_LEASE_CAP", "5", "max_lease_cap"),
+    ];
+    for &(var, value, key) in cases {
+        let app = unique("badcfg");
+        let out = worker_bin()
+            .env("KDS_APP_NAME", &app)
+            .env("KDS_STREAM_NAME", &stream)
+            .env("KDS_WORKER_COUNT_SOURCE", "heartbeats")
+            .env("KDS_HEARTBEAT_INTERVAL", "2s")
+            .env(var, value)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {stderr}");
+        let lines: Vec<_> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{var}={value}: one line expected: {stderr}");
+        assert!(lines[0].contains(key), "{var}={value}: {stderr}");
+        assert!(
+            !table_exists(&aws, &app).await,
+            "{var}={value} created a table"
+        );
+        assert!(!table_exists(&aws, &format!("{app}_meta")).await);
+    }
+}
+
+#[tokio::test]
+async fn unknown_stream_fails_clearly_and_writes_nothing() {
+    let aws = aws().await;
+    let app = unique("nostream");
+    let out = worker_bin()
+        .env("KDS_APP_NAME", &app)
+        .env("KDS_STREAM_NAME", unique("missing"))
+        .env("KDS_WORKER_COUNT_SOURCE", "heartbeats")
+        .env("KDS_HTTP_ADDR", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(!table_exists(&aws, &app).await);
+    assert!(!table_exists(&aws, &format!("{app}_meta")).await);
+}
+
+#[tokio::test]
+async fn config_prints_each_value_with_its_source() {
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.toml");
+    std::fs::write(&file, "stream_name = \"orders\"\nmax_leases_cap = 40\n").unwrap();
+    let out = worker_bin()
+        .args(["config", "--config"])
+        .arg(&file)
+        .env("KDS_MAX_LEASES_CAP", "12")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |key: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap()
+            .to_owned()
+    };
+    assert!(
+        line("max_leases_cap").contains("12")
+            && line("max_leases_cap").contains("KDS_MAX_LEASES_CAP")
+    );
+    assert!(line("stream_name").contains("orders") && line("stream_name").contains("config.toml"));
+    assert!(
+        line("heartbeat_interval").contains("2s") && line("heartbeat_interval").contains("default")
+    );
+}
+
+/// `init` twice (idempotent), then a real worker process: ready, status, metrics, SIGTERM → 0.
+#[tokio::test]
+async fn init_then_run_serves_endpoints_and_exits_0_on_sigterm() {
+    let aws = aws().await;
+    let (app, stream) = (unique("proc"), unique("proc"));
+    for _ in 0..2 {
+        let out = worker_bin()
+            .args(["init", "--shards", "6"])
+            .env("KDS_APP_NAME", &app)
+            .env("KDS_STREAM_NAME", &stream)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(table_exists(&aws, &app).await && table_exists(&aws, &format!("{app}_meta")).await);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let started = tokio::time::Instant::now();
+    let mut child = worker_bin()
+        .env("KDS_APP_NAME", &app)
+        .env("KDS_STREAM_NAME", &stream)
+        .env("KDS_WORKER_ID", "proc-0")
+        .env("KDS_WORKER_COUNT_SOURCE", "heartbeats")
+        .env("KDS_HEARTBEAT_INTERVAL", "300ms")
+        .env("KDS_FAILOVER_TIMEOUT", "2s")
+        .env("KDS_HTTP_ADDR", addr.to_string())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (body, took) = wait_for(
+        Duration::from_secs(20),
+        "the worker process to be ready",
+        || async {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(_) => {
+                    let (code, body) = http_get(addr, "/ready").await;
+                    (code == 200).then_some(body)
+                }
+                Err(_) => None,
+            }
+        },
+    )
+    .await;
+    eprintln!("process start to /ready 200: {:?}", started.elapsed());
+    let _ = took;
+    assert!(body.contains("\"ready\": true"), "{body}");
+    assert_eq!(http_get(addr, "/health").await.0, 200);
+    let (code, status) = http_get(addr, "/status").await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["worker_id"], "proc-0");
+    assert_eq!(status["role"], "coordinator");
+    assert_eq!(status["lease_limits"]["max_leases_per_worker"], 6);
+    assert_eq!(status["lease_limits"]["shard_count"], 6);
+    let (code, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("kds_max_leases_per_worker 6"), "{metrics}");
+    assert!(metrics.contains("kds_is_coordinator 1"));
+    assert!(metrics.contains(r#"kds_aws_api_calls_total{service="kinesis",operation="DescribeStreamSummary",outcome="ok"}"#));
+    assert_eq!(http_get(addr, "/nope").await.0, 404);
+
+    // SIGTERM: exit 0, post vacant, heartbeat gone.
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (status, _) = wait_for(
+        Duration::from_secs(10),
+        "the process to exit after SIGTERM",
+        || {
+            let s = child.try_wait().unwrap();
+            async move { s }
+        },
+    )
+    .await;
+    assert_eq!(status.code(), Some(0));
+    let store = meta(&aws, &app);
+    let row = store.read_coordinator().await.unwrap().unwrap();
+    assert!(row.is_vacant(), "stepped down: {row:?}");
+    assert!(store.scan_heartbeats().await.unwrap().is_empty());
+}

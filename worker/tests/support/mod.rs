@@ -1,0 +1,359 @@
+//! Shared test harness: emulator endpoints, unique names, in-process workers, waiting on
+//! conditions with deadlines, a tiny HTTP client and a TCP proxy that can cut DynamoDB off.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kds_worker::aws::AwsClients;
+use kds_worker::config::{LogFormat, Settings, WorkerCountSource};
+use kds_worker::metrics::Metrics;
+use kds_worker::state::{Role, WorkerState};
+use kds_worker::store::MetaStore;
+use kds_worker::worker::Worker;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub const HEARTBEAT: Duration = Duration::from_millis(300);
+pub const FAILOVER: Duration = Duration::from_millis(1500);
+pub const SHARD_POLL: Duration = Duration::from_millis(1000);
+
+/// The emulator endpoints `cargo xtask test` exports. Running these tests any other way is a
+/// mistake worth a clear message, not a silent skip.
+pub fn require_emulators() {
+    for var in ["AWS_ENDPOINT_URL_KINESIS", "AWS_ENDPOINT_URL_DYNAMODB"] {
+        if std::env::var_os(var).is_none() {
+            panic!(
+                "{var} is not set: these tests talk to the Kinesis and DynamoDB emulators; run them with `cargo xtask test`"
+            );
+        }
+    }
+}
+
+/// A name no other test (or earlier run against the same emulators) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_000;
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub async fn aws() -> AwsClients {
+    require_emulators();
+    // Worker logs appear with a failing test's output (RUST_LOG=debug for more).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    AwsClients::from_env(Metrics::new()).await
+}
+
+/// AWS clients whose DynamoDB calls go to `dynamodb_endpoint` instead (a proxy).
+pub async fn aws_with_dynamodb(dynamodb_endpoint: &str) -> AwsClients {
+    let base = aws().await;
+    let conf = base
+        .dynamodb
+        .config()
+        .to_builder()
+        .endpoint_url(dynamodb_endpoint)
+        .build();
+    AwsClients {
+        dynamodb: aws_sdk_dynamodb::Client::from_conf(conf),
+        ..base
+    }
+}
+
+pub fn settings(app: &str, stream: &str, worker_id: &str) -> Settings {
+    Settings {
+        app_name: app.to_owned(),
+        stream_name: stream.to_owned(),
+        max_leases_cap: 80,
+        worker_id: worker_id.to_owned(),
+        worker_count_source: WorkerCountSource::Heartbeats,
+        statefulset_name: "kds-consumer".into(),
+        namespace: "lab".into(),
+        shard_poll_interval: SHARD_POLL,
+        heartbeat_interval: HEARTBEAT,
+        failover_timeout: FAILOVER,
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        log_format: LogFormat::Pretty,
+    }
+}
+
+/// Creates a stream with `shards` shards and waits until it is ACTIVE.
+pub async fn create_stream(aws: &AwsClients, stream: &str, shards: u32) {
+    kds_worker::schema::ensure_stream(aws, stream, shards)
+        .await
+        .expect("create stream");
+}
+
+/// Reshards like AWS allows (at most ×2 or ÷2 per call), waiting for ACTIVE between steps.
+pub async fn reshard(aws: &AwsClients, stream: &str, target: u64) {
+    loop {
+        let open = kds_worker::inputs::open_shard_count(aws, stream)
+            .await
+            .unwrap();
+        if open == target {
+            return;
+        }
+        let step = if target > open {
+            target.min(open * 2)
+        } else {
+            target.max(open.div_ceil(2))
+        };
+        aws.kinesis
+            .update_shard_count()
+            .stream_name(stream)
+            .target_shard_count(step as i32)
+            .scaling_type(aws_sdk_kinesis::types::ScalingType::UniformScaling)
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "UpdateShardCount {open} -> {step}: {}",
+                    aws_sdk_kinesis::error::DisplayErrorContext(e)
+                )
+            });
+        // UpdateShardCount is asynchronous: wait for UPDATING to end.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        kds_worker::schema::wait_stream_active(aws, stream, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+}
+
+/// A worker running in this process.
+pub struct TestWorker {
+    pub id: String,
+    pub state: Arc<WorkerState>,
+    stop: CancellationToken,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TestWorker {
+    pub async fn start(
+        settings: Settings,
+        aws: AwsClients,
+        kube: Option<kube::Client>,
+    ) -> TestWorker {
+        let id = settings.worker_id.clone();
+        // Each worker counts its own calls, as separate processes would.
+        let aws = AwsClients {
+            metrics: Metrics::new(),
+            ..aws
+        };
+        let worker = Worker::new(settings, aws, kube);
+        worker.prepare().await.expect("worker prepare");
+        let state = worker.state();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(stop.clone()));
+        TestWorker {
+            id,
+            state,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn is_coordinator(&self) -> bool {
+        self.state.role().0 == Role::Coordinator
+    }
+
+    pub fn limit(&self) -> Option<u64> {
+        self.state.limit().map(|l| l.max_leases_per_worker)
+    }
+
+    /// SIGTERM-like: step down, remove the heartbeat, return.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("worker task");
+        }
+    }
+
+    /// kill -9-like: every loop stops at once, nothing is cleaned up.
+    pub async fn crash(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        if let Some(h) = &self.handle {
+            h.abort();
+        }
+    }
+}
+
+/// Starts `n` workers named `w0..` concurrently (they race for tables and the post).
+pub async fn start_workers(
+    app: &str,
+    stream: &str,
+    ids: impl IntoIterator<Item = String>,
+    aws: &AwsClients,
+) -> Vec<TestWorker> {
+    let mut set = JoinSet::new();
+    for id in ids {
+        let s = settings(app, stream, &id);
+        let aws = aws.clone();
+        set.spawn(async move { TestWorker::start(s, aws, None).await });
+    }
+    let mut workers = Vec::new();
+    while let Some(w) = set.join_next().await {
+        workers.push(w.unwrap());
+    }
+    workers.sort_by(|a, b| a.id.cmp(&b.id));
+    workers
+}
+
+/// Polls `check` every 25 ms until it returns `Some`, or panics after `deadline` naming `what`.
+pub async fn wait_for<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return (v, start.elapsed());
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until every worker obeys `limit` (and returns how long it took).
+pub async fn wait_limit(workers: &[TestWorker], limit: u64, deadline: Duration) -> Duration {
+    let what = format!(
+        "all {} workers to obey max_leases_per_worker = {limit}",
+        workers.len()
+    );
+    wait_for(deadline, &what, || async {
+        workers
+            .iter()
+            .all(|w| w.limit() == Some(limit))
+            .then_some(())
+    })
+    .await
+    .1
+}
+
+pub fn coordinators(workers: &[TestWorker]) -> Vec<&TestWorker> {
+    workers.iter().filter(|w| w.is_coordinator()).collect()
+}
+
+pub fn meta(aws: &AwsClients, app: &str) -> MetaStore {
+    MetaStore::new(aws.clone(), format!("{app}_meta"))
+}
+
+/// `GET path` on `addr`; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .expect("connect to the worker's HTTP port");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A TCP proxy in front of an emulator that can be cut off (connections refused and open ones
+/// reset) and restored on the same port: a real network outage, without losing the
+/// emulator's state.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    upstream: SocketAddr,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream_url: &str) -> Proxy {
+        let upstream: SocketAddr = upstream_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("emulator endpoint is http://IP:PORT");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut p = Proxy {
+            addr,
+            upstream,
+            tasks: None,
+        };
+        p.serve(listener);
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let upstream = self.upstream;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                conns.spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    /// Outage: drop the listener and every open connection.
+    pub async fn cut(&mut self) {
+        if let Some(mut t) = self.tasks.take() {
+            t.shutdown().await;
+        }
+    }
+
+    /// Back on the same port.
+    pub async fn restore(&mut self) {
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .expect("rebind the proxy port");
+        self.serve(listener);
+    }
+}

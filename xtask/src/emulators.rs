@@ -1,0 +1,310 @@
+//! The pinned emulators (`lab/emulators.toml`): installed into `.lab/tools/` on first use,
+//! started on free loopback ports, stopped when the guard is dropped (also on failure).
+//!
+//! - Kinesis: kinesis-mock (npm `kinesis-local`), run with Node.js.
+//! - DynamoDB: moto server (PyPI `moto[server]`), in its own virtualenv.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use xshell::{Shell, cmd};
+
+use crate::util::{free_port, http_status, lab_dir, project_root, secs};
+
+#[derive(Debug, Deserialize)]
+pub struct Pins {
+    pub kinesis: KinesisPin,
+    pub dynamodb: DynamoPin,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct KinesisPin {
+    pub npm_package: String,
+    pub version: String,
+    pub shard_limit: u64,
+    pub update_shard_count_duration: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DynamoPin {
+    pub pip_package: String,
+    pub version: String,
+}
+
+pub fn pins_path() -> PathBuf {
+    project_root().join("lab/emulators.toml")
+}
+
+pub fn load_pins() -> anyhow::Result<Pins> {
+    let path = pins_path();
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn tools_dir() -> PathBuf {
+    lab_dir().join("tools")
+}
+
+fn kinesis_dir(pins: &Pins) -> PathBuf {
+    tools_dir().join(format!("kinesis-mock-{}", pins.kinesis.version))
+}
+
+fn kinesis_main(pins: &Pins) -> PathBuf {
+    kinesis_dir(pins)
+        .join("node_modules")
+        .join(&pins.kinesis.npm_package)
+        .join("main.js")
+}
+
+fn moto_venv(pins: &Pins) -> PathBuf {
+    tools_dir().join(format!("moto-{}", pins.dynamodb.version))
+}
+
+pub fn moto_server_bin(pins: &Pins) -> PathBuf {
+    moto_venv(pins).join("bin").join("moto_server")
+}
+
+fn require_tool(sh: &Shell, tool: &str, why: &str) -> anyhow::Result<()> {
+    if cmd!(sh, "{tool} --version")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_err()
+    {
+        bail!(
+            "`{tool}` not found: it is needed {why}. Enter `nix develop`, or install it (Debian: apt-get install {tool})"
+        );
+    }
+    Ok(())
+}
+
+/// Written last by a successful install: an interrupted one is redone, never used half-made.
+const INSTALLED_MARKER: &str = ".installed";
+
+/// Installs whichever pinned emulator is missing. Idempotent and quick when installed.
+pub fn install(sh: &Shell, pins: &Pins) -> anyhow::Result<()> {
+    let dir = kinesis_dir(pins);
+    if !dir.join(INSTALLED_MARKER).is_file() {
+        require_tool(sh, "npm", "to install kinesis-mock")?;
+        let spec = format!("{}@{}", pins.kinesis.npm_package, pins.kinesis.version);
+        eprintln!("installing {spec} (kinesis-mock) into {}", dir.display());
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        cmd!(
+            sh,
+            "npm install --no-audit --no-fund --no-save --prefix {dir} {spec}"
+        )
+        .quiet()
+        .run()
+        .context("npm install of kinesis-mock failed")?;
+        if !kinesis_main(pins).is_file() {
+            bail!(
+                "npm installed {spec} but {} is missing",
+                kinesis_main(pins).display()
+            );
+        }
+        std::fs::write(dir.join(INSTALLED_MARKER), &spec)?;
+    }
+    let venv = moto_venv(pins);
+    if !venv.join(INSTALLED_MARKER).is_file() {
+        require_tool(sh, "python3", "to install the moto server")?;
+        let spec = format!("{}=={}", pins.dynamodb.pip_package, pins.dynamodb.version);
+        eprintln!(
+            "installing {spec} (DynamoDB emulator) into {}",
+            venv.display()
+        );
+        let _ = std::fs::remove_dir_all(&venv);
+        cmd!(sh, "python3 -m venv {venv}")
+            .quiet()
+            .run()
+            .context("python3 -m venv failed (Debian: apt-get install python3-venv)")?;
+        let pip = venv.join("bin/pip");
+        cmd!(
+            sh,
+            "{pip} install --quiet --disable-pip-version-check {spec}"
+        )
+        .quiet()
+        .run()
+        .context("pip install of the moto server failed")?;
+        std::fs::write(venv.join(INSTALLED_MARKER), &spec)?;
+    }
+    Ok(())
+}
+
+/// Running emulators; both processes are killed when this is dropped.
+pub struct Emulators {
+    pub kinesis: SocketAddr,
+    pub dynamodb: SocketAddr,
+    handles: Vec<duct::Handle>,
+}
+
+impl Emulators {
+    pub fn kinesis_url(&self) -> String {
+        format!("http://{}", self.kinesis)
+    }
+
+    pub fn dynamodb_url(&self) -> String {
+        format!("http://{}", self.dynamodb)
+    }
+
+    /// The standard AWS SDK settings that point any AWS client at these emulators.
+    pub fn aws_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL_KINESIS", self.kinesis_url()),
+            ("AWS_ENDPOINT_URL_DYNAMODB", self.dynamodb_url()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            // No shared config or instance metadata lookups against the real AWS.
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            ("AWS_CONFIG_FILE", "/dev/null".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+        ]
+    }
+
+    pub fn stop(mut self) {
+        self.kill_all();
+    }
+
+    fn kill_all(&mut self) {
+        for h in self.handles.drain(..) {
+            let _ = h.kill();
+        }
+    }
+}
+
+impl Drop for Emulators {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Installs if needed, starts both emulators on free ports, waits until they answer.
+pub fn start(sh: &Shell, logs: &Path) -> anyhow::Result<Emulators> {
+    let pins = load_pins()?;
+    install(sh, &pins)?;
+    std::fs::create_dir_all(logs)?;
+
+    let kinesis_port = free_port()?;
+    let kinesis_tls_port = free_port()?;
+    let dynamodb_port = free_port()?;
+    let main_js = kinesis_main(&pins);
+    let cert = main_js.with_file_name("server.json");
+    let kinesis = duct::cmd("node", [&main_js])
+        .env("KINESIS_MOCK_PLAIN_PORT", kinesis_port.to_string())
+        .env("KINESIS_MOCK_TLS_PORT", kinesis_tls_port.to_string())
+        .env("KINESIS_MOCK_CERT_PATH", &cert)
+        .env("SHARD_LIMIT", pins.kinesis.shard_limit.to_string())
+        .env(
+            "UPDATE_SHARD_COUNT_DURATION",
+            &pins.kinesis.update_shard_count_duration,
+        )
+        .env("LOG_LEVEL", "WARN")
+        .stdin_null()
+        .stderr_to_stdout()
+        .stdout_path(logs.join("kinesis-mock.log"))
+        .unchecked()
+        .start()
+        .context("starting kinesis-mock with node")?;
+    let moto = duct::cmd(
+        moto_server_bin(&pins),
+        ["-H", "127.0.0.1", "-p", &dynamodb_port.to_string()],
+    )
+    .stdin_null()
+    .stderr_to_stdout()
+    .stdout_path(logs.join("moto.log"))
+    .unchecked()
+    .start()
+    .context("starting moto_server")?;
+    let emulators = Emulators {
+        kinesis: ([127, 0, 0, 1], kinesis_port).into(),
+        dynamodb: ([127, 0, 0, 1], dynamodb_port).into(),
+        handles: vec![kinesis, moto],
+    };
+    wait_healthy(
+        "kinesis-mock",
+        emulators.kinesis,
+        "/healthcheck",
+        &logs.join("kinesis-mock.log"),
+        &emulators.handles[0],
+    )?;
+    wait_healthy(
+        "moto (DynamoDB)",
+        emulators.dynamodb,
+        "/",
+        &logs.join("moto.log"),
+        &emulators.handles[1],
+    )?;
+    Ok(emulators)
+}
+
+fn wait_healthy(
+    name: &str,
+    addr: SocketAddr,
+    path: &str,
+    log: &Path,
+    handle: &duct::Handle,
+) -> anyhow::Result<()> {
+    const DEADLINE: Duration = Duration::from_secs(60);
+    let start = Instant::now();
+    eprint!("waiting for {name} on {addr} ...");
+    loop {
+        if http_status(addr, path) == Some(200) {
+            eprintln!(" ready in {}", secs(start.elapsed()));
+            return Ok(());
+        }
+        if let Ok(Some(out)) = handle.try_wait() {
+            eprintln!();
+            bail!(
+                "{name} exited ({:?}) before answering; last log lines:\n{}",
+                out.status,
+                tail(log, 20)
+            );
+        }
+        if start.elapsed() > DEADLINE {
+            eprintln!();
+            bail!(
+                "{name} did not answer GET {path} on {addr} within {}; last log lines:\n{}",
+                secs(DEADLINE),
+                tail(log, 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The last `n` lines of a log file, for error messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<_> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `cargo xtask emulators`: run them until Ctrl-C (for running tests from an IDE).
+pub fn foreground() -> anyhow::Result<()> {
+    let sh = Shell::new()?;
+    let mut emulators = start(&sh, &lab_dir().join("logs"))?;
+    println!("# emulators running; export these, then run tests or workers (Ctrl-C stops both):");
+    for (k, v) in emulators.aws_env() {
+        println!("export {k}={v}");
+    }
+    // Ctrl-C reaches the whole foreground process group: the emulators stop with us.
+    loop {
+        for h in &emulators.handles {
+            if let Ok(Some(out)) = h.try_wait() {
+                let status = out.status;
+                emulators.kill_all();
+                bail!(
+                    "an emulator exited ({status}); logs are in {}",
+                    lab_dir().join("logs").display()
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

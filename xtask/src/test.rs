@@ -1,0 +1,97 @@
+//! `cargo xtask test`: the project's one test command, identical here and in CI.
+//!
+//! Steps: fmt check; clippy `-D warnings`; start the pinned emulators; every test of the
+//! workspace with the emulator endpoints in the environment; stop the emulators (also on
+//! failure); a summary with each step's time.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use xshell::{Shell, cmd};
+
+use crate::emulators;
+use crate::util::{lab_dir, project_root, secs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip the fmt and clippy steps (quicker while iterating).
+    #[arg(long)]
+    pub no_lint: bool,
+    /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
+    #[arg(last = true)]
+    pub cargo_test_args: Vec<String>,
+}
+
+struct Step {
+    name: &'static str,
+    took: Duration,
+    ok: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+    let mut steps: Vec<Step> = Vec::new();
+    let mut step = |name: &'static str, f: &mut dyn FnMut() -> anyhow::Result<()>| -> bool {
+        eprintln!("\n==> {name}");
+        let start = Instant::now();
+        let result = f();
+        if let Err(e) = &result {
+            eprintln!("{name} failed: {e:#}");
+        }
+        steps.push(Step {
+            name,
+            took: start.elapsed(),
+            ok: result.is_ok(),
+        });
+        result.is_ok()
+    };
+
+    if !args.no_lint {
+        step("fmt", &mut || {
+            Ok(cmd!(sh, "cargo fmt --all -- --check").run()?)
+        });
+        step("clippy", &mut || {
+            Ok(cmd!(
+                sh,
+                "cargo clippy --workspace --all-targets --locked -- -D warnings"
+            )
+            .run()?)
+        });
+    }
+    let mut emulators = None;
+    step("emulators", &mut || {
+        emulators = Some(emulators::start(&sh, &lab_dir().join("logs"))?);
+        Ok(())
+    });
+    if let Some(emu) = &emulators {
+        let extra = &args.cargo_test_args;
+        step("tests", &mut || {
+            let mut c = cmd!(sh, "cargo test --workspace --locked -- {extra...}");
+            for (k, v) in emu.aws_env() {
+                c = c.env(k, v);
+            }
+            Ok(c.run()?)
+        });
+    }
+    if let Some(emu) = emulators.take() {
+        emu.stop();
+    }
+
+    eprintln!("\n==> summary");
+    for s in &steps {
+        eprintln!(
+            "{:<10} {:<4} {:>8}",
+            s.name,
+            if s.ok { "ok" } else { "FAIL" },
+            secs(s.took)
+        );
+    }
+    let failed: Vec<_> = steps.iter().filter(|s| !s.ok).map(|s| s.name).collect();
+    if failed.is_empty() {
+        eprintln!("all {} steps passed", steps.len());
+        Ok(())
+    } else {
+        bail!("failed steps: {}", failed.join(", "))
+    }
+}
