@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerCountSource;
 use crate::election::LivenessTracker;
-use crate::inputs::{open_shard_count, watch_desired_replicas};
+use crate::inputs::{list_shards, open_shard_count, watch_desired_replicas};
+use crate::leases::LeaseStore;
 use crate::policy::{self, FleetInputs};
 use crate::store::{LimitRecord, now_iso8601};
 use crate::worker::Context;
@@ -71,6 +72,60 @@ pub fn describe_change(old: Option<&LimitRecord>, new: &LimitRecord) -> String {
     line
 }
 
+/// Keeps one lease per shard that still needs reading: creates leases for new shards (with
+/// their parents, so children wait), deletes leases of shards the stream no longer lists
+/// (expired after the retention period). A closed shard keeps its `SHARD_END` lease while it
+/// is listed, so a missing lease always means "new", never "finished".
+async fn sync_leases(ctx: &Context, store: &LeaseStore) -> Result<(), crate::aws::AwsError> {
+    let listed = list_shards(&ctx.aws, &ctx.state.settings.stream_name).await?;
+    let leases = store.scan().await?;
+    let have: std::collections::BTreeSet<&str> =
+        leases.iter().map(|l| l.shard_id.as_str()).collect();
+    let listed_ids: std::collections::BTreeSet<&str> =
+        listed.iter().map(|sh| sh.shard_id.as_str()).collect();
+    let mut created = 0;
+    for shard in &listed {
+        if !have.contains(shard.shard_id.as_str())
+            && store
+                .create_if_missing(&shard.shard_id, &shard.parents)
+                .await?
+        {
+            created += 1;
+        }
+    }
+    let mut deleted = 0;
+    for lease in &leases {
+        if !listed_ids.contains(lease.shard_id.as_str()) {
+            store.delete(&lease.shard_id).await?;
+            deleted += 1;
+        }
+    }
+    if created > 0 || deleted > 0 {
+        tracing::info!(
+            created,
+            deleted,
+            shards = listed.len(),
+            "lease table synced with the stream"
+        );
+    }
+    Ok(())
+}
+
+async fn lease_sync_loop(ctx: Arc<Context>, stop: CancellationToken) {
+    let store = LeaseStore::new(ctx.aws.clone(), ctx.state.settings.lease_table());
+    let mut tick = interval(ctx.state.settings.shard_poll_interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = sync_leases(&ctx, &store).await {
+            tracing::warn!(error = %e, "cannot sync the lease table with the stream's shards");
+        }
+    }
+}
+
 /// Runs the coordinator's duties for `epoch` until `stop` is cancelled.
 pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
     let s = &ctx.state.settings;
@@ -101,6 +156,9 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
     let mut heartbeat_tick = interval(s.heartbeat_interval);
     heartbeat_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut liveness = LivenessTracker::default();
+    // The lease table sync runs beside the publication loop: creating hundreds of lease items
+    // after a reshard must not delay the new limit.
+    watchers.spawn(lease_sync_loop(ctx.clone(), stop.child_token()));
     let mut shards: Option<u64> = None;
     let mut live: Option<u64> = None;
 

@@ -29,6 +29,52 @@ pub async fn open_shard_count(aws: &AwsClients, stream: &str) -> Result<u64, Aws
         .unwrap_or(0))
 }
 
+/// One shard of the stream as `ListShards` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    pub shard_id: String,
+    /// Parent and adjacent parent (after a merge), where the service reports them.
+    pub parents: Vec<String>,
+    /// Closed by a reshard: it has an ending sequence number.
+    pub closed: bool,
+}
+
+/// Every shard of the stream, open and closed, all pages. Follow-up pages carry only the
+/// NextToken (the API rejects StreamName next to it); pages may be short.
+pub async fn list_shards(aws: &AwsClients, stream: &str) -> Result<Vec<ShardInfo>, AwsError> {
+    let mut shards = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let req = aws.kinesis.list_shards();
+        let req = match &next {
+            Some(token) => req.next_token(token),
+            None => req.stream_name(stream),
+        };
+        let out = call(&aws.metrics, "kinesis", "ListShards", req.send()).await?;
+        for shard in out.shards() {
+            let mut parents: Vec<String> =
+                [shard.parent_shard_id(), shard.adjacent_parent_shard_id()]
+                    .into_iter()
+                    .flatten()
+                    .map(str::to_owned)
+                    .collect();
+            parents.sort();
+            shards.push(ShardInfo {
+                shard_id: shard.shard_id().to_owned(),
+                parents,
+                closed: shard
+                    .sequence_number_range()
+                    .is_some_and(|r| r.ending_sequence_number().is_some()),
+            });
+        }
+        match out.next_token() {
+            Some(token) if !token.is_empty() => next = Some(token.to_owned()),
+            _ => break,
+        }
+    }
+    Ok(shards)
+}
+
 /// Replica count a StatefulSet asks for; Kubernetes defaults an unset `spec.replicas` to 1.
 pub fn desired_replicas(sts: &StatefulSet) -> u64 {
     sts.spec

@@ -8,12 +8,16 @@
 //! Edges: [`config`] (figment), [`aws`] (SDK clients, error mapping), [`schema`] (tables),
 //! [`http`] (hyper), [`metrics`], [`telemetry`].
 
+pub mod assignment;
 pub mod aws;
 pub mod config;
+pub mod consumer;
 pub mod coordinator;
 pub mod election;
 pub mod http;
 pub mod inputs;
+pub mod lease_manager;
+pub mod leases;
 pub mod metrics;
 pub mod policy;
 pub mod schema;

@@ -36,6 +36,10 @@ pub struct Metrics {
     pub lease_limit_publications: Counter,
     pub coordinator_takeovers: Counter,
     pub heartbeat_age_seconds: Gauge<f64, AtomicU64>,
+    pub unowned_shards: Gauge,
+    pub workers_needed: Gauge,
+    pub records_processed: Family<crate::consumer::ShardLabel, Counter>,
+    pub bytes_processed: Family<crate::consumer::ShardLabel, Counter>,
 }
 
 impl Metrics {
@@ -105,6 +109,26 @@ impl Metrics {
             "heartbeat_age_seconds",
             "Seconds since this worker's last successful heartbeat",
             self.heartbeat_age_seconds.clone(),
+        );
+        r.register(
+            "unowned_shards",
+            "Readable shards no live worker holds (non-zero when every worker is at the cap)",
+            self.unowned_shards.clone(),
+        );
+        r.register(
+            "workers_needed",
+            "Workers needed so that nobody exceeds the cap: ceil(readable shards / cap)",
+            self.workers_needed.clone(),
+        );
+        r.register(
+            "records_processed",
+            "Records processed per shard by this worker",
+            self.records_processed.clone(),
+        );
+        r.register(
+            "bytes_processed",
+            "Record payload bytes processed per shard by this worker",
+            self.bytes_processed.clone(),
         );
         r
     }

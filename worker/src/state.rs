@@ -19,7 +19,27 @@ pub enum Role {
 }
 
 /// The loops whose liveness `/health` reports.
-pub const LOOPS: &[&str] = &["heartbeat", "election", "limit"];
+pub const LOOPS: &[&str] = &["heartbeat", "election", "limit", "lease"];
+
+/// How much of the readable stream the fleet covers, as this worker last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Coverage {
+    /// Shards that may be read now (open, or closed but not yet read to the end, and not
+    /// waiting for a parent).
+    pub readable_shards: u64,
+    /// Readable shards no live worker holds.
+    pub unowned_shards: u64,
+    /// Workers needed so that nobody exceeds the cap: `ceil(readable / cap)`.
+    pub workers_needed: u64,
+}
+
+/// One held lease in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldLease {
+    pub shard_id: String,
+    pub records: u64,
+    pub bytes: u64,
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -28,7 +48,9 @@ struct Inner {
     epoch: u64,
     coordinator: Option<String>,
     limit: Option<LimitRecord>,
-    leases_held: u64,
+    leases: Vec<String>,
+    coverage: Option<Coverage>,
+    lease_rounds: u64,
     last_heartbeat_ok: Option<Instant>,
     last_heartbeat_error: Option<String>,
     last_limit_read_ok: Option<Instant>,
@@ -40,6 +62,8 @@ struct Inner {
 pub struct WorkerState {
     pub settings: Settings,
     pub metrics: Metrics,
+    /// Records and bytes per shard (the default record processor), for `/status`.
+    pub counting: crate::consumer::CountingProcessor,
     started: Instant,
     inner: Mutex<Inner>,
 }
@@ -54,7 +78,9 @@ pub struct StatusReport {
     pub ready: bool,
     pub not_ready_reasons: Vec<String>,
     pub leases_held: u64,
+    pub leases: Vec<HeldLease>,
     pub max_leases_per_worker: Option<u64>,
+    pub coverage: Option<Coverage>,
     /// The inputs and output of the formula as last published.
     pub lease_limits: Option<LimitRecord>,
     pub uptime_seconds: u64,
@@ -62,16 +88,23 @@ pub struct StatusReport {
 
 impl WorkerState {
     pub fn new(settings: Settings, metrics: Metrics) -> Self {
+        let counting = crate::consumer::CountingProcessor::new(
+            metrics.records_processed.clone(),
+            metrics.bytes_processed.clone(),
+        );
         WorkerState {
             settings,
             metrics,
+            counting,
             started: Instant::now(),
             inner: Mutex::new(Inner {
                 role: Role::Follower,
                 epoch: 0,
                 coordinator: None,
                 limit: None,
-                leases_held: 0,
+                leases: Vec::new(),
+                coverage: None,
+                lease_rounds: 0,
                 last_heartbeat_ok: None,
                 last_heartbeat_error: None,
                 last_limit_read_ok: None,
@@ -178,7 +211,40 @@ impl WorkerState {
     }
 
     pub fn leases_held(&self) -> u64 {
-        self.lock().leases_held
+        self.lock().leases.len() as u64
+    }
+
+    /// Shard ids this worker reads now.
+    pub fn leases(&self) -> Vec<String> {
+        self.lock().leases.clone()
+    }
+
+    pub fn coverage(&self) -> Option<Coverage> {
+        self.lock().coverage
+    }
+
+    /// After each lease round: what is held, and the coverage seen.
+    pub fn set_leases(&self, leases: Vec<String>, coverage: Option<Coverage>) {
+        let mut g = self.lock();
+        self.metrics.leases_held.set(leases.len() as i64);
+        if let Some(c) = coverage {
+            self.metrics.unowned_shards.set(c.unowned_shards as i64);
+            self.metrics.workers_needed.set(c.workers_needed as i64);
+            g.lease_rounds += 1;
+        }
+        g.leases = leases;
+        g.coverage = coverage;
+    }
+
+    /// False once the last successful heartbeat is so old that others may soon judge this
+    /// worker dead: half a lease round before `failover_timeout`, so every consumer has
+    /// stopped before anyone can take its lease (DESIGN.md safety rules).
+    pub fn may_process(&self) -> bool {
+        let s = &self.settings;
+        let fence_after = s.failover_timeout.saturating_sub(s.heartbeat_interval / 2);
+        self.lock()
+            .last_heartbeat_ok
+            .is_some_and(|t| t.elapsed() < fence_after)
     }
 
     /// Why this worker is not ready; empty when it is.
@@ -189,6 +255,9 @@ impl WorkerState {
         let mut reasons = Vec::new();
         if g.limit.is_none() {
             reasons.push("no lease_limits item read yet".to_owned());
+        }
+        if g.lease_rounds == 0 {
+            reasons.push("lease loop has not completed a round yet".to_owned());
         }
         // Two missed renewals: the worker can no longer show it is alive.
         let stale_after = s.heartbeat_interval * 2 + Duration::from_millis(500);
@@ -243,7 +312,22 @@ impl WorkerState {
             coordinator: g.coordinator.clone(),
             ready: reasons.is_empty(),
             not_ready_reasons: reasons,
-            leases_held: g.leases_held,
+            leases_held: g.leases.len() as u64,
+            leases: {
+                let counts = self.counting.counts();
+                g.leases
+                    .iter()
+                    .map(|id| {
+                        let c = counts.get(id).copied().unwrap_or_default();
+                        HeldLease {
+                            shard_id: id.clone(),
+                            records: c.records,
+                            bytes: c.bytes,
+                        }
+                    })
+                    .collect()
+            },
+            coverage: g.coverage,
             max_leases_per_worker: g.limit.as_ref().map(|l| l.max_leases_per_worker),
             lease_limits: g.limit.clone(),
             uptime_seconds: self.started.elapsed().as_secs(),

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aws::{AwsClients, AwsError};
 use crate::config::Settings;
+use crate::consumer::{ConsumerTuning, RecordProcessor};
 use crate::coordinator;
 use crate::election::{CoordinatorObserver, Verdict};
 use crate::schema;
@@ -27,6 +28,9 @@ pub struct Context {
     pub aws: AwsClients,
     pub meta: MetaStore,
     pub kube: Option<kube::Client>,
+    /// The application's record processor, called after the built-in counting.
+    pub processor: Option<Arc<dyn RecordProcessor>>,
+    pub consumer_tuning: ConsumerTuning,
 }
 
 /// Why a worker could not start.
@@ -39,7 +43,7 @@ pub enum StartError {
 }
 
 pub struct Worker {
-    ctx: Arc<Context>,
+    ctx: Context,
 }
 
 impl Worker {
@@ -47,13 +51,26 @@ impl Worker {
         let state = Arc::new(WorkerState::new(settings, aws.metrics.clone()));
         let meta = MetaStore::new(aws.clone(), state.settings.meta_table());
         Worker {
-            ctx: Arc::new(Context {
+            ctx: Context {
                 state,
                 aws,
                 meta,
                 kube,
-            }),
+                processor: None,
+                consumer_tuning: ConsumerTuning::default(),
+            },
         }
+    }
+
+    /// Hands every batch of records to `processor` too (after the built-in counting).
+    pub fn with_processor(mut self, processor: Arc<dyn RecordProcessor>) -> Self {
+        self.ctx.processor = Some(processor);
+        self
+    }
+
+    pub fn with_consumer_tuning(mut self, tuning: ConsumerTuning) -> Self {
+        self.ctx.consumer_tuning = tuning;
+        self
     }
 
     pub fn state(&self) -> Arc<WorkerState> {
@@ -80,11 +97,15 @@ impl Worker {
     /// Runs until `stop` is cancelled, then shuts down gracefully. Dropping (aborting) the
     /// returned future instead simulates a crash: every loop stops without cleaning up.
     pub async fn run(self, stop: CancellationToken) {
-        let ctx = self.ctx;
+        let ctx = Arc::new(self.ctx);
         let loops_stop = CancellationToken::new();
         let mut loops = JoinSet::new();
         loops.spawn(heartbeat_loop(ctx.clone(), loops_stop.clone()));
         loops.spawn(limit_loop(ctx.clone(), loops_stop.clone()));
+        loops.spawn(crate::lease_manager::lease_loop(
+            ctx.clone(),
+            loops_stop.clone(),
+        ));
         let election = tokio::spawn(election_loop(ctx.clone(), loops_stop.clone()));
         // Aborting `run` must abort the election loop too (it owns the coordinator's term).
         let election = AbortOnDrop(Some(election));
@@ -92,9 +113,9 @@ impl Worker {
         stop.cancelled().await;
         tracing::info!("shutting down");
         loops_stop.cancel();
+        // Step down first, while the lease loop hands its leases back: a successor need not
+        // wait for either.
         let term = election.join().await;
-        while loops.join_next().await.is_some() {}
-
         let me = &ctx.state.settings.worker_id;
         if let Some(epoch) = term {
             match ctx.meta.step_down(me, epoch).await {
@@ -104,6 +125,7 @@ impl Worker {
                 }
             }
         }
+        while loops.join_next().await.is_some() {}
         if let Err(e) = ctx.meta.delete_heartbeat(me).await {
             tracing::warn!(error = %e, "could not remove the heartbeat item");
         }

@@ -43,13 +43,18 @@ async fn phase_table() {
 
     // 60 -> 120 -> 240 -> 300: the cap binds.
     reshard(&aws, &stream, 300).await;
-    wait_limit(
-        &workers,
-        80,
+    // (240 shards already give 80: wait for the 300-shard publication itself.)
+    let (limit, _) = wait_for(
         SHARD_POLL + HEARTBEAT * 2 + Duration::from_millis(500),
+        "every worker to read the 300-shard limit",
+        || async {
+            let limits: Vec<_> = workers.iter().filter_map(|w| w.state.limit()).collect();
+            (limits.len() == workers.len() && limits.iter().all(|l| l.shard_count == 300))
+                .then(|| limits[0].clone())
+        },
     )
     .await;
-    let limit = workers[0].state.limit().unwrap();
+    assert_eq!(limit.max_leases_per_worker, 80);
     assert_eq!(limit.shard_count, 300);
     assert_eq!(limit.worker_count, 3);
     assert_eq!(limit.capacity_deficit, 60);
