@@ -24,7 +24,10 @@ pub struct Snapshot<'a> {
 pub struct Plan {
     /// Leases to take, conditional on them being unchanged since the snapshot.
     pub take: Vec<String>,
-    /// Leases to hand off: checkpoint, then release.
+    /// Leases to hand straight to another worker (checkpoint, then transfer ownership): the
+    /// shard is never unowned during a rebalance.
+    pub hand_off: Vec<(String, String)>,
+    /// Leases to give up (checkpoint, then release) when nobody has room for them.
     pub release: Vec<String>,
 }
 
@@ -42,6 +45,22 @@ pub fn readable_shards(leases: &[Lease]) -> BTreeSet<&str> {
             })
         })
         .map(|l| l.shard_id.as_str())
+        .collect()
+}
+
+/// Closed shards not yet read to the end whose children wait for them. They come first:
+/// reading them is finite work that unblocks their children, and left unowned at the cap they
+/// would block those children for ever.
+pub fn blocking_parents(leases: &[Lease]) -> BTreeSet<&str> {
+    let unfinished: BTreeSet<&str> = leases
+        .iter()
+        .filter(|l| !l.is_finished())
+        .map(|l| l.shard_id.as_str())
+        .collect();
+    leases
+        .iter()
+        .flat_map(|l| l.parents.iter().map(String::as_str))
+        .filter(|p| unfinished.contains(p))
         .collect()
 }
 
@@ -92,15 +111,23 @@ fn take_order(me: &str, shard: &str) -> u64 {
     h
 }
 
-/// This worker's plan. `max_balance_moves` bounds releases made only for evenness (releases
-/// that bring the worker down to the limit are never bounded: the limit must be obeyed).
+/// This worker's plan. `max_balance_moves` bounds hand-offs made only for evenness
+/// (giving up leases above the limit is never bounded: the limit must be obeyed).
+///
+/// Every worker computes the same global matching of surplus leases (workers in id order,
+/// their highest shard ids first) to deficits (workers in id order, after the unowned leases
+/// they will take), and carries out only its own part. The matching is order-preserving, so
+/// hand-offs already done by others do not change anyone else's part.
 pub fn plan(snap: &Snapshot, me: &str, max_balance_moves: usize) -> Plan {
     let readable = readable_shards(snap.leases);
     let held = holdings(snap, &readable);
     let targets = targets(snap);
-    let mine: Vec<&str> = held.get(me).cloned().unwrap_or_default();
-    let my_target = targets.get(me).copied().unwrap_or(0) as usize;
+    let target = |w: &str| targets.get(w).copied().unwrap_or(0) as usize;
     let limit = snap.limit as usize;
+    let parents = blocking_parents(snap.leases);
+    // Shed children before parents, highest shard ids first (deterministic).
+    let shed_order =
+        |a: &&str, b: &&str| parents.contains(a).cmp(&parents.contains(b)).then(b.cmp(a));
     let mut plan = Plan::default();
 
     // Leases this worker owns that must not be read now (a child whose parent is unfinished,
@@ -118,35 +145,79 @@ pub fn plan(snap: &Snapshot, me: &str, max_balance_moves: usize) -> Plan {
         .filter(|l| l.owner.as_ref().is_none_or(|o| !snap.live.contains(o)))
         .collect();
 
-    if mine.len() > limit {
-        // Over the limit: shed the excess now, highest shard ids first (deterministic).
-        let mut shed = mine.clone();
-        shed.sort_unstable_by(|a, b| b.cmp(a));
-        plan.release
-            .extend(shed.into_iter().take(mine.len() - limit).map(str::to_owned));
-    } else if mine.len() > my_target {
-        // Within the limit but above the even share: give leases up only if others are short
-        // and nothing unowned can fill the gap, a bounded number per round (no thrash).
-        let demand: usize = held
-            .iter()
-            .map(|(w, l)| (targets.get(*w).copied().unwrap_or(0) as usize).saturating_sub(l.len()))
-            .sum();
-        if demand > available.len() {
-            let mut shed = mine.clone();
-            shed.sort_unstable_by(|a, b| b.cmp(a));
-            let n = (mine.len() - my_target)
-                .min(max_balance_moves)
-                .min(demand - available.len());
-            plan.release
-                .extend(shed.into_iter().take(n).map(str::to_owned));
+    // Deficits left after the unowned leases are spread over the workers short of target.
+    let mut supply = available.len();
+    let mut deficits: Vec<(&str, usize)> = Vec::new();
+    for (w, leases) in &held {
+        let short = target(w).saturating_sub(leases.len());
+        let from_supply = short.min(supply);
+        supply -= from_supply;
+        if short > from_supply {
+            deficits.push((*w, short - from_supply));
         }
-    } else if mine.len() < my_target {
+    }
+
+    let mut receivers = deficits
+        .into_iter()
+        .flat_map(|(w, n)| std::iter::repeat_n(w, n));
+    for (w, leases) in &held {
+        let surplus = leases.len().saturating_sub(target(w));
+        if surplus == 0 {
+            continue;
+        }
+        let mandatory = leases.len().saturating_sub(limit);
+        let mut shed = leases.clone();
+        shed.sort_unstable_by(shed_order);
+        for (i, shard) in shed.into_iter().take(surplus).enumerate() {
+            let receiver = if i < mandatory + max_balance_moves {
+                receivers.next()
+            } else {
+                None
+            };
+            if *w != me {
+                continue;
+            }
+            match receiver {
+                Some(r) => plan.hand_off.push((shard.to_owned(), r.to_owned())),
+                // Above the limit with nobody to take it: give it up all the same.
+                None if i < mandatory => plan.release.push(shard.to_owned()),
+                None => {}
+            }
+        }
+    }
+
+    let mine = held.get(me).map_or(0, Vec::len);
+    let mut room = target(me).saturating_sub(mine);
+    // At the cap with parents nobody reads: swap one child for one parent per round (only
+    // as many workers as there are such parents, lowest ids first).
+    let orphan_parents = available
+        .iter()
+        .filter(|l| parents.contains(l.shard_id.as_str()))
+        .count();
+    if room == 0 && orphan_parents > 0 && plan.hand_off.is_empty() {
+        let rank = held.keys().position(|w| *w == me).unwrap_or(usize::MAX);
+        let my_child = held
+            .get(me)
+            .and_then(|l| l.iter().filter(|s| !parents.contains(**s)).max().copied());
+        if rank < orphan_parents
+            && let Some(child) = my_child
+        {
+            plan.release.push(child.to_owned());
+            room = 1;
+        }
+    }
+    if room > 0 {
         let mut candidates = available;
-        candidates.sort_by_key(|l| take_order(me, &l.shard_id));
+        candidates.sort_by_key(|l| {
+            (
+                !parents.contains(l.shard_id.as_str()),
+                take_order(me, &l.shard_id),
+            )
+        });
         plan.take.extend(
             candidates
                 .into_iter()
-                .take(my_target - mine.len())
+                .take(room)
                 .map(|l| l.shard_id.clone()),
         );
     }
@@ -209,6 +280,20 @@ mod tests {
             }
         }
         for (w, p) in &plans {
+            for (id, to) in &p.hand_off {
+                let l = leases.iter_mut().find(|l| &l.shard_id == id).unwrap();
+                assert_eq!(
+                    l.owner.as_deref(),
+                    Some(w.as_str()),
+                    "handed off a lease it did not own"
+                );
+                assert!(live.contains(to), "handed off to a dead worker");
+                l.owner = Some(to.clone());
+                l.counter += 1;
+                changed.insert(id.clone());
+            }
+        }
+        for (w, p) in &plans {
             for id in &p.take {
                 if changed.contains(id) {
                     continue;
@@ -253,11 +338,14 @@ mod tests {
             round(&mut leases, &three, 10, 2);
         }
         let five = live(&["a", "b", "c", "d", "e"]);
-        // The limit drops to 6: over-limit workers shed everything above it in one round.
+        // The limit drops to 6: over-limit workers hand everything above it straight to the
+        // newcomers in one round; no shard is ever unowned.
         round(&mut leases, &five, 6, 2);
         assert!(counts(&leases, &five).values().all(|&n| n <= 6));
+        assert!(leases.iter().all(|l| l.owner.is_some()));
         for _ in 0..3 {
             round(&mut leases, &five, 6, 2);
+            assert!(leases.iter().all(|l| l.owner.is_some()));
         }
         assert!(
             counts(&leases, &five).values().all(|&n| n == 6),
@@ -279,6 +367,31 @@ mod tests {
         assert_eq!(readable_shards(&all), BTreeSet::from(["c"]));
         // A parent without a lease (expired) does not block.
         assert_eq!(readable_shards(&[child]), BTreeSet::from(["c"]));
+    }
+
+    #[test]
+    fn at_the_cap_parents_are_swapped_in_and_drained() {
+        // 3 workers at limit 2 hold six open shards; two closed parents (whose children wait)
+        // are unowned. Without a swap they would never be read.
+        let mut leases = vec![lease("p1", None), lease("p2", None)];
+        for (i, owner) in ["a", "a", "b", "b", "c", "c"].iter().enumerate() {
+            leases.push(lease(&format!("o{i}"), Some(owner)));
+        }
+        for (i, p) in ["p1", "p2"].iter().enumerate() {
+            let mut child = lease(&format!("k{i}"), None);
+            child.parents = vec![(*p).into()];
+            leases.push(child);
+        }
+        let workers = live(&["a", "b", "c"]);
+        for _ in 0..4 {
+            round(&mut leases, &workers, 2, 2);
+            assert!(counts(&leases, &workers).values().all(|&n| n <= 2));
+        }
+        let parents_owned = leases
+            .iter()
+            .filter(|l| l.shard_id.starts_with('p') && l.owner.is_some())
+            .count();
+        assert_eq!(parents_owned, 2, "{leases:#?}");
     }
 
     #[test]

@@ -57,8 +57,9 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let store = LeaseStore::new(ctx.aws.clone(), s.lease_table());
     let mut consumers: BTreeMap<String, Running> = BTreeMap::new();
     let mut liveness = LivenessTracker::default();
-    // Half a heartbeat: a released lease is picked up well within one heartbeat interval.
-    let mut tick = interval(s.heartbeat_interval / 2);
+    // One round per heartbeat: hand-offs transfer ownership directly (no unowned gap), so
+    // rounds only bound how soon a receiver starts reading and a dead worker's leases move.
+    let mut tick = interval(s.heartbeat_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_unowned_report: Option<(u64, u64)> = None;
 
@@ -146,17 +147,23 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             leases.iter().map(|l| (l.shard_id.as_str(), l)).collect();
 
         for id in &plan.release {
-            let checkpoint = match consumers.remove(id) {
-                Some(r) => match r.stop().await {
-                    ConsumerExit::Stopped { last_processed } => last_processed,
-                    ConsumerExit::ShardEnd | ConsumerExit::Lost | ConsumerExit::Fenced => continue,
-                },
-                None => None,
+            let Some(checkpoint) = stop_for_handoff(&mut consumers, id).await else {
+                continue;
             };
             match store.release(id, &me, checkpoint.as_deref()).await {
-                Ok(()) => tracing::info!(shard = %id, limit, "handed lease off"),
+                Ok(()) => tracing::info!(shard = %id, limit, "released lease"),
                 Err(e) if e.is_condition_failed() => {}
                 Err(e) => tracing::warn!(shard = %id, error = %e, "cannot release lease"),
+            }
+        }
+        for (id, to) in &plan.hand_off {
+            let Some(checkpoint) = stop_for_handoff(&mut consumers, id).await else {
+                continue;
+            };
+            match store.transfer(id, &me, to, checkpoint.as_deref()).await {
+                Ok(()) => tracing::info!(shard = %id, to = %to, limit, "handed lease off"),
+                Err(e) if e.is_condition_failed() => {}
+                Err(e) => tracing::warn!(shard = %id, error = %e, "cannot hand lease off"),
             }
         }
 
@@ -236,6 +243,21 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
         }
     }
     ctx.state.set_leases(Vec::new(), None);
+}
+
+/// Stops the consumer of `id` (if any) for a hand-off. `Some(checkpoint)` to write with it;
+/// `None` when the consumer ended by itself (shard end, lost, fenced): nothing to hand off.
+async fn stop_for_handoff(
+    consumers: &mut BTreeMap<String, Running>,
+    id: &str,
+) -> Option<Option<String>> {
+    match consumers.remove(id) {
+        Some(r) => match r.stop().await {
+            ConsumerExit::Stopped { last_processed } => Some(last_processed),
+            ConsumerExit::ShardEnd | ConsumerExit::Lost | ConsumerExit::Fenced => None,
+        },
+        None => Some(None),
+    }
 }
 
 fn start(

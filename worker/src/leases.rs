@@ -224,6 +224,42 @@ impl LeaseStore {
         Ok(())
     }
 
+    /// Checkpoints (if given) and hands the lease straight to `to`, conditional on `me` still
+    /// owning it: the shard is never unowned.
+    pub async fn transfer(
+        &self,
+        shard_id: &str,
+        me: &str,
+        to: &str,
+        checkpoint: Option<&str>,
+    ) -> Result<(), AwsError> {
+        let mut req = self
+            .aws
+            .dynamodb
+            .update_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, s(shard_id))
+            .condition_expression("leaseOwner = :me")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":to", s(to))
+            .expression_attribute_values(":one", n(1));
+        req = match checkpoint {
+            Some(cp) => req
+                .update_expression(
+                    "SET leaseOwner = :to, leaseCounter = leaseCounter + :one, checkpoint = :cp, ownerSwitchesSinceCheckpoint = :zero",
+                )
+                .expression_attribute_values(":cp", s(cp))
+                .expression_attribute_values(":zero", n(0)),
+            None => req.update_expression(
+                "SET leaseOwner = :to, leaseCounter = leaseCounter + :one, \
+                 ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+            )
+            .expression_attribute_values(":zero", n(0)),
+        };
+        call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
+        Ok(())
+    }
+
     /// Checkpoints (if given) and gives the lease up in one conditional write, so the next
     /// owner starts exactly after the last processed record.
     pub async fn release(

@@ -237,11 +237,12 @@ impl WorkerState {
     }
 
     /// False once the last successful heartbeat is so old that others may soon judge this
-    /// worker dead: half a lease round before `failover_timeout`, so every consumer has
-    /// stopped before anyone can take its lease (DESIGN.md safety rules).
+    /// worker dead: one heartbeat before `failover_timeout`, so every consumer has stopped
+    /// (they check before each batch, the lease loop each round) before anyone can take its
+    /// leases (DESIGN.md safety rules).
     pub fn may_process(&self) -> bool {
         let s = &self.settings;
-        let fence_after = s.failover_timeout.saturating_sub(s.heartbeat_interval / 2);
+        let fence_after = s.failover_timeout.saturating_sub(s.heartbeat_interval);
         self.lock()
             .last_heartbeat_ok
             .is_some_and(|t| t.elapsed() < fence_after)

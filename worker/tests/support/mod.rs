@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use kds_worker::aws::AwsClients;
 use kds_worker::config::{LogFormat, Settings, WorkerCountSource};
+use kds_worker::consumer::RecordProcessor;
+use kds_worker::leases::{Lease, LeaseStore};
 use kds_worker::metrics::Metrics;
 use kds_worker::state::{Role, WorkerState};
 use kds_worker::store::MetaStore;
@@ -76,6 +78,15 @@ pub async fn aws_with_dynamodb(dynamodb_endpoint: &str) -> AwsClients {
         dynamodb: aws_sdk_dynamodb::Client::from_conf(conf),
         ..base
     }
+}
+
+/// Slower timings for tests that run hundreds of consumers on a 2-core machine in a debug
+/// build, where the fast ones would measure the machine rather than the worker.
+pub fn relaxed(mut s: Settings) -> Settings {
+    s.heartbeat_interval = Duration::from_secs(1);
+    s.failover_timeout = Duration::from_secs(5);
+    s.shard_poll_interval = Duration::from_secs(2);
+    s
 }
 
 pub fn settings(app: &str, stream: &str, worker_id: &str) -> Settings {
@@ -151,13 +162,25 @@ impl TestWorker {
         aws: AwsClients,
         kube: Option<kube::Client>,
     ) -> TestWorker {
+        Self::start_with(settings, aws, kube, None).await
+    }
+
+    pub async fn start_with(
+        settings: Settings,
+        aws: AwsClients,
+        kube: Option<kube::Client>,
+        processor: Option<Arc<dyn RecordProcessor>>,
+    ) -> TestWorker {
         let id = settings.worker_id.clone();
         // Each worker counts its own calls, as separate processes would.
         let aws = AwsClients {
             metrics: Metrics::new(),
             ..aws
         };
-        let worker = Worker::new(settings, aws, kube);
+        let mut worker = Worker::new(settings, aws, kube);
+        if let Some(p) = processor {
+            worker = worker.with_processor(p);
+        }
         worker.prepare().await.expect("worker prepare");
         let state = worker.state();
         let stop = CancellationToken::new();
@@ -210,11 +233,33 @@ pub async fn start_workers(
     ids: impl IntoIterator<Item = String>,
     aws: &AwsClients,
 ) -> Vec<TestWorker> {
+    start_workers_with(app, stream, ids, aws, None).await
+}
+
+pub async fn start_workers_with(
+    app: &str,
+    stream: &str,
+    ids: impl IntoIterator<Item = String>,
+    aws: &AwsClients,
+    processor: Option<Arc<dyn RecordProcessor>>,
+) -> Vec<TestWorker> {
+    start_workers_custom(app, stream, ids, aws, processor, |s| s).await
+}
+
+pub async fn start_workers_custom(
+    app: &str,
+    stream: &str,
+    ids: impl IntoIterator<Item = String>,
+    aws: &AwsClients,
+    processor: Option<Arc<dyn RecordProcessor>>,
+    adjust: fn(Settings) -> Settings,
+) -> Vec<TestWorker> {
     let mut set = JoinSet::new();
     for id in ids {
-        let s = settings(app, stream, &id);
+        let s = adjust(settings(app, stream, &id));
         let aws = aws.clone();
-        set.spawn(async move { TestWorker::start(s, aws, None).await });
+        let p = processor.clone();
+        set.spawn(async move { TestWorker::start_with(s, aws, None, p).await });
     }
     let mut workers = Vec::new();
     while let Some(w) = set.join_next().await {
@@ -356,4 +401,148 @@ impl Proxy {
             .expect("rebind the proxy port");
         self.serve(listener);
     }
+}
+
+/// Every record a test's workers processed, in processing order.
+#[derive(Default)]
+pub struct RecordingProcessor {
+    pub seen: std::sync::Mutex<Vec<Seen>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub worker: String,
+    pub shard: String,
+    pub sequence: String,
+    pub data: String,
+}
+
+impl RecordProcessor for RecordingProcessor {
+    fn process(&self, worker_id: &str, shard_id: &str, records: &[aws_sdk_kinesis::types::Record]) {
+        let mut seen = self.seen.lock().unwrap();
+        for r in records {
+            seen.push(Seen {
+                worker: worker_id.to_owned(),
+                shard: shard_id.to_owned(),
+                sequence: r.sequence_number().to_owned(),
+                data: String::from_utf8_lossy(r.data().as_ref()).into_owned(),
+            });
+        }
+    }
+}
+
+impl RecordingProcessor {
+    pub fn data(&self) -> std::collections::BTreeSet<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.data.clone())
+            .collect()
+    }
+}
+
+/// Puts `records` records named `{prefix}-{i}` with random-looking partition keys.
+pub async fn put_records(
+    aws: &AwsClients,
+    stream: &str,
+    prefix: &str,
+    records: usize,
+) -> Vec<String> {
+    let mut names = Vec::new();
+    for chunk in (0..records).collect::<Vec<_>>().chunks(100) {
+        let mut req = aws.kinesis.put_records().stream_name(stream);
+        for i in chunk {
+            let name = format!("{prefix}-{i}");
+            req = req.records(
+                aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                    .data(aws_sdk_kinesis::primitives::Blob::new(
+                        name.clone().into_bytes(),
+                    ))
+                    .partition_key(format!("pk-{}-{i}", prefix.len() * 7919 + i * 104729))
+                    .build()
+                    .unwrap(),
+            );
+            names.push(name);
+        }
+        let out = req.send().await.expect("PutRecords");
+        assert_eq!(
+            out.failed_record_count().unwrap_or(0),
+            0,
+            "PutRecords had failures"
+        );
+    }
+    names
+}
+
+pub fn lease_store(aws: &AwsClients, app: &str) -> LeaseStore {
+    LeaseStore::new(aws.clone(), app.to_owned())
+}
+
+/// The invariants every lease test checks: no shard read by two workers, nobody above the
+/// limit, every readable shard owned once capacity allows. Returns the lease table.
+pub async fn check_lease_invariants(
+    aws: &AwsClients,
+    app: &str,
+    workers: &[TestWorker],
+    limit: u64,
+) -> Vec<Lease> {
+    let leases = lease_store(aws, app).scan().await.unwrap();
+    let mut reading: std::collections::BTreeMap<String, String> = Default::default();
+    for w in workers {
+        let held = w.state.leases();
+        assert!(
+            held.len() as u64 <= limit,
+            "{} reads {} shards > limit {limit}",
+            w.id,
+            held.len()
+        );
+        for shard in held {
+            if let Some(other) = reading.insert(shard.clone(), w.id.clone()) {
+                panic!("shard {shard} read by both {other} and {}", w.id);
+            }
+        }
+        let in_table = leases
+            .iter()
+            .filter(|l| l.owner.as_deref() == Some(w.id.as_str()))
+            .count() as u64;
+        assert!(
+            in_table <= limit,
+            "{} owns {in_table} leases > limit {limit}",
+            w.id
+        );
+    }
+    let readable = kds_worker::assignment::readable_shards(&leases);
+    let owned = leases
+        .iter()
+        .filter(|l| readable.contains(l.shard_id.as_str()) && l.owner.is_some())
+        .count();
+    let capacity = workers.len() * limit as usize;
+    assert_eq!(
+        owned,
+        readable.len().min(capacity),
+        "readable shards owned once capacity allows"
+    );
+    leases
+}
+
+/// Waits until every worker holds exactly `each` leases and the invariants hold.
+pub async fn wait_spread(
+    aws: &AwsClients,
+    app: &str,
+    workers: &[TestWorker],
+    limit: u64,
+    each: usize,
+    deadline: Duration,
+) -> Duration {
+    let what = format!("each of {} workers to hold {each} leases", workers.len());
+    let (_, took) = wait_for(deadline, &what, || async {
+        workers
+            .iter()
+            .all(|w| w.state.leases().len() == each)
+            .then_some(())
+    })
+    .await;
+    check_lease_invariants(aws, app, workers, limit).await;
+    took
 }
