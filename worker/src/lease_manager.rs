@@ -232,16 +232,21 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
         );
     }
 
-    // Graceful shutdown: checkpoint and hand every lease back so others take them at once.
-    for (id, r) in std::mem::take(&mut consumers) {
-        if let ConsumerExit::Stopped { last_processed } = r.stop().await {
-            if let Err(e) = store.release(&id, &me, last_processed.as_deref()).await
+    // Graceful shutdown: stop every consumer at once, then checkpoint and hand every lease
+    // back so others take them without waiting for the failover timeout.
+    let stopping = std::mem::take(&mut consumers).into_iter().map(|(id, r)| {
+        let store = store.clone();
+        let me = me.clone();
+        async move {
+            if let ConsumerExit::Stopped { last_processed } = r.stop().await
+                && let Err(e) = store.release(&id, &me, last_processed.as_deref()).await
                 && !e.is_condition_failed()
             {
                 tracing::warn!(shard = %id, error = %e, "cannot release lease on shutdown");
             }
         }
-    }
+    });
+    futures::future::join_all(stopping).await;
     ctx.state.set_leases(Vec::new(), None);
 }
 
