@@ -8,6 +8,7 @@
 //! Edges: [`config`] (figment), [`aws`] (SDK clients, error mapping), [`schema`] (tables),
 //! [`http`] (hyper), [`metrics`], [`telemetry`].
 
+pub mod admin;
 pub mod assignment;
 pub mod aws;
 pub mod config;

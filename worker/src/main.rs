@@ -50,11 +50,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Operator commands used by the lab (`cargo xtask`).
+    #[command(subcommand)]
+    Admin(Admin),
     /// Create the stream (if missing) and both tables, then exit. Idempotent.
     Init {
         /// Shard count of a newly created stream (an existing stream is left as it is).
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=10000))]
         shards: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum Admin {
+    /// Print the fleet's state: stream, lease_limits, coordinator, heartbeats, leases.
+    Snapshot {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reshard to N open shards stepwise (at most x2 or /2 per call), waiting for ACTIVE.
+    Reshard {
+        #[arg(value_parser = clap::value_parser!(u64).range(1..=10000))]
+        shards: u64,
+    },
+    /// Put records: RATE per second for SECONDS (0: until Ctrl-C).
+    Produce {
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100000))]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
 }
 
@@ -95,9 +120,86 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match command {
             Command::Init { shards } => init(settings, shards).await,
+            Command::Admin(cmd) => admin(settings, cmd).await,
             _ => run(settings).await,
         }
     })
+}
+
+async fn admin(settings: Settings, cmd: Admin) -> ExitCode {
+    let aws = AwsClients::from_env(Metrics::new()).await;
+    let stream = settings.stream_name.clone();
+    let result = match cmd {
+        Admin::Snapshot { json } => {
+            kds_worker::admin::snapshot(&aws, &settings)
+                .await
+                .map(|snap| {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&snap).expect("serialisable")
+                        );
+                    } else {
+                        print_snapshot(&snap);
+                    }
+                })
+        }
+        Admin::Reshard { shards } => {
+            kds_worker::admin::reshard(&aws, &stream, shards, |from, to| {
+                eprintln!("UpdateShardCount {from} -> {to}; waiting for ACTIVE");
+            })
+            .await
+        }
+        Admin::Produce { rate, seconds } => {
+            kds_worker::admin::produce(&aws, &stream, rate, seconds)
+                .await
+                .map(|n| eprintln!("put {n} records into {stream}"))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kds-worker admin: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_snapshot(s: &kds_worker::admin::Snapshot) {
+    println!("stream {}: {} open shards", s.stream, s.open_shards);
+    match &s.lease_limits {
+        Some(l) => println!(
+            "lease_limits v{} (epoch {}, by {}): max_leases_per_worker {} = min(cap {}, ceil({} / {})); deficit {}",
+            l.version,
+            l.epoch,
+            l.computed_by,
+            l.max_leases_per_worker,
+            l.cap,
+            l.shard_count,
+            l.worker_count,
+            l.capacity_deficit
+        ),
+        None => println!("lease_limits: none yet"),
+    }
+    match &s.coordinator {
+        Some(c) if !c.owner.is_empty() => println!(
+            "coordinator {} (epoch {}, renewed {})",
+            c.owner, c.epoch, c.renewed_at
+        ),
+        Some(c) => println!("coordinator: vacant (epoch {})", c.epoch),
+        None => println!("coordinator: none yet"),
+    }
+    for h in &s.heartbeats {
+        let held = s.leases.by_owner.get(&h.worker_id).copied().unwrap_or(0);
+        println!(
+            "worker {}: {held} leases (heartbeat {} at {})",
+            h.worker_id, h.counter, h.renewed_at
+        );
+    }
+    println!(
+        "leases: {} readable, {} unowned, {} finished parents",
+        s.leases.readable, s.leases.unowned_readable, s.leases.finished
+    );
 }
 
 async fn init(settings: Settings, shards: u32) -> ExitCode {

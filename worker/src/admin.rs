@@ -1,0 +1,173 @@
+//! Operator commands (`kds-worker admin …`) used by the lab: a snapshot of the whole fleet's
+//! state, stepwise resharding, and a record producer. In a cluster they run through
+//! `kubectl exec` in a worker pod, so the lab needs no AWS CLI.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ScalingType};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::assignment::readable_shards;
+use crate::aws::{AwsClients, AwsError, call};
+use crate::config::Settings;
+use crate::inputs::open_shard_count;
+use crate::leases::LeaseStore;
+use crate::schema::wait_stream_active;
+use crate::store::{CoordinatorRow, HeartbeatRow, LimitRecord, MetaStore};
+
+/// Everything the lab checks and the monitor shows, read in one go.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub stream: String,
+    pub open_shards: u64,
+    pub lease_limits: Option<LimitRecord>,
+    pub coordinator: Option<CoordinatorRow>,
+    pub heartbeats: Vec<HeartbeatRow>,
+    pub leases: LeaseSummary,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LeaseSummary {
+    /// Lease items (including finished parents still listed by the stream).
+    pub total: u64,
+    /// Shards that may be read now.
+    pub readable: u64,
+    /// Readable shards without an owner.
+    pub unowned_readable: u64,
+    /// Parents read to `SHARD_END`.
+    pub finished: u64,
+    /// Readable leases per owner.
+    pub by_owner: BTreeMap<String, u64>,
+}
+
+pub async fn snapshot(aws: &AwsClients, settings: &Settings) -> Result<Snapshot, AwsError> {
+    let meta = MetaStore::new(aws.clone(), settings.meta_table());
+    let leases = LeaseStore::new(aws.clone(), settings.lease_table())
+        .scan()
+        .await?;
+    let readable = readable_shards(&leases);
+    let mut summary = LeaseSummary {
+        total: leases.len() as u64,
+        readable: readable.len() as u64,
+        finished: leases.iter().filter(|l| l.is_finished()).count() as u64,
+        ..Default::default()
+    };
+    for l in leases
+        .iter()
+        .filter(|l| readable.contains(l.shard_id.as_str()))
+    {
+        match &l.owner {
+            Some(o) => *summary.by_owner.entry(o.clone()).or_default() += 1,
+            None => summary.unowned_readable += 1,
+        }
+    }
+    Ok(Snapshot {
+        stream: settings.stream_name.clone(),
+        open_shards: open_shard_count(aws, &settings.stream_name).await?,
+        lease_limits: meta.read_limit().await?,
+        coordinator: meta.read_coordinator().await?,
+        heartbeats: meta.scan_heartbeats().await?,
+        leases: summary,
+    })
+}
+
+/// The steps AWS allows from `from` to `to`: at most ×2 or ÷2 per UpdateShardCount call.
+/// 60 → 300 is 60 → 120 → 240 → 300.
+pub fn reshard_steps(from: u64, to: u64) -> Vec<u64> {
+    let mut steps = Vec::new();
+    let mut at = from.max(1);
+    while at != to {
+        at = if to > at {
+            to.min(at * 2)
+        } else {
+            to.max(at.div_ceil(2))
+        };
+        steps.push(at);
+    }
+    steps
+}
+
+/// Reshards stepwise with UNIFORM_SCALING, waiting for ACTIVE after every step; `progress`
+/// hears about each step.
+pub async fn reshard(
+    aws: &AwsClients,
+    stream: &str,
+    target: u64,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(), AwsError> {
+    let from = open_shard_count(aws, stream).await?;
+    let mut at = from;
+    for step in reshard_steps(from, target) {
+        progress(at, step);
+        call(
+            &aws.metrics,
+            "kinesis",
+            "UpdateShardCount",
+            aws.kinesis
+                .update_shard_count()
+                .stream_name(stream)
+                .target_shard_count(step as i32)
+                .scaling_type(ScalingType::UniformScaling)
+                .send(),
+        )
+        .await?;
+        // The stream turns UPDATING at once and back to ACTIVE when the step is done.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_stream_active(aws, stream, Duration::from_secs(300)).await?;
+        at = step;
+    }
+    Ok(())
+}
+
+/// Puts `rate` records per second for `seconds` (0: until cancelled); returns how many.
+pub async fn produce(
+    aws: &AwsClients,
+    stream: &str,
+    rate: u64,
+    seconds: u64,
+) -> Result<u64, AwsError> {
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if seconds > 0 && start.elapsed() >= Duration::from_secs(seconds) {
+            return Ok(sent);
+        }
+        let mut remaining = rate;
+        while remaining > 0 {
+            let batch = remaining.min(500);
+            let mut req = aws.kinesis.put_records().stream_name(stream);
+            for i in 0..batch {
+                let n = sent + i;
+                req = req.records(
+                    PutRecordsRequestEntry::builder()
+                        .data(Blob::new(format!("{{\"record\":{n}}}").into_bytes()))
+                        .partition_key(format!("key-{n}"))
+                        .build()
+                        .expect("data and key are set"),
+                );
+            }
+            call(&aws.metrics, "kinesis", "PutRecords", req.send()).await?;
+            sent += batch;
+            remaining -= batch;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reshard_steps;
+
+    #[test]
+    fn reshards_step_like_aws_allows() {
+        assert_eq!(reshard_steps(30, 60), vec![60]);
+        assert_eq!(reshard_steps(60, 300), vec![120, 240, 300]);
+        assert_eq!(reshard_steps(300, 30), vec![150, 75, 38, 30]);
+        assert_eq!(reshard_steps(30, 30), Vec::<u64>::new());
+        assert_eq!(reshard_steps(1, 5), vec![2, 4, 5]);
+    }
+}
