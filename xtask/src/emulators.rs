@@ -141,6 +141,7 @@ pub struct Emulators {
     pub kinesis: SocketAddr,
     pub dynamodb: SocketAddr,
     handles: Vec<duct::Handle>,
+    detached: bool,
 }
 
 impl Emulators {
@@ -171,6 +172,10 @@ impl Emulators {
         self.kill_all();
     }
 
+    pub fn pids(&self) -> Vec<u32> {
+        self.handles.iter().flat_map(|h| h.pids()).collect()
+    }
+
     fn kill_all(&mut self) {
         for h in self.handles.drain(..) {
             let _ = h.kill();
@@ -180,12 +185,30 @@ impl Emulators {
 
 impl Drop for Emulators {
     fn drop(&mut self) {
-        self.kill_all();
+        if self.detached {
+            // duct's Handle does not kill on drop; leaving them is the point.
+            self.handles.clear();
+        } else {
+            self.kill_all();
+        }
     }
 }
 
-/// Installs if needed, starts both emulators on free ports, waits until they answer.
+/// Installs if needed, starts both emulators on free ports, waits until they answer. They stop
+/// when the returned guard is dropped.
 pub fn start(sh: &Shell, logs: &Path) -> anyhow::Result<Emulators> {
+    spawn(sh, logs, false)
+}
+
+/// Like [`start`], but the emulators outlive this process (the local lab): in their own
+/// process group, never killed by the guard.
+pub fn start_detached(sh: &Shell, logs: &Path) -> anyhow::Result<Emulators> {
+    let mut emu = spawn(sh, logs, true)?;
+    emu.detached = true;
+    Ok(emu)
+}
+
+fn spawn(sh: &Shell, logs: &Path, detach: bool) -> anyhow::Result<Emulators> {
     let pins = load_pins()?;
     install(sh, &pins)?;
     std::fs::create_dir_all(logs)?;
@@ -208,6 +231,13 @@ pub fn start(sh: &Shell, logs: &Path) -> anyhow::Result<Emulators> {
         .stdin_null()
         .stderr_to_stdout()
         .stdout_path(logs.join("kinesis-mock.log"))
+        .before_spawn(move |c| {
+            if detach {
+                use std::os::unix::process::CommandExt;
+                c.process_group(0);
+            }
+            Ok(())
+        })
         .unchecked()
         .start()
         .context("starting kinesis-mock with node")?;
@@ -225,6 +255,7 @@ pub fn start(sh: &Shell, logs: &Path) -> anyhow::Result<Emulators> {
         kinesis: ([127, 0, 0, 1], kinesis_port).into(),
         dynamodb: ([127, 0, 0, 1], dynamodb_port).into(),
         handles: vec![kinesis, moto],
+        detached: false,
     };
     wait_healthy(
         "kinesis-mock",

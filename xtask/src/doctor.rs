@@ -1,0 +1,62 @@
+//! `cargo xtask doctor`: which tools are here (with versions), which are missing, how to get
+//! them, and which image build path `setup` will take.
+
+use std::process::Command;
+
+use crate::kube::nix_available;
+
+/// (tool, version flag, needed for, pinned version in flake.nix if any)
+const TOOLS: &[(&str, &str, &str)] = &[
+    ("cargo", "--version", "everything"),
+    ("node", "--version", "kinesis-mock (local driver, tests)"),
+    ("npm", "--version", "installing kinesis-mock"),
+    ("python3", "--version", "moto server (local driver, tests)"),
+    ("kubectl", "version --client", "minikube / cluster drivers"),
+    ("minikube", "version --short", "minikube driver"),
+    ("docker", "--version", "image build without Nix"),
+    ("awslocal", "--version", "poking LocalStack by hand (optional)"),
+    ("nix", "--version", "nix develop, nix build .#image"),
+];
+
+pub fn version_of(tool: &str, flag: &str) -> Option<String> {
+    let out = Command::new(tool).args(flag.split_whitespace()).output().ok()?;
+    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    let line = String::from_utf8_lossy(&text).lines().next()?.trim().to_owned();
+    (out.status.success() || !line.is_empty()).then_some(line)
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    println!("{:<10} {:<44} needed for", "tool", "version");
+    for (tool, flag, why) in TOOLS {
+        match version_of(tool, flag) {
+            Some(v) => println!("{tool:<10} {:<44} {why}", truncate(&v, 44)),
+            None => {
+                println!("{tool:<10} {:<44} {why}", "MISSING");
+                missing.push(*tool);
+            }
+        }
+    }
+    println!();
+    if nix_available() {
+        println!("image: `nix build .#image` (Nix found), loaded with `minikube image load`");
+    } else {
+        println!("image: `docker build -t kds-worker:dev .` (no Nix), loaded with `minikube image load`");
+    }
+    if let Ok(pins) = crate::nixpins::flake_pins() {
+        println!("flake.lock pins nixpkgs {} ({}); `nix develop` gives every developer the same kubectl, minikube and awslocal", &pins.nixpkgs_rev[..12], pins.nixpkgs_ref);
+    }
+    if missing.is_empty() {
+        println!("all tools present");
+    } else {
+        println!(
+            "missing: {}. Enter `nix develop` for the pinned set; the local driver and `cargo xtask test` need only cargo, node/npm and python3.",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n { s.to_owned() } else { s.chars().take(n - 1).collect::<String>() + "…" }
+}

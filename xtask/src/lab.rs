@@ -1,0 +1,246 @@
+//! Lab state, the command runner (with `--dry-run`) and the driver interface every command
+//! goes through.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use xshell::{Shell, cmd};
+
+use crate::util::{lab_dir, project_root, secs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// A Minikube profile `kds-lab` (started, image loaded, deleted by `cleanup --all`).
+    Minikube,
+    /// The current kube context; no cluster lifecycle.
+    Cluster,
+    /// No cluster, no Docker: emulators on loopback and worker processes, state under .lab/.
+    Local,
+}
+
+/// `.lab/state.json`: what `setup` created, so later commands find it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub driver: DriverKind,
+    #[serde(default)]
+    pub local: Option<crate::local::LocalState>,
+}
+
+pub fn state_path() -> PathBuf {
+    lab_dir().join("state.json")
+}
+
+pub fn load_state() -> anyhow::Result<Option<State>> {
+    let path = state_path();
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(
+            serde_json::from_str(&text).with_context(|| format!("{} is damaged; run `cargo xtask cleanup`", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Written to a temporary file and renamed: a crash never leaves half a state file.
+pub fn save_state(state: &State) -> anyhow::Result<()> {
+    let path = state_path();
+    std::fs::create_dir_all(lab_dir())?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(state)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+pub fn require_lab() -> anyhow::Result<State> {
+    load_state()?.ok_or_else(|| anyhow::anyhow!("no lab is set up here (no {}): run `cargo xtask setup` first", state_path().display()))
+}
+
+/// Runs external commands, or with `--dry-run` only prints (and records) them.
+pub struct Runner {
+    pub dry_run: bool,
+    pub sh: Shell,
+    pub log: RefCell<Vec<String>>,
+}
+
+impl Runner {
+    pub fn new(dry_run: bool) -> anyhow::Result<Self> {
+        let sh = Shell::new()?;
+        sh.change_dir(project_root());
+        Ok(Runner {
+            dry_run,
+            sh,
+            log: RefCell::new(Vec::new()),
+        })
+    }
+
+    fn note(&self, program: &str, args: &[String]) {
+        let line = std::iter::once(program.to_owned())
+            .chain(args.iter().map(|a| if a.contains(' ') || a.is_empty() { format!("'{a}'") } else { a.clone() }))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if self.dry_run {
+            println!("{line}");
+        }
+        self.log.borrow_mut().push(line);
+    }
+
+    /// Runs `program args`, output to the terminal.
+    pub fn run(&self, program: &str, args: &[String]) -> anyhow::Result<()> {
+        self.note(program, args);
+        if self.dry_run {
+            return Ok(());
+        }
+        cmd!(self.sh, "{program} {args...}")
+            .run()
+            .with_context(|| format!("`{program}` failed"))
+    }
+
+    /// Runs `program args` and returns its stdout (empty in a dry run).
+    pub fn output(&self, program: &str, args: &[String]) -> anyhow::Result<String> {
+        self.note(program, args);
+        if self.dry_run {
+            return Ok(String::new());
+        }
+        cmd!(self.sh, "{program} {args...}")
+            .quiet()
+            .read()
+            .with_context(|| format!("`{program} {}` failed", args.join(" ")))
+    }
+
+    pub fn commands(&self) -> Vec<String> {
+        self.log.borrow().clone()
+    }
+}
+
+pub fn args<const N: usize>(a: [&str; N]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// The fleet as the worker's `admin snapshot --json` reports it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub open_shards: u64,
+    pub lease_limits: Option<Limits>,
+    pub coordinator: Option<Coordinator>,
+    #[serde(default)]
+    pub heartbeats: Vec<Heartbeat>,
+    #[serde(default)]
+    pub leases: LeaseSummary,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_leases_per_worker: u64,
+    pub shard_count: u64,
+    pub worker_count: u64,
+    pub desired_workers: Option<u64>,
+    pub live_workers: u64,
+    pub cap: u64,
+    pub capacity_deficit: u64,
+    pub epoch: u64,
+    pub version: u64,
+    pub computed_by: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Coordinator {
+    pub owner: String,
+    pub epoch: u64,
+    pub counter: u64,
+    pub renewed_at: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub worker_id: String,
+    pub counter: u64,
+    pub leases_held: u64,
+    pub renewed_at: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LeaseSummary {
+    pub total: u64,
+    pub readable: u64,
+    pub unowned_readable: u64,
+    pub finished: u64,
+    pub by_owner: BTreeMap<String, u64>,
+}
+
+/// One worker as the platform sees it (pod or process).
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerView {
+    pub name: String,
+    /// `Running`, `Pending`, `exited`, …
+    pub phase: String,
+    pub ready: bool,
+}
+
+/// What scenarios, status and monitor need from a lab, whatever runs it.
+pub trait Driver {
+    fn kind(&self) -> DriverKind;
+    fn runner(&self) -> &Runner;
+    fn setup(&mut self, shards: u32, workers: u32) -> anyhow::Result<()>;
+    fn set_shards(&mut self, shards: u64) -> anyhow::Result<()>;
+    fn set_workers(&mut self, workers: u64) -> anyhow::Result<()>;
+    fn set_cap(&mut self, cap: u64) -> anyhow::Result<()>;
+    fn restart_all(&mut self) -> anyhow::Result<()>;
+    fn snapshot(&self) -> anyhow::Result<Snapshot>;
+    fn workers(&self) -> anyhow::Result<Vec<WorkerView>>;
+    fn desired_workers(&self) -> anyhow::Result<u64>;
+    fn cap(&self) -> anyhow::Result<u64>;
+    fn logs(&self, follow: bool, worker: Option<u32>) -> anyhow::Result<()>;
+    fn produce(&self, rate: u64, seconds: u64) -> anyhow::Result<()>;
+    fn cleanup(&mut self, all: bool) -> anyhow::Result<()>;
+}
+
+pub fn open_driver(kind: DriverKind, runner: Runner) -> anyhow::Result<Box<dyn Driver>> {
+    Ok(match kind {
+        DriverKind::Local => Box::new(crate::local::Local::open(runner)?),
+        DriverKind::Minikube => Box::new(crate::kube::Kube::new(runner, true)),
+        DriverKind::Cluster => Box::new(crate::kube::Kube::new(runner, false)),
+    })
+}
+
+/// Waits for `check` with a spinner; on timeout says what it waited for and `context()`.
+pub fn wait_until<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+    context: impl Fn() -> String,
+) -> anyhow::Result<(T, Duration)> {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"),
+    );
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    spinner.set_message(what.to_owned());
+    let start = Instant::now();
+    let mut last_error = None;
+    loop {
+        match check() {
+            Ok(Some(v)) => {
+                spinner.finish_and_clear();
+                return Ok((v, start.elapsed()));
+            }
+            Ok(None) => {}
+            Err(e) => last_error = Some(format!("{e:#}")),
+        }
+        if start.elapsed() > deadline {
+            spinner.finish_and_clear();
+            let mut msg = format!("timed out after {} waiting for {what}", secs(deadline));
+            if let Some(e) = last_error {
+                msg.push_str(&format!("\nlast error: {e}"));
+            }
+            msg.push_str(&format!("\n{}", context()));
+            bail!(msg);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,227 @@
+//! `cargo xtask monitor`: a live dashboard of the lab (ratatui), or `--once` as plain text.
+//! `cargo xtask status` prints the same view once (or as JSON).
+
+use std::time::{Duration, Instant};
+
+use ratatui::crossterm::event::{self, Event, KeyCode};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Color, Style, Stylize};
+use ratatui::text::Line;
+use ratatui::widgets::{Block, Borders, Gauge, Paragraph};
+use serde::Serialize;
+
+use crate::lab::{Driver, Snapshot, WorkerView};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct View {
+    pub driver: String,
+    pub snapshot: Snapshot,
+    pub workers: Vec<WorkerView>,
+}
+
+pub fn gather(driver: &dyn Driver) -> anyhow::Result<View> {
+    Ok(View {
+        driver: format!("{:?}", driver.kind()).to_lowercase(),
+        snapshot: driver.snapshot()?,
+        workers: driver.workers()?,
+    })
+}
+
+/// The plain-text rendering (`monitor --once`, `status`).
+pub fn text(view: &View) -> String {
+    let s = &view.snapshot;
+    let mut out = String::new();
+    out.push_str(&format!("driver {}   stream: {} open shards\n", view.driver, s.open_shards));
+    match &s.lease_limits {
+        Some(l) => {
+            out.push_str(&format!(
+                "lease_limits v{}: max_leases_per_worker = {} = min(cap {}, ceil({} shards / {} workers))\n",
+                l.version, l.max_leases_per_worker, l.cap, l.shard_count, l.worker_count
+            ));
+            out.push_str(&format!(
+                "  live workers {}, desired {}, computed by {} (epoch {}) at {}\n",
+                l.live_workers,
+                l.desired_workers.map_or("-".into(), |d| d.to_string()),
+                l.computed_by,
+                l.epoch,
+                l.updated_at
+            ));
+            if l.capacity_deficit > 0 {
+                out.push_str(&format!(
+                    "  CAPACITY DEFICIT: {} shards cannot be leased at cap {}; {} workers would cover them\n",
+                    l.capacity_deficit,
+                    l.cap,
+                    l.shard_count.div_ceil(l.cap.max(1))
+                ));
+            }
+        }
+        None => out.push_str("lease_limits: not published yet\n"),
+    }
+    match &s.coordinator {
+        Some(c) if !c.owner.is_empty() => out.push_str(&format!(
+            "coordinator {} (epoch {}, renewal {} at {})\n",
+            c.owner, c.epoch, c.counter, c.renewed_at
+        )),
+        Some(c) => out.push_str(&format!("coordinator: vacant (epoch {})\n", c.epoch)),
+        None => out.push_str("coordinator: none\n"),
+    }
+    let limit = s.lease_limits.as_ref().map_or(0, |l| l.max_leases_per_worker);
+    out.push_str("workers:\n");
+    for w in &view.workers {
+        let held = s.leases.by_owner.get(&w.name).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "  {:<18} {:<8} {:<9} {:>4}/{:<4} {}\n",
+            w.name,
+            w.phase,
+            if w.ready { "ready" } else { "not ready" },
+            held,
+            limit,
+            bar(held, limit, 20)
+        ));
+    }
+    let leased: u64 = s.leases.by_owner.values().sum();
+    out.push_str(&format!(
+        "coverage: {leased}/{} readable shards leased, {} unowned, {} parents finished\n",
+        s.leases.readable, s.leases.unowned_readable, s.leases.finished
+    ));
+    out
+}
+
+fn bar(held: u64, limit: u64, width: usize) -> String {
+    let filled = if limit == 0 { 0 } else { ((held.min(limit) * width as u64) / limit) as usize };
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// Runs the dashboard until `q` or Esc.
+pub fn live(driver: &dyn Driver, interval: Duration) -> anyhow::Result<()> {
+    let mut terminal = ratatui::init();
+    let mut changes: Vec<String> = Vec::new();
+    let mut last_version: Option<(u64, u64)> = None;
+    let result = (|| -> anyhow::Result<()> {
+        loop {
+            let view = gather(driver);
+            if let Ok(v) = &view
+                && let Some(l) = &v.snapshot.lease_limits
+                && last_version != Some((l.epoch, l.version))
+            {
+                last_version = Some((l.epoch, l.version));
+                changes.push(format!(
+                    "{} v{} limit {} (shards {}, workers {}, deficit {}) by {}",
+                    l.updated_at, l.version, l.max_leases_per_worker, l.shard_count, l.worker_count, l.capacity_deficit, l.computed_by
+                ));
+                if changes.len() > 8 {
+                    changes.remove(0);
+                }
+            }
+            terminal.draw(|f| {
+                let area = f.area();
+                let workers = view.as_ref().map_or(0, |v| v.workers.len()) as u16;
+                let rows = Layout::vertical([
+                    Constraint::Length(7),
+                    Constraint::Length(workers + 2),
+                    Constraint::Min(4),
+                ])
+                .split(area);
+                let header = match &view {
+                    Ok(v) => text(v).lines().take(5).map(|l| Line::from(l.to_owned())).collect::<Vec<_>>(),
+                    Err(e) => vec![Line::from(format!("cannot read the lab: {e:#}")).fg(Color::Red)],
+                };
+                f.render_widget(
+                    Paragraph::new(header).block(Block::default().borders(Borders::ALL).title(format!(
+                        " KDS Lease Lab — every {}s, q to quit ",
+                        interval.as_secs()
+                    ))),
+                    rows[0],
+                );
+                if let Ok(v) = &view {
+                    let limit = v.snapshot.lease_limits.as_ref().map_or(0, |l| l.max_leases_per_worker);
+                    let block = Block::default().borders(Borders::ALL).title(" workers: leases held / limit ");
+                    let inner = block.inner(rows[1]);
+                    f.render_widget(block, rows[1]);
+                    let lines = Layout::vertical(vec![Constraint::Length(1); v.workers.len()]).split(inner);
+                    for (w, line) in v.workers.iter().zip(lines.iter()) {
+                        let held = v.snapshot.leases.by_owner.get(&w.name).copied().unwrap_or(0);
+                        let ratio = if limit == 0 { 0.0 } else { (held as f64 / limit as f64).min(1.0) };
+                        let color = if !w.ready { Color::Red } else if held > limit { Color::Yellow } else { Color::Green };
+                        f.render_widget(
+                            Gauge::default()
+                                .gauge_style(Style::default().fg(color))
+                                .ratio(ratio)
+                                .label(format!("{} {} {}/{}", w.name, w.phase, held, limit)),
+                            *line,
+                        );
+                    }
+                }
+                let mut tail: Vec<Line> = match &view {
+                    Ok(v) => text(v).lines().rev().take(1).map(|l| Line::from(l.to_owned())).collect(),
+                    Err(_) => vec![],
+                };
+                tail.push(Line::from("recent lease_limits changes:").bold());
+                tail.extend(changes.iter().rev().map(|c| Line::from(c.clone())));
+                f.render_widget(Paragraph::new(tail).block(Block::default().borders(Borders::ALL)), rows[2]);
+            })?;
+            let until = Instant::now() + interval;
+            while Instant::now() < until {
+                if event::poll(Duration::from_millis(200))?
+                    && let Event::Key(k) = event::read()?
+                    && matches!(k.code, KeyCode::Char('q') | KeyCode::Esc)
+                {
+                    return Ok(());
+                }
+            }
+        }
+    })();
+    ratatui::restore();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::{Coordinator, LeaseSummary, Limits};
+
+    #[test]
+    fn text_view_shows_formula_coordinator_workers_and_deficit() {
+        let view = View {
+            driver: "local".into(),
+            snapshot: Snapshot {
+                open_shards: 300,
+                lease_limits: Some(Limits {
+                    max_leases_per_worker: 80,
+                    shard_count: 300,
+                    worker_count: 3,
+                    cap: 80,
+                    capacity_deficit: 60,
+                    epoch: 2,
+                    version: 7,
+                    computed_by: "kds-consumer-1".into(),
+                    ..Default::default()
+                }),
+                coordinator: Some(Coordinator {
+                    owner: "kds-consumer-1".into(),
+                    epoch: 2,
+                    counter: 10,
+                    renewed_at: "t".into(),
+                }),
+                heartbeats: vec![],
+                leases: LeaseSummary {
+                    readable: 300,
+                    unowned_readable: 60,
+                    by_owner: [("kds-consumer-0".to_owned(), 80)].into(),
+                    ..Default::default()
+                },
+            },
+            workers: vec![WorkerView {
+                name: "kds-consumer-0".into(),
+                phase: "Running".into(),
+                ready: true,
+            }],
+        };
+        let t = text(&view);
+        assert!(t.contains("max_leases_per_worker = 80 = min(cap 80, ceil(300 shards / 3 workers))"), "{t}");
+        assert!(t.contains("CAPACITY DEFICIT: 60 shards"), "{t}");
+        assert!(t.contains("4 workers would cover them"), "{t}");
+        assert!(t.contains("coordinator kds-consumer-1 (epoch 2"), "{t}");
+        assert!(t.contains("kds-consumer-0") && t.contains("80/80") && t.contains("[####################]"), "{t}");
+    }
+}

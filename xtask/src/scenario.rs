@@ -1,0 +1,390 @@
+//! Scenarios: read from `lab/scenarios.toml`, applied through a driver, checked against the
+//! formula, reported as a PASS/FAIL table (and JSON with `--report`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::lab::{Driver, Snapshot};
+use crate::util::{project_root, secs};
+
+/// Most shards one scenario may ask for (the emulators and LocalStack are set up for it).
+pub const MAX_SHARDS: u64 = 10_000;
+pub const MAX_WORKERS: u64 = 100;
+const CONVERGE_DEADLINE: Duration = Duration::from_secs(240);
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Catalog {
+    pub scenario: Vec<Scenario>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    pub shards: Option<u64>,
+    pub workers: Option<u64>,
+    pub cap: Option<u64>,
+    #[serde(default)]
+    pub restart: bool,
+    /// Which key the command-line number overrides.
+    pub param: Option<String>,
+    pub expect_limit: Option<u64>,
+    pub expect_deficit: Option<u64>,
+    #[serde(default)]
+    pub expect_epoch_increase: bool,
+    #[serde(default = "yes")]
+    pub run_in_all: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub fn load_catalog(path: &Path) -> anyhow::Result<Catalog> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let catalog: Catalog = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    for s in &catalog.scenario {
+        if let Some(p) = &s.param
+            && !["shards", "workers", "cap"].contains(&p.as_str())
+        {
+            bail!("{}: scenario {}: param must be shards, workers or cap, not {p:?}", path.display(), s.name);
+        }
+        for (key, v, max) in [("shards", s.shards, MAX_SHARDS), ("workers", s.workers, MAX_WORKERS), ("cap", s.cap, u64::MAX)] {
+            if v == Some(0) || v.is_some_and(|v| v > max) {
+                bail!("{}: scenario {}: {key} must be 1..={max}", path.display(), s.name);
+            }
+        }
+    }
+    Ok(catalog)
+}
+
+pub fn catalog() -> anyhow::Result<Catalog> {
+    load_catalog(&project_root().join("lab/scenarios.toml"))
+}
+
+impl Catalog {
+    pub fn get(&self, name: &str) -> anyhow::Result<Scenario> {
+        self.scenario.iter().find(|s| s.name == name).cloned().ok_or_else(|| {
+            let names: Vec<_> = self.scenario.iter().map(|s| s.name.as_str()).collect();
+            anyhow::anyhow!("no scenario {name:?} in lab/scenarios.toml; there are: {}", names.join(", "))
+        })
+    }
+}
+
+/// Parses a command-line count: a clear error names what was wrong, before anything changes.
+pub fn parse_count(what: &str, text: &str, max: u64) -> anyhow::Result<u64> {
+    let n: i64 = text
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{what} must be a whole number from 1 to {max}, not {text:?}"))?;
+    if n < 1 || n as u64 > max {
+        bail!("{what} must be from 1 to {max}, not {n}");
+    }
+    Ok(n as u64)
+}
+
+impl Scenario {
+    /// Applies the command-line number to the key named by `param`.
+    pub fn with_param(mut self, value: Option<u64>) -> anyhow::Result<Self> {
+        let Some(v) = value else { return Ok(self) };
+        match self.param.as_deref() {
+            Some("shards") => {
+                self.shards = Some(v);
+                self.expect_limit = None;
+                self.expect_deficit = None;
+            }
+            Some("workers") => {
+                self.workers = Some(v);
+                self.expect_limit = None;
+                self.expect_deficit = None;
+            }
+            Some("cap") => {
+                self.cap = Some(v);
+                self.expect_limit = None;
+                self.expect_deficit = None;
+            }
+            _ => bail!("scenario {} takes no number", self.name),
+        }
+        Ok(self)
+    }
+}
+
+/// One row of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub scenario: String,
+    pub shards: u64,
+    pub workers: u64,
+    pub cap: u64,
+    pub expected_limit: u64,
+    pub observed_limit: Option<u64>,
+    pub capacity_deficit: Option<u64>,
+    pub workers_needed: u64,
+    pub epoch_before: u64,
+    pub epoch_after: Option<u64>,
+    pub max_unowned_seen: u64,
+    pub converged_seconds: f64,
+    pub pass: bool,
+    pub detail: String,
+}
+
+/// What the formula and the table say must hold once the fleet has converged.
+pub fn expectations(shards: u64, workers: u64, cap: u64) -> (u64, u64) {
+    let limit = shards.div_ceil(workers.max(1)).min(cap);
+    let deficit = shards.saturating_sub(cap * workers);
+    (limit, deficit)
+}
+
+/// Why `snap` does not (yet) show the converged state; empty when it does.
+pub fn unmet(snap: &Snapshot, shards: u64, workers: u64, limit: u64, deficit: u64, epoch_before: Option<u64>) -> Vec<String> {
+    let mut why = Vec::new();
+    let Some(l) = &snap.lease_limits else {
+        return vec!["no lease_limits yet".into()];
+    };
+    if snap.open_shards != shards {
+        why.push(format!("stream has {} open shards, want {shards}", snap.open_shards));
+    }
+    if (l.max_leases_per_worker, l.shard_count, l.worker_count) != (limit, shards, workers) {
+        why.push(format!(
+            "lease_limits says {} (shards {}, workers {}), want {limit} (shards {shards}, workers {workers})",
+            l.max_leases_per_worker, l.shard_count, l.worker_count
+        ));
+    }
+    if l.capacity_deficit != deficit {
+        why.push(format!("capacity_deficit {} want {deficit}", l.capacity_deficit));
+    }
+    let leased: u64 = snap.leases.by_owner.values().sum();
+    let want_leased = snap.leases.readable.min(workers * limit);
+    if snap.leases.readable != shards {
+        why.push(format!("{} readable shards (parents not yet drained?), want {shards}", snap.leases.readable));
+    }
+    if leased != want_leased {
+        why.push(format!("{leased} shards leased, want {want_leased}"));
+    }
+    if let Some((w, n)) = snap.leases.by_owner.iter().find(|(_, n)| **n > limit) {
+        why.push(format!("{w} holds {n} leases > limit {limit}"));
+    }
+    if snap.leases.by_owner.len() as u64 != workers.min(shards) && limit > 0 {
+        why.push(format!("{} workers hold leases, want {}", snap.leases.by_owner.len(), workers.min(shards)));
+    }
+    match &snap.coordinator {
+        Some(c) if !c.owner.is_empty() => {
+            if let Some(before) = epoch_before
+                && c.epoch <= before
+            {
+                why.push(format!("coordinator epoch {} not above {before}", c.epoch));
+            }
+        }
+        _ => why.push("no coordinator".into()),
+    }
+    why
+}
+
+/// Applies `s` and waits until the fleet converges; never returns Err for a failed
+/// expectation (that is a FAIL row), only for a broken lab.
+pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome> {
+    eprintln!("\n==> scenario {}: {}", s.name, s.description);
+    let dry = driver.runner().dry_run;
+    let before = driver.snapshot()?;
+    let epoch_before = before.coordinator.as_ref().map_or(0, |c| c.epoch);
+    let start = Instant::now();
+
+    let current_workers = driver.desired_workers()?;
+    let current_cap = driver.cap()?;
+    if let Some(shards) = s.shards
+        && (dry || shards != before.open_shards)
+    {
+        eprintln!("resharding {} -> {shards} (x2 or /2 per step)", before.open_shards);
+        driver.set_shards(shards)?;
+    }
+    if let Some(cap) = s.cap
+        && (dry || cap != current_cap)
+    {
+        eprintln!("max_leases_cap {current_cap} -> {cap}: config change and rolling restart");
+        driver.set_cap(cap)?;
+    }
+    if let Some(workers) = s.workers
+        && (dry || workers != current_workers)
+    {
+        eprintln!("workers {current_workers} -> {workers}");
+        driver.set_workers(workers)?;
+    }
+    if s.restart {
+        eprintln!("deleting every worker at once");
+        driver.restart_all()?;
+    }
+
+    let shards = s.shards.unwrap_or(before.open_shards);
+    let workers = s.workers.unwrap_or(current_workers);
+    let cap = s.cap.unwrap_or(current_cap);
+    let (limit, deficit) = expectations(shards, workers, cap);
+    let limit = s.expect_limit.unwrap_or(limit);
+    let deficit = s.expect_deficit.unwrap_or(deficit);
+    let epoch_check = (s.expect_epoch_increase || s.restart).then_some(epoch_before);
+
+    let mut outcome = Outcome {
+        scenario: s.name.clone(),
+        shards,
+        workers,
+        cap,
+        expected_limit: limit,
+        observed_limit: None,
+        capacity_deficit: None,
+        workers_needed: shards.div_ceil(cap.max(1)),
+        epoch_before,
+        epoch_after: None,
+        max_unowned_seen: 0,
+        converged_seconds: 0.0,
+        pass: false,
+        detail: String::new(),
+    };
+    if dry {
+        outcome.pass = true;
+        outcome.detail = "dry run".into();
+        return Ok(outcome);
+    }
+    let mut last = Snapshot::default();
+    let mut last_why = Vec::new();
+    let result = crate::lab::wait_until(
+        &format!("limit {limit} with {shards} shards / {workers} workers, every shard leased"),
+        CONVERGE_DEADLINE,
+        || {
+            let snap = driver.snapshot()?;
+            // Coverage is sampled on the way: a shard unowned beyond the deficit is a gap.
+            let gap = snap.leases.unowned_readable.saturating_sub(deficit);
+            outcome.max_unowned_seen = outcome.max_unowned_seen.max(gap);
+            last_why = unmet(&snap, shards, workers, limit, deficit, epoch_check);
+            last = snap;
+            Ok(last_why.is_empty().then_some(()))
+        },
+        || String::new(),
+    );
+    outcome.converged_seconds = start.elapsed().as_secs_f64();
+    outcome.observed_limit = last.lease_limits.as_ref().map(|l| l.max_leases_per_worker);
+    outcome.capacity_deficit = last.lease_limits.as_ref().map(|l| l.capacity_deficit);
+    outcome.epoch_after = last.coordinator.as_ref().map(|c| c.epoch);
+    match result {
+        Ok(_) => {
+            outcome.pass = true;
+            outcome.detail = if deficit > 0 {
+                format!(
+                    "{deficit} shards unowned at the cap; {} workers would cover them",
+                    outcome.workers_needed
+                )
+            } else {
+                "every shard leased, nobody above the limit".into()
+            };
+        }
+        Err(_) => {
+            outcome.detail = last_why.join("; ");
+        }
+    }
+    eprintln!(
+        "{} {} in {}: {}",
+        if outcome.pass { "PASS" } else { "FAIL" },
+        s.name,
+        secs(Duration::from_secs_f64(outcome.converged_seconds)),
+        outcome.detail
+    );
+    Ok(outcome)
+}
+
+pub fn print_table(rows: &[Outcome]) {
+    println!(
+        "\n{:<14} {:>7} {:>7} {:>4} {:>8} {:>8} {:>7} {:>6} {:>8}  result",
+        "scenario", "shards", "workers", "cap", "expected", "observed", "deficit", "epoch", "time"
+    );
+    for r in rows {
+        println!(
+            "{:<14} {:>7} {:>7} {:>4} {:>8} {:>8} {:>7} {:>6} {:>8}  {}",
+            r.scenario,
+            r.shards,
+            r.workers,
+            r.cap,
+            r.expected_limit,
+            r.observed_limit.map_or("-".into(), |v| v.to_string()),
+            r.capacity_deficit.map_or("-".into(), |v| v.to_string()),
+            match r.epoch_after {
+                Some(e) if e != r.epoch_before => format!("{}->{e}", r.epoch_before),
+                Some(e) => e.to_string(),
+                None => "-".into(),
+            },
+            secs(Duration::from_secs_f64(r.converged_seconds)),
+            if r.pass { "PASS" } else { "FAIL" }
+        );
+    }
+    let failed = rows.iter().filter(|r| !r.pass).count();
+    println!("{} passed, {} failed", rows.len() - failed, failed);
+}
+
+pub fn write_report(path: &Path, rows: &[Outcome]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(rows)?)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_holds_the_design_table() {
+        let c = catalog().unwrap();
+        let names: Vec<_> = c.scenario.iter().filter(|s| s.run_in_all).map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["setup", "scale-shards", "scale-workers", "restart-all", "lease-cap", "config-change"]);
+        // Every pinned expectation agrees with the formula for the state it names.
+        let (mut shards, mut workers, mut cap) = (30, 3, 80);
+        for s in c.scenario.iter().filter(|s| s.run_in_all) {
+            shards = s.shards.unwrap_or(shards);
+            workers = s.workers.unwrap_or(workers);
+            cap = s.cap.unwrap_or(cap);
+            let (limit, deficit) = expectations(shards, workers, cap);
+            if let Some(l) = s.expect_limit {
+                assert_eq!(l, limit, "{}", s.name);
+            }
+            if let Some(d) = s.expect_deficit {
+                assert_eq!(d, deficit, "{}", s.name);
+            }
+        }
+        let quarter = c.get("quarter-cap").unwrap();
+        assert_eq!(expectations(45, 4, 12), (quarter.expect_limit.unwrap(), 0));
+    }
+
+    #[test]
+    fn bad_counts_are_refused_with_the_reason() {
+        assert_eq!(parse_count("shards", "60", MAX_SHARDS).unwrap(), 60);
+        for bad in ["0", "-5", "abc", "20000", "", "1.5"] {
+            let err = parse_count("shards", bad, MAX_SHARDS).unwrap_err().to_string();
+            assert!(err.contains("shards must be"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn param_overrides_and_recomputes() {
+        let s = catalog().unwrap().get("scale-shards").unwrap().with_param(Some(90)).unwrap();
+        assert_eq!(s.shards, Some(90));
+        assert_eq!(s.expect_limit, None);
+        assert!(catalog().unwrap().get("restart-all").unwrap().with_param(Some(3)).is_err());
+    }
+
+    #[test]
+    fn a_bad_catalog_entry_is_named() {
+        let dir = std::env::temp_dir().join(format!("kds-cat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s.toml");
+        std::fs::write(&p, "[[scenario]]\nname = \"x\"\ndescription = \"d\"\nshards = 0\n").unwrap();
+        assert!(load_catalog(&p).unwrap_err().to_string().contains("scenario x: shards"));
+        std::fs::write(&p, "[[scenario]]\nname = \"x\"\ndescription = \"d\"\nshard = 4\n").unwrap();
+        assert!(format!("{:#}", load_catalog(&p).unwrap_err()).contains("shard"));
+    }
+
+    #[test]
+    fn convergence_checks_name_what_is_missing() {
+        let snap = Snapshot::default();
+        assert_eq!(unmet(&snap, 30, 3, 10, 0, None), vec!["no lease_limits yet".to_owned()]);
+    }
+}
