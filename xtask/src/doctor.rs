@@ -14,14 +14,29 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("kubectl", "version --client", "minikube / cluster drivers"),
     ("minikube", "version --short", "minikube driver"),
     ("docker", "--version", "image build without Nix"),
-    ("awslocal", "--version", "poking LocalStack by hand (optional)"),
+    (
+        "awslocal",
+        "--version",
+        "poking LocalStack by hand (optional)",
+    ),
     ("nix", "--version", "nix develop, nix build .#image"),
 ];
 
 pub fn version_of(tool: &str, flag: &str) -> Option<String> {
-    let out = Command::new(tool).args(flag.split_whitespace()).output().ok()?;
-    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-    let line = String::from_utf8_lossy(&text).lines().next()?.trim().to_owned();
+    let out = Command::new(tool)
+        .args(flag.split_whitespace())
+        .output()
+        .ok()?;
+    let text = if out.stdout.is_empty() {
+        out.stderr
+    } else {
+        out.stdout
+    };
+    let line = String::from_utf8_lossy(&text)
+        .lines()
+        .next()?
+        .trim()
+        .to_owned();
     (out.status.success() || !line.is_empty()).then_some(line)
 }
 
@@ -41,10 +56,16 @@ pub fn run() -> anyhow::Result<()> {
     if nix_available() {
         println!("image: `nix build .#image` (Nix found), loaded with `minikube image load`");
     } else {
-        println!("image: `docker build -t kds-worker:dev .` (no Nix), loaded with `minikube image load`");
+        println!(
+            "image: `docker build -t kds-worker:dev .` (no Nix), loaded with `minikube image load`"
+        );
     }
     if let Ok(pins) = crate::nixpins::flake_pins() {
-        println!("flake.lock pins nixpkgs {} ({}); `nix develop` gives every developer the same kubectl, minikube and awslocal", &pins.nixpkgs_rev[..12], pins.nixpkgs_ref);
+        println!(
+            "flake.lock pins nixpkgs {} ({}); `nix develop` gives every developer the same kubectl, minikube and awslocal",
+            &pins.nixpkgs_rev[..12],
+            pins.nixpkgs_ref
+        );
     }
     if missing.is_empty() {
         println!("all tools present");
@@ -58,5 +79,9 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n { s.to_owned() } else { s.chars().take(n - 1).collect::<String>() + "…" }
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "…"
+    }
 }

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use xshell::{Shell, cmd};
 
-use crate::util::{free_port, http_status, lab_dir, project_root, secs};
+use crate::util::{free_port, http_status, lab_dir, project_root, secs, tools_dir};
 
 #[derive(Debug, Deserialize)]
 pub struct Pins {
@@ -43,10 +43,6 @@ pub fn load_pins() -> anyhow::Result<Pins> {
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
-fn tools_dir() -> PathBuf {
-    lab_dir().join("tools")
 }
 
 fn kinesis_dir(pins: &Pins) -> PathBuf {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::lab::{DriverKind, Driver, Runner, Snapshot, WorkerView, args, wait_until};
+use crate::lab::{Driver, DriverKind, Runner, Snapshot, WorkerView, args, wait_until};
 use crate::util::project_root;
 
 pub const PROFILE: &str = "kds-lab";
@@ -49,7 +49,16 @@ impl Kube {
     }
 
     fn exec_worker(&self, rest: &[&str]) -> Vec<String> {
-        let mut a = vec!["exec", "kds-consumer-0", "-c", "worker", "--", "kds-worker", "--config", CONFIG];
+        let mut a = vec![
+            "exec",
+            "kds-consumer-0",
+            "-c",
+            "worker",
+            "--",
+            "kds-worker",
+            "--config",
+            CONFIG,
+        ];
         a.extend_from_slice(rest);
         self.kubectl(&a)
     }
@@ -58,8 +67,14 @@ impl Kube {
     pub fn image_plan(nix_available: bool) -> Vec<(String, Vec<String>)> {
         if nix_available {
             vec![
-                ("nix".into(), args(["build", ".#image", "--out-link", ".lab/image"])),
-                ("sh".into(), args(["-c", ".lab/image > .lab/kds-worker-image.tar"])),
+                (
+                    "nix".into(),
+                    args(["build", ".#image", "--out-link", ".lab/image"]),
+                ),
+                (
+                    "sh".into(),
+                    args(["-c", ".lab/image > .lab/kds-worker-image.tar"]),
+                ),
             ]
         } else {
             vec![("docker".into(), args(["build", "-t", IMAGE, "."]))]
@@ -74,7 +89,10 @@ impl Kube {
         match out {
             Ok(text) => {
                 let lines: Vec<_> = text.lines().collect();
-                format!("recent events:\n{}", lines[lines.len().saturating_sub(10)..].join("\n"))
+                format!(
+                    "recent events:\n{}",
+                    lines[lines.len().saturating_sub(10)..].join("\n")
+                )
             }
             Err(e) => format!("(could not read events: {e:#})"),
         }
@@ -91,7 +109,11 @@ pub fn nix_available() -> bool {
 
 impl Driver for Kube {
     fn kind(&self) -> DriverKind {
-        if self.minikube { DriverKind::Minikube } else { DriverKind::Cluster }
+        if self.minikube {
+            DriverKind::Minikube
+        } else {
+            DriverKind::Cluster
+        }
     }
 
     fn runner(&self) -> &Runner {
@@ -101,16 +123,25 @@ impl Driver for Kube {
     fn setup(&mut self, shards: u32, workers: u32) -> anyhow::Result<()> {
         let r = &self.runner;
         if self.minikube {
-            r.run("minikube", &args(["start", "-p", PROFILE, "--cpus", "2", "--memory", "4096"]))?;
+            r.run(
+                "minikube",
+                &args(["start", "-p", PROFILE, "--cpus", "2", "--memory", "4096"]),
+            )?;
         }
         for (program, a) in Self::image_plan(self.nix) {
             r.run(&program, &a)?;
         }
         if self.minikube {
-            let source = if self.nix { ".lab/kds-worker-image.tar" } else { IMAGE };
+            let source = if self.nix {
+                ".lab/kds-worker-image.tar"
+            } else {
+                IMAGE
+            };
             r.run("minikube", &args(["-p", PROFILE, "image", "load", source]))?;
         } else {
-            eprintln!("cluster driver: make {IMAGE} pullable by your cluster (push it, or `kind load docker-image {IMAGE}`)");
+            eprintln!(
+                "cluster driver: make {IMAGE} pullable by your cluster (push it, or `kind load docker-image {IMAGE}`)"
+            );
         }
         r.run("kubectl", &self.kubectl(&["apply", "-k", "manifests/"]))?;
         self.wait(&["rollout", "status", "deployment/localstack", TIMEOUT])?;
@@ -124,38 +155,65 @@ impl Driver for Kube {
 
     fn set_shards(&mut self, shards: u64) -> anyhow::Result<()> {
         let n = shards.to_string();
-        self.runner.run("kubectl", &self.exec_worker(&["admin", "reshard", &n]))
+        self.runner
+            .run("kubectl", &self.exec_worker(&["admin", "reshard", &n]))
     }
 
     fn set_workers(&mut self, workers: u64) -> anyhow::Result<()> {
         let n = format!("--replicas={workers}");
-        self.runner
-            .run("kubectl", &self.kubectl(&["scale", &format!("statefulset/{STATEFULSET}"), &n]))?;
-        self.wait(&["rollout", "status", &format!("statefulset/{STATEFULSET}"), TIMEOUT])
+        self.runner.run(
+            "kubectl",
+            &self.kubectl(&["scale", &format!("statefulset/{STATEFULSET}"), &n]),
+        )?;
+        self.wait(&[
+            "rollout",
+            "status",
+            &format!("statefulset/{STATEFULSET}"),
+            TIMEOUT,
+        ])
     }
 
     fn set_cap(&mut self, cap: u64) -> anyhow::Result<()> {
         let path = project_root().join("manifests/configmap.yaml");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let changed = crate::local::replace_cap(&text, cap)?;
         let out = crate::util::lab_dir().join("configmap.yaml");
         std::fs::create_dir_all(crate::util::lab_dir())?;
         std::fs::write(&out, changed)?;
         let out = out.display().to_string();
-        self.runner.run("kubectl", &self.kubectl(&["apply", "-f", &out]))?;
         self.runner
-            .run("kubectl", &self.kubectl(&["rollout", "restart", &format!("statefulset/{STATEFULSET}")]))?;
-        self.wait(&["rollout", "status", &format!("statefulset/{STATEFULSET}"), TIMEOUT])
+            .run("kubectl", &self.kubectl(&["apply", "-f", &out]))?;
+        self.runner.run(
+            "kubectl",
+            &self.kubectl(&["rollout", "restart", &format!("statefulset/{STATEFULSET}")]),
+        )?;
+        self.wait(&[
+            "rollout",
+            "status",
+            &format!("statefulset/{STATEFULSET}"),
+            TIMEOUT,
+        ])
     }
 
     fn restart_all(&mut self) -> anyhow::Result<()> {
-        self.runner
-            .run("kubectl", &self.kubectl(&["delete", "pod", "-l", SELECTOR, "--wait=true"]))?;
-        self.wait(&["rollout", "status", &format!("statefulset/{STATEFULSET}"), TIMEOUT])
+        self.runner.run(
+            "kubectl",
+            &self.kubectl(&["delete", "pod", "-l", SELECTOR, "--wait=true"]),
+        )?;
+        self.wait(&[
+            "rollout",
+            "status",
+            &format!("statefulset/{STATEFULSET}"),
+            TIMEOUT,
+        ])
     }
 
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        let text = self.runner.output("kubectl", &self.exec_worker(&["admin", "snapshot", "--json"]))?;
+        let text = self.runner.output(
+            "kubectl",
+            &self.exec_worker(&["admin", "snapshot", "--json"]),
+        )?;
         if self.runner.dry_run {
             return Ok(Snapshot::default());
         }
@@ -163,9 +221,10 @@ impl Driver for Kube {
     }
 
     fn workers(&self) -> anyhow::Result<Vec<WorkerView>> {
-        let text = self
-            .runner
-            .output("kubectl", &self.kubectl(&["get", "pods", "-l", SELECTOR, "-o", "json"]))?;
+        let text = self.runner.output(
+            "kubectl",
+            &self.kubectl(&["get", "pods", "-l", SELECTOR, "-o", "json"]),
+        )?;
         if self.runner.dry_run {
             return Ok(Vec::new());
         }
@@ -189,7 +248,12 @@ impl Driver for Kube {
     fn desired_workers(&self) -> anyhow::Result<u64> {
         let out = self.runner.output(
             "kubectl",
-            &self.kubectl(&["get", &format!("statefulset/{STATEFULSET}"), "-o", "jsonpath={.spec.replicas}"]),
+            &self.kubectl(&[
+                "get",
+                &format!("statefulset/{STATEFULSET}"),
+                "-o",
+                "jsonpath={.spec.replicas}",
+            ]),
         )?;
         Ok(out.trim().parse().unwrap_or(0))
     }
@@ -197,7 +261,12 @@ impl Driver for Kube {
     fn cap(&self) -> anyhow::Result<u64> {
         let out = self.runner.output(
             "kubectl",
-            &self.kubectl(&["get", "configmap/kds-worker-config", "-o", "jsonpath={.data.config\\.toml}"]),
+            &self.kubectl(&[
+                "get",
+                "configmap/kds-worker-config",
+                "-o",
+                "jsonpath={.data.config\\.toml}",
+            ]),
         )?;
         Ok(crate::local::read_cap(&out).unwrap_or(80))
     }
@@ -225,10 +294,13 @@ impl Driver for Kube {
     }
 
     fn cleanup(&mut self, all: bool) -> anyhow::Result<()> {
-        self.runner
-            .run("kubectl", &self.kubectl(&["delete", "-k", "manifests/", "--ignore-not-found"]))?;
+        self.runner.run(
+            "kubectl",
+            &self.kubectl(&["delete", "-k", "manifests/", "--ignore-not-found"]),
+        )?;
         if all && self.minikube {
-            self.runner.run("minikube", &args(["delete", "-p", PROFILE]))?;
+            self.runner
+                .run("minikube", &args(["delete", "-p", PROFILE]))?;
         }
         Ok(())
     }
@@ -294,7 +366,10 @@ mod tests {
         let c = k.runner.commands();
         assert_eq!(c[1], "nix build .#image --out-link .lab/image");
         assert_eq!(c[2], "sh -c '.lab/image > .lab/kds-worker-image.tar'");
-        assert_eq!(c[3], "minikube -p kds-lab image load .lab/kds-worker-image.tar");
+        assert_eq!(
+            c[3],
+            "minikube -p kds-lab image load .lab/kds-worker-image.tar"
+        );
     }
 
     #[test]
@@ -309,7 +384,9 @@ mod tests {
             &"kubectl -n kds-lab exec kds-consumer-0 -c worker -- kds-worker --config /etc/kds-worker/config.toml admin reshard 60"
                 .to_owned()
         ));
-        assert!(c.contains(&"kubectl -n kds-lab scale statefulset/kds-consumer --replicas=5".to_owned()));
+        assert!(c.contains(
+            &"kubectl -n kds-lab scale statefulset/kds-consumer --replicas=5".to_owned()
+        ));
     }
 
     #[test]
@@ -321,14 +398,32 @@ mod tests {
         k.cleanup(true).unwrap();
         let c = k.runner.commands();
         let k_ = "kubectl --context kds-lab -n kds-lab";
-        assert_eq!(c[0], format!("{k_} exec kds-consumer-0 -c worker -- kds-worker --config /etc/kds-worker/config.toml admin reshard 300"));
-        assert_eq!(c[1], format!("{k_} delete pod -l app.kubernetes.io/name=kds-consumer --wait=true"));
-        assert_eq!(c[2], format!("{k_} rollout status statefulset/kds-consumer --timeout=600s"));
+        assert_eq!(
+            c[0],
+            format!(
+                "{k_} exec kds-consumer-0 -c worker -- kds-worker --config /etc/kds-worker/config.toml admin reshard 300"
+            )
+        );
+        assert_eq!(
+            c[1],
+            format!("{k_} delete pod -l app.kubernetes.io/name=kds-consumer --wait=true")
+        );
+        assert_eq!(
+            c[2],
+            format!("{k_} rollout status statefulset/kds-consumer --timeout=600s")
+        );
         assert!(c[3].starts_with(&format!("{k_} apply -f ")) && c[3].ends_with("configmap.yaml"));
-        assert_eq!(c[4], format!("{k_} rollout restart statefulset/kds-consumer"));
-        assert_eq!(c[6], format!("{k_} delete -k manifests/ --ignore-not-found"));
+        assert_eq!(
+            c[4],
+            format!("{k_} rollout restart statefulset/kds-consumer")
+        );
+        assert_eq!(
+            c[6],
+            format!("{k_} delete -k manifests/ --ignore-not-found")
+        );
         assert_eq!(c[7], "minikube delete -p kds-lab");
-        let written = std::fs::read_to_string(crate::util::lab_dir().join("configmap.yaml")).unwrap();
+        let written =
+            std::fs::read_to_string(crate::util::lab_dir().join("configmap.yaml")).unwrap();
         assert!(written.contains("max_leases_cap = 100"));
     }
 }

@@ -38,9 +38,9 @@ pub fn state_path() -> PathBuf {
 pub fn load_state() -> anyhow::Result<Option<State>> {
     let path = state_path();
     match std::fs::read_to_string(&path) {
-        Ok(text) => Ok(Some(
-            serde_json::from_str(&text).with_context(|| format!("{} is damaged; run `cargo xtask cleanup`", path.display()))?,
-        )),
+        Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| {
+            format!("{} is damaged; run `cargo xtask cleanup`", path.display())
+        })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -57,7 +57,12 @@ pub fn save_state(state: &State) -> anyhow::Result<()> {
 }
 
 pub fn require_lab() -> anyhow::Result<State> {
-    load_state()?.ok_or_else(|| anyhow::anyhow!("no lab is set up here (no {}): run `cargo xtask setup` first", state_path().display()))
+    load_state()?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no lab is set up here (no {}): run `cargo xtask setup` first",
+            state_path().display()
+        )
+    })
 }
 
 /// Runs external commands, or with `--dry-run` only prints (and records) them.
@@ -80,7 +85,13 @@ impl Runner {
 
     fn note(&self, program: &str, args: &[String]) {
         let line = std::iter::once(program.to_owned())
-            .chain(args.iter().map(|a| if a.contains(' ') || a.is_empty() { format!("'{a}'") } else { a.clone() }))
+            .chain(args.iter().map(|a| {
+                if a.contains(' ') || a.is_empty() {
+                    format!("'{a}'")
+                } else {
+                    a.clone()
+                }
+            }))
             .collect::<Vec<_>>()
             .join(" ");
         if self.dry_run {
@@ -112,6 +123,7 @@ impl Runner {
             .with_context(|| format!("`{program} {}` failed", args.join(" ")))
     }
 
+    #[cfg(test)]
     pub fn commands(&self) -> Vec<String> {
         self.log.borrow().clone()
     }
@@ -208,6 +220,18 @@ pub fn open_driver(kind: DriverKind, runner: Runner) -> anyhow::Result<Box<dyn D
     })
 }
 
+/// An error that ends a [`wait_until`] at once (a process died; waiting will not help).
+#[derive(Debug)]
+pub struct Fatal(pub String);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
 /// Waits for `check` with a spinner; on timeout says what it waited for and `context()`.
 pub fn wait_until<T>(
     what: &str,
@@ -217,7 +241,8 @@ pub fn wait_until<T>(
 ) -> anyhow::Result<(T, Duration)> {
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"),
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .expect("valid template"),
     );
     spinner.enable_steady_tick(Duration::from_millis(120));
     spinner.set_message(what.to_owned());
@@ -230,6 +255,11 @@ pub fn wait_until<T>(
                 return Ok((v, start.elapsed()));
             }
             Ok(None) => {}
+            // A check that can tell the wait is hopeless says so by failing with Fatal.
+            Err(e) if e.downcast_ref::<Fatal>().is_some() => {
+                spinner.finish_and_clear();
+                return Err(e);
+            }
             Err(e) => last_error = Some(format!("{e:#}")),
         }
         if start.elapsed() > deadline {

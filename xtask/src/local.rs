@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::emulators;
-use crate::lab::{DriverKind, Driver, Runner, Snapshot, State, WorkerView, save_state, wait_until};
+use crate::lab::{Driver, DriverKind, Runner, Snapshot, State, WorkerView, save_state, wait_until};
 use crate::util::{free_port, http_status, lab_dir, project_root};
 
 pub const STREAM: &str = "kds-lab-stream";
@@ -175,7 +175,10 @@ impl Local {
         let mut a = vec!["--config".to_owned(), config_path().display().to_string()];
         a.extend(extra.iter().map(|s| s.to_string()));
         let bin_s = bin.display().to_string();
-        self.runner.log.borrow_mut().push(format!("{bin_s} {}", a.join(" ")));
+        self.runner
+            .log
+            .borrow_mut()
+            .push(format!("{bin_s} {}", a.join(" ")));
         if self.runner.dry_run {
             println!("{bin_s} {}", a.join(" "));
             return Ok(String::new());
@@ -221,33 +224,46 @@ impl Local {
             .create(true)
             .append(true)
             .open(logs_dir().join(format!("{name}.log")))?;
-        let handle = duct::cmd(&bin, ["--config".to_owned(), config_path().display().to_string()])
-            .full_env(std::env::vars().filter(|(k, _)| !k.starts_with("KDS_")).chain(
-                self.aws_env().into_iter().map(|(k, v)| (k.to_owned(), v)),
-            ))
-            .env("KDS_WORKER_ID", name)
-            .env("KDS_HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .stdin_null()
-            .stdout_file(log.try_clone()?)
-            .stderr_file(log)
-            // Its own process group: Ctrl-C on this command does not take the lab down.
-            .before_spawn(|c| {
-                use std::os::unix::process::CommandExt;
-                c.process_group(0);
-                Ok(())
-            })
-            .unchecked()
-            .start()
-            .with_context(|| format!("starting {}", bin.display()))?;
+        // Only this lab's KDS_* settings: none leak in from the developer's shell.
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| !k.starts_with("KDS_") && !k.starts_with("AWS_"))
+            .chain(self.aws_env().into_iter().map(|(k, v)| (k.to_owned(), v)))
+            .chain([
+                ("KDS_WORKER_ID".to_owned(), name.to_owned()),
+                ("KDS_HTTP_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+            ])
+            .collect();
+        let handle = duct::cmd(
+            &bin,
+            ["--config".to_owned(), config_path().display().to_string()],
+        )
+        .full_env(env)
+        .stdin_null()
+        .stdout_file(log.try_clone()?)
+        .stderr_file(log)
+        // Its own process group: Ctrl-C on this command does not take the lab down.
+        .before_spawn(|c| {
+            use std::os::unix::process::CommandExt;
+            c.process_group(0);
+            Ok(())
+        })
+        .unchecked()
+        .start()
+        .with_context(|| format!("starting {}", bin.display()))?;
         let pid = handle.pids()[0];
         std::mem::forget(handle);
-        self.state.workers.insert(name.to_owned(), WorkerProcess { pid, port });
+        self.state
+            .workers
+            .insert(name.to_owned(), WorkerProcess { pid, port });
         self.save()
     }
 
     fn stop_worker(&mut self, name: &str) -> anyhow::Result<()> {
         if let Some(w) = self.state.workers.remove(name) {
-            self.runner.log.borrow_mut().push(format!("kill -TERM {} # {name}", w.pid));
+            self.runner
+                .log
+                .borrow_mut()
+                .push(format!("kill -TERM {} # {name}", w.pid));
             if self.runner.dry_run {
                 println!("kill -TERM {} # {name}", w.pid);
             } else {
@@ -268,6 +284,14 @@ impl Local {
             READY_DEADLINE,
             || {
                 let views = self.workers()?;
+                if let Some(dead) = views.iter().find(|v| v.phase == "exited") {
+                    return Err(crate::lab::Fatal(format!(
+                        "{} exited; its log ends:\n{}",
+                        dead.name,
+                        emulators::tail(&logs_dir().join(format!("{}.log", dead.name)), 10)
+                    ))
+                    .into());
+                }
                 Ok((views.len() == n && views.iter().all(|v| v.ready)).then_some(()))
             },
             || {
@@ -299,11 +323,15 @@ impl Driver for Local {
     }
 
     fn setup(&mut self, shards: u32, workers: u32) -> anyhow::Result<()> {
-        self.runner
-            .run("cargo", &crate::lab::args(["build", "--quiet", "-p", "kds-worker"]))?;
+        self.runner.run(
+            "cargo",
+            &crate::lab::args(["build", "--quiet", "-p", "kds-worker"]),
+        )?;
         if !self.emulators_running() {
             if self.runner.dry_run {
-                println!("# start the pinned emulators (lab/emulators.toml) on free loopback ports");
+                println!(
+                    "# start the pinned emulators (lab/emulators.toml) on free loopback ports"
+                );
             } else {
                 let emu = emulators::start_detached(&self.runner.sh, &logs_dir())?;
                 self.state.kinesis_url = emu.kinesis_url();
@@ -333,7 +361,8 @@ impl Driver for Local {
     }
 
     fn set_shards(&mut self, shards: u64) -> anyhow::Result<()> {
-        self.worker_cli(&["admin", "reshard", &shards.to_string()]).map(|_| ())
+        self.worker_cli(&["admin", "reshard", &shards.to_string()])
+            .map(|_| ())
     }
 
     fn set_workers(&mut self, workers: u64) -> anyhow::Result<()> {
@@ -358,7 +387,8 @@ impl Driver for Local {
     }
 
     fn set_cap(&mut self, cap: u64) -> anyhow::Result<()> {
-        let text = std::fs::read_to_string(config_path()).unwrap_or_else(|_| config_toml(self.state.cap));
+        let text =
+            std::fs::read_to_string(config_path()).unwrap_or_else(|_| config_toml(self.state.cap));
         if !self.runner.dry_run {
             std::fs::write(config_path(), replace_cap(&text, cap)?)?;
         }
@@ -379,7 +409,10 @@ impl Driver for Local {
         // All at once, like `kubectl delete pod -l …`: SIGTERM everyone, then start them again.
         let pids: Vec<u32> = self.state.workers.values().map(|w| w.pid).collect();
         for (name, pid) in names.iter().zip(&pids) {
-            self.runner.log.borrow_mut().push(format!("kill -TERM {pid} # {name}"));
+            self.runner
+                .log
+                .borrow_mut()
+                .push(format!("kill -TERM {pid} # {name}"));
         }
         if !self.runner.dry_run {
             for pid in &pids {
@@ -398,7 +431,9 @@ impl Driver for Local {
 
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
         if !self.runner.dry_run && !self.emulators_running() {
-            bail!("the local lab's emulators are not running: run `cargo xtask setup --driver local`");
+            bail!(
+                "the local lab's emulators are not running: run `cargo xtask setup --driver local`"
+            );
         }
         let text = self.worker_cli(&["admin", "snapshot", "--json"])?;
         if self.runner.dry_run {
@@ -416,8 +451,13 @@ impl Driver for Local {
                 let running = alive(w.pid);
                 WorkerView {
                     name: name.clone(),
-                    phase: if running { "Running".into() } else { "exited".into() },
-                    ready: running && http_status(([127, 0, 0, 1], w.port).into(), "/ready") == Some(200),
+                    phase: if running {
+                        "Running".into()
+                    } else {
+                        "exited".into()
+                    },
+                    ready: running
+                        && http_status(([127, 0, 0, 1], w.port).into(), "/ready") == Some(200),
                 }
             })
             .collect())
@@ -433,7 +473,12 @@ impl Driver for Local {
 
     fn logs(&self, follow: bool, worker: Option<u32>) -> anyhow::Result<()> {
         let files: Vec<String> = match worker {
-            Some(n) => vec![logs_dir().join(format!("kds-consumer-{n}.log")).display().to_string()],
+            Some(n) => vec![
+                logs_dir()
+                    .join(format!("kds-consumer-{n}.log"))
+                    .display()
+                    .to_string(),
+            ],
             None => self
                 .state
                 .workers
@@ -464,7 +509,10 @@ impl Driver for Local {
             self.stop_worker(&name)?;
         }
         for pid in std::mem::take(&mut self.state.emulator_pids) {
-            self.runner.log.borrow_mut().push(format!("kill -TERM {pid}"));
+            self.runner
+                .log
+                .borrow_mut()
+                .push(format!("kill -TERM {pid}"));
             if !self.runner.dry_run {
                 stop_process(pid, Duration::from_secs(5));
             }
@@ -473,8 +521,9 @@ impl Driver for Local {
             let _ = std::fs::remove_file(crate::lab::state_path());
             let _ = std::fs::remove_file(config_path());
             if all {
-                // Installed emulators too; the next setup reinstalls them.
-                let _ = std::fs::remove_dir_all(lab_dir());
+                // Logs and installed emulators too; the next setup reinstalls them.
+                let _ = std::fs::remove_dir_all(logs_dir());
+                let _ = std::fs::remove_dir_all(crate::util::tools_dir());
             }
         }
         Ok(())

@@ -4,6 +4,7 @@
 //! tools take `--dry-run` to print the commands instead.
 
 mod doctor;
+mod e2e;
 mod emulators;
 mod kube;
 mod lab;
@@ -26,7 +27,10 @@ use crate::lab::{DriverKind, Runner, load_state, open_driver, require_lab, save_
 use crate::scenario::{MAX_SHARDS, MAX_WORKERS, parse_count};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "KDS Lease Lab: drive the lab and run the project's tests")]
+#[command(
+    name = "cargo xtask",
+    about = "KDS Lease Lab: drive the lab and run the project's tests"
+)]
 struct Cli {
     /// Print the external commands instead of running them.
     #[arg(long, global = true)]
@@ -140,7 +144,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Test(args) => test::run(args),
         Command::Emulators => emulators::foreground(),
         Command::Doctor => doctor::run(),
-        Command::Setup { driver, shards, workers } => {
+        Command::Setup {
+            driver,
+            shards,
+            workers,
+        } => {
             let shards = parse_count("--shards", &shards, MAX_SHARDS)?;
             let workers = parse_count("--workers", &workers, MAX_WORKERS)?;
             let remembered = load_state()?.map(|s| s.driver);
@@ -148,11 +156,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let (Some(old), Some(new)) = (remembered, driver)
                 && old != new
             {
-                bail!("a {old:?} lab is set up here; run `cargo xtask cleanup` before setting up a {new:?} one");
+                bail!(
+                    "a {old:?} lab is set up here; run `cargo xtask cleanup` before setting up a {new:?} one"
+                );
             }
             let mut d = open_driver(kind, Runner::new(dry)?)?;
             if !dry && kind != DriverKind::Local {
-                save_state(&lab::State { driver: kind, local: None })?;
+                save_state(&lab::State {
+                    driver: kind,
+                    local: None,
+                })?;
             }
             d.setup(shards as u32, workers as u32)?;
             if kind != DriverKind::Local {
@@ -183,19 +196,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // Bad numbers are refused before anything changes.
             let plan: Vec<scenario::Scenario> = match which {
-                ScenarioCmd::ScaleShards { shards } => vec![catalog.get("scale-shards")?.with_param(
-                    shards.map(|s| parse_count("shards", &s, MAX_SHARDS)).transpose()?,
-                )?],
-                ScenarioCmd::ScaleWorkers { workers } => vec![catalog.get("scale-workers")?.with_param(
-                    workers.map(|s| parse_count("workers", &s, MAX_WORKERS)).transpose()?,
-                )?],
-                ScenarioCmd::ConfigChange { cap } => vec![catalog.get("config-change")?.with_param(
-                    cap.map(|s| parse_count("cap", &s, 100_000)).transpose()?,
-                )?],
+                ScenarioCmd::ScaleShards { shards } => vec![
+                    catalog.get("scale-shards")?.with_param(
+                        shards
+                            .map(|s| parse_count("shards", &s, MAX_SHARDS))
+                            .transpose()?,
+                    )?,
+                ],
+                ScenarioCmd::ScaleWorkers { workers } => vec![
+                    catalog.get("scale-workers")?.with_param(
+                        workers
+                            .map(|s| parse_count("workers", &s, MAX_WORKERS))
+                            .transpose()?,
+                    )?,
+                ],
+                ScenarioCmd::ConfigChange { cap } => vec![
+                    catalog
+                        .get("config-change")?
+                        .with_param(cap.map(|s| parse_count("cap", &s, 100_000)).transpose()?)?,
+                ],
                 ScenarioCmd::LeaseCap => vec![catalog.get("lease-cap")?],
                 ScenarioCmd::RestartAll => vec![catalog.get("restart-all")?],
                 ScenarioCmd::Run { name } => vec![catalog.get(&name)?],
-                ScenarioCmd::All => catalog.scenario.iter().filter(|s| s.run_in_all).cloned().collect(),
+                ScenarioCmd::All => catalog
+                    .scenario
+                    .iter()
+                    .filter(|s| s.run_in_all)
+                    .cloned()
+                    .collect(),
                 ScenarioCmd::List => unreachable!(),
             };
             let state = require_lab()?;

@@ -31,7 +31,10 @@ pub fn gather(driver: &dyn Driver) -> anyhow::Result<View> {
 pub fn text(view: &View) -> String {
     let s = &view.snapshot;
     let mut out = String::new();
-    out.push_str(&format!("driver {}   stream: {} open shards\n", view.driver, s.open_shards));
+    out.push_str(&format!(
+        "driver {}   stream: {} open shards\n",
+        view.driver, s.open_shards
+    ));
     match &s.lease_limits {
         Some(l) => {
             out.push_str(&format!(
@@ -65,7 +68,10 @@ pub fn text(view: &View) -> String {
         Some(c) => out.push_str(&format!("coordinator: vacant (epoch {})\n", c.epoch)),
         None => out.push_str("coordinator: none\n"),
     }
-    let limit = s.lease_limits.as_ref().map_or(0, |l| l.max_leases_per_worker);
+    let limit = s
+        .lease_limits
+        .as_ref()
+        .map_or(0, |l| l.max_leases_per_worker);
     out.push_str("workers:\n");
     for w in &view.workers {
         let held = s.leases.by_owner.get(&w.name).copied().unwrap_or(0);
@@ -88,7 +94,9 @@ pub fn text(view: &View) -> String {
 }
 
 fn bar(held: u64, limit: u64, width: usize) -> String {
-    let filled = if limit == 0 { 0 } else { ((held.min(limit) * width as u64) / limit) as usize };
+    let filled = (held.min(limit) * width as u64)
+        .checked_div(limit)
+        .unwrap_or(0) as usize;
     format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
 }
 
@@ -107,7 +115,13 @@ pub fn live(driver: &dyn Driver, interval: Duration) -> anyhow::Result<()> {
                 last_version = Some((l.epoch, l.version));
                 changes.push(format!(
                     "{} v{} limit {} (shards {}, workers {}, deficit {}) by {}",
-                    l.updated_at, l.version, l.max_leases_per_worker, l.shard_count, l.worker_count, l.capacity_deficit, l.computed_by
+                    l.updated_at,
+                    l.version,
+                    l.max_leases_per_worker,
+                    l.shard_count,
+                    l.worker_count,
+                    l.capacity_deficit,
+                    l.computed_by
                 ));
                 if changes.len() > 8 {
                     changes.remove(0);
@@ -123,26 +137,54 @@ pub fn live(driver: &dyn Driver, interval: Duration) -> anyhow::Result<()> {
                 ])
                 .split(area);
                 let header = match &view {
-                    Ok(v) => text(v).lines().take(5).map(|l| Line::from(l.to_owned())).collect::<Vec<_>>(),
-                    Err(e) => vec![Line::from(format!("cannot read the lab: {e:#}")).fg(Color::Red)],
+                    Ok(v) => text(v)
+                        .lines()
+                        .take(5)
+                        .map(|l| Line::from(l.to_owned()))
+                        .collect::<Vec<_>>(),
+                    Err(e) => {
+                        vec![Line::from(format!("cannot read the lab: {e:#}")).fg(Color::Red)]
+                    }
                 };
                 f.render_widget(
-                    Paragraph::new(header).block(Block::default().borders(Borders::ALL).title(format!(
-                        " KDS Lease Lab — every {}s, q to quit ",
-                        interval.as_secs()
-                    ))),
+                    Paragraph::new(header).block(Block::default().borders(Borders::ALL).title(
+                        format!(" KDS Lease Lab — every {}s, q to quit ", interval.as_secs()),
+                    )),
                     rows[0],
                 );
                 if let Ok(v) = &view {
-                    let limit = v.snapshot.lease_limits.as_ref().map_or(0, |l| l.max_leases_per_worker);
-                    let block = Block::default().borders(Borders::ALL).title(" workers: leases held / limit ");
+                    let limit = v
+                        .snapshot
+                        .lease_limits
+                        .as_ref()
+                        .map_or(0, |l| l.max_leases_per_worker);
+                    let block = Block::default()
+                        .borders(Borders::ALL)
+                        .title(" workers: leases held / limit ");
                     let inner = block.inner(rows[1]);
                     f.render_widget(block, rows[1]);
-                    let lines = Layout::vertical(vec![Constraint::Length(1); v.workers.len()]).split(inner);
+                    let lines =
+                        Layout::vertical(vec![Constraint::Length(1); v.workers.len()]).split(inner);
                     for (w, line) in v.workers.iter().zip(lines.iter()) {
-                        let held = v.snapshot.leases.by_owner.get(&w.name).copied().unwrap_or(0);
-                        let ratio = if limit == 0 { 0.0 } else { (held as f64 / limit as f64).min(1.0) };
-                        let color = if !w.ready { Color::Red } else if held > limit { Color::Yellow } else { Color::Green };
+                        let held = v
+                            .snapshot
+                            .leases
+                            .by_owner
+                            .get(&w.name)
+                            .copied()
+                            .unwrap_or(0);
+                        let ratio = if limit == 0 {
+                            0.0
+                        } else {
+                            (held as f64 / limit as f64).min(1.0)
+                        };
+                        let color = if !w.ready {
+                            Color::Red
+                        } else if held > limit {
+                            Color::Yellow
+                        } else {
+                            Color::Green
+                        };
                         f.render_widget(
                             Gauge::default()
                                 .gauge_style(Style::default().fg(color))
@@ -153,12 +195,20 @@ pub fn live(driver: &dyn Driver, interval: Duration) -> anyhow::Result<()> {
                     }
                 }
                 let mut tail: Vec<Line> = match &view {
-                    Ok(v) => text(v).lines().rev().take(1).map(|l| Line::from(l.to_owned())).collect(),
+                    Ok(v) => text(v)
+                        .lines()
+                        .rev()
+                        .take(1)
+                        .map(|l| Line::from(l.to_owned()))
+                        .collect(),
                     Err(_) => vec![],
                 };
                 tail.push(Line::from("recent lease_limits changes:").bold());
                 tail.extend(changes.iter().rev().map(|c| Line::from(c.clone())));
-                f.render_widget(Paragraph::new(tail).block(Block::default().borders(Borders::ALL)), rows[2]);
+                f.render_widget(
+                    Paragraph::new(tail).block(Block::default().borders(Borders::ALL)),
+                    rows[2],
+                );
             })?;
             let until = Instant::now() + interval;
             while Instant::now() < until {
@@ -218,10 +268,18 @@ mod tests {
             }],
         };
         let t = text(&view);
-        assert!(t.contains("max_leases_per_worker = 80 = min(cap 80, ceil(300 shards / 3 workers))"), "{t}");
+        assert!(
+            t.contains("max_leases_per_worker = 80 = min(cap 80, ceil(300 shards / 3 workers))"),
+            "{t}"
+        );
         assert!(t.contains("CAPACITY DEFICIT: 60 shards"), "{t}");
         assert!(t.contains("4 workers would cover them"), "{t}");
         assert!(t.contains("coordinator kds-consumer-1 (epoch 2"), "{t}");
-        assert!(t.contains("kds-consumer-0") && t.contains("80/80") && t.contains("[####################]"), "{t}");
+        assert!(
+            t.contains("kds-consumer-0")
+                && t.contains("80/80")
+                && t.contains("[####################]"),
+            "{t}"
+        );
     }
 }

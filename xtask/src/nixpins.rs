@@ -15,7 +15,8 @@ pub struct FlakePins {
 
 pub fn flake_pins() -> anyhow::Result<FlakePins> {
     let path = project_root().join("flake.lock");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     parse(&text)
 }
 
@@ -24,12 +25,22 @@ pub fn parse(text: &str) -> anyhow::Result<FlakePins> {
     anyhow::ensure!(lock["version"] == 7, "flake.lock version must be 7");
     let node = |name: &str| -> anyhow::Result<(String, String, String)> {
         let n = &lock["nodes"][name];
-        let rev = n["locked"]["rev"].as_str().with_context(|| format!("{name}: no locked.rev"))?;
-        let hash = n["locked"]["narHash"].as_str().with_context(|| format!("{name}: no locked.narHash"))?;
+        let rev = n["locked"]["rev"]
+            .as_str()
+            .with_context(|| format!("{name}: no locked.rev"))?;
+        let hash = n["locked"]["narHash"]
+            .as_str()
+            .with_context(|| format!("{name}: no locked.narHash"))?;
         let r#ref = n["original"]["ref"].as_str().unwrap_or("").to_owned();
         Ok((rev.to_owned(), hash.to_owned(), r#ref))
     };
     let (nixpkgs_rev, nixpkgs_nar_hash, nixpkgs_ref) = node("nixpkgs")?;
     let (crane_rev, crane_nar_hash, _) = node("crane")?;
-    Ok(FlakePins { nixpkgs_ref, nixpkgs_rev, nixpkgs_nar_hash, crane_rev, crane_nar_hash })
+    Ok(FlakePins {
+        nixpkgs_ref,
+        nixpkgs_rev,
+        nixpkgs_nar_hash,
+        crane_rev,
+        crane_nar_hash,
+    })
 }

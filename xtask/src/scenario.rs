@@ -45,17 +45,31 @@ fn yes() -> bool {
 }
 
 pub fn load_catalog(path: &Path) -> anyhow::Result<Catalog> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let catalog: Catalog = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let catalog: Catalog =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     for s in &catalog.scenario {
         if let Some(p) = &s.param
             && !["shards", "workers", "cap"].contains(&p.as_str())
         {
-            bail!("{}: scenario {}: param must be shards, workers or cap, not {p:?}", path.display(), s.name);
+            bail!(
+                "{}: scenario {}: param must be shards, workers or cap, not {p:?}",
+                path.display(),
+                s.name
+            );
         }
-        for (key, v, max) in [("shards", s.shards, MAX_SHARDS), ("workers", s.workers, MAX_WORKERS), ("cap", s.cap, u64::MAX)] {
+        for (key, v, max) in [
+            ("shards", s.shards, MAX_SHARDS),
+            ("workers", s.workers, MAX_WORKERS),
+            ("cap", s.cap, u64::MAX),
+        ] {
             if v == Some(0) || v.is_some_and(|v| v > max) {
-                bail!("{}: scenario {}: {key} must be 1..={max}", path.display(), s.name);
+                bail!(
+                    "{}: scenario {}: {key} must be 1..={max}",
+                    path.display(),
+                    s.name
+                );
             }
         }
     }
@@ -68,19 +82,25 @@ pub fn catalog() -> anyhow::Result<Catalog> {
 
 impl Catalog {
     pub fn get(&self, name: &str) -> anyhow::Result<Scenario> {
-        self.scenario.iter().find(|s| s.name == name).cloned().ok_or_else(|| {
-            let names: Vec<_> = self.scenario.iter().map(|s| s.name.as_str()).collect();
-            anyhow::anyhow!("no scenario {name:?} in lab/scenarios.toml; there are: {}", names.join(", "))
-        })
+        self.scenario
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                let names: Vec<_> = self.scenario.iter().map(|s| s.name.as_str()).collect();
+                anyhow::anyhow!(
+                    "no scenario {name:?} in lab/scenarios.toml; there are: {}",
+                    names.join(", ")
+                )
+            })
     }
 }
 
 /// Parses a command-line count: a clear error names what was wrong, before anything changes.
 pub fn parse_count(what: &str, text: &str, max: u64) -> anyhow::Result<u64> {
-    let n: i64 = text
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{what} must be a whole number from 1 to {max}, not {text:?}"))?;
+    let n: i64 = text.trim().parse().map_err(|_| {
+        anyhow::anyhow!("{what} must be a whole number from 1 to {max}, not {text:?}")
+    })?;
     if n < 1 || n as u64 > max {
         bail!("{what} must be from 1 to {max}, not {n}");
     }
@@ -140,13 +160,23 @@ pub fn expectations(shards: u64, workers: u64, cap: u64) -> (u64, u64) {
 }
 
 /// Why `snap` does not (yet) show the converged state; empty when it does.
-pub fn unmet(snap: &Snapshot, shards: u64, workers: u64, limit: u64, deficit: u64, epoch_before: Option<u64>) -> Vec<String> {
+pub fn unmet(
+    snap: &Snapshot,
+    shards: u64,
+    workers: u64,
+    limit: u64,
+    deficit: u64,
+    epoch_before: Option<u64>,
+) -> Vec<String> {
     let mut why = Vec::new();
     let Some(l) = &snap.lease_limits else {
         return vec!["no lease_limits yet".into()];
     };
     if snap.open_shards != shards {
-        why.push(format!("stream has {} open shards, want {shards}", snap.open_shards));
+        why.push(format!(
+            "stream has {} open shards, want {shards}",
+            snap.open_shards
+        ));
     }
     if (l.max_leases_per_worker, l.shard_count, l.worker_count) != (limit, shards, workers) {
         why.push(format!(
@@ -155,12 +185,18 @@ pub fn unmet(snap: &Snapshot, shards: u64, workers: u64, limit: u64, deficit: u6
         ));
     }
     if l.capacity_deficit != deficit {
-        why.push(format!("capacity_deficit {} want {deficit}", l.capacity_deficit));
+        why.push(format!(
+            "capacity_deficit {} want {deficit}",
+            l.capacity_deficit
+        ));
     }
     let leased: u64 = snap.leases.by_owner.values().sum();
     let want_leased = snap.leases.readable.min(workers * limit);
     if snap.leases.readable != shards {
-        why.push(format!("{} readable shards (parents not yet drained?), want {shards}", snap.leases.readable));
+        why.push(format!(
+            "{} readable shards (parents not yet drained?), want {shards}",
+            snap.leases.readable
+        ));
     }
     if leased != want_leased {
         why.push(format!("{leased} shards leased, want {want_leased}"));
@@ -169,7 +205,11 @@ pub fn unmet(snap: &Snapshot, shards: u64, workers: u64, limit: u64, deficit: u6
         why.push(format!("{w} holds {n} leases > limit {limit}"));
     }
     if snap.leases.by_owner.len() as u64 != workers.min(shards) && limit > 0 {
-        why.push(format!("{} workers hold leases, want {}", snap.leases.by_owner.len(), workers.min(shards)));
+        why.push(format!(
+            "{} workers hold leases, want {}",
+            snap.leases.by_owner.len(),
+            workers.min(shards)
+        ));
     }
     match &snap.coordinator {
         Some(c) if !c.owner.is_empty() => {
@@ -198,7 +238,10 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
     if let Some(shards) = s.shards
         && (dry || shards != before.open_shards)
     {
-        eprintln!("resharding {} -> {shards} (x2 or /2 per step)", before.open_shards);
+        eprintln!(
+            "resharding {} -> {shards} (x2 or /2 per step)",
+            before.open_shards
+        );
         driver.set_shards(shards)?;
     }
     if let Some(cap) = s.cap
@@ -261,7 +304,7 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
             last = snap;
             Ok(last_why.is_empty().then_some(()))
         },
-        || String::new(),
+        String::new,
     );
     outcome.converged_seconds = start.elapsed().as_secs_f64();
     outcome.observed_limit = last.lease_limits.as_ref().map(|l| l.max_leases_per_worker);
@@ -334,8 +377,23 @@ mod tests {
     #[test]
     fn catalog_holds_the_design_table() {
         let c = catalog().unwrap();
-        let names: Vec<_> = c.scenario.iter().filter(|s| s.run_in_all).map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["setup", "scale-shards", "scale-workers", "restart-all", "lease-cap", "config-change"]);
+        let names: Vec<_> = c
+            .scenario
+            .iter()
+            .filter(|s| s.run_in_all)
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "setup",
+                "scale-shards",
+                "scale-workers",
+                "restart-all",
+                "lease-cap",
+                "config-change"
+            ]
+        );
         // Every pinned expectation agrees with the formula for the state it names.
         let (mut shards, mut workers, mut cap) = (30, 3, 80);
         for s in c.scenario.iter().filter(|s| s.run_in_all) {
@@ -358,17 +416,31 @@ mod tests {
     fn bad_counts_are_refused_with_the_reason() {
         assert_eq!(parse_count("shards", "60", MAX_SHARDS).unwrap(), 60);
         for bad in ["0", "-5", "abc", "20000", "", "1.5"] {
-            let err = parse_count("shards", bad, MAX_SHARDS).unwrap_err().to_string();
+            let err = parse_count("shards", bad, MAX_SHARDS)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("shards must be"), "{bad}: {err}");
         }
     }
 
     #[test]
     fn param_overrides_and_recomputes() {
-        let s = catalog().unwrap().get("scale-shards").unwrap().with_param(Some(90)).unwrap();
+        let s = catalog()
+            .unwrap()
+            .get("scale-shards")
+            .unwrap()
+            .with_param(Some(90))
+            .unwrap();
         assert_eq!(s.shards, Some(90));
         assert_eq!(s.expect_limit, None);
-        assert!(catalog().unwrap().get("restart-all").unwrap().with_param(Some(3)).is_err());
+        assert!(
+            catalog()
+                .unwrap()
+                .get("restart-all")
+                .unwrap()
+                .with_param(Some(3))
+                .is_err()
+        );
     }
 
     #[test]
@@ -376,15 +448,31 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kds-cat-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("s.toml");
-        std::fs::write(&p, "[[scenario]]\nname = \"x\"\ndescription = \"d\"\nshards = 0\n").unwrap();
-        assert!(load_catalog(&p).unwrap_err().to_string().contains("scenario x: shards"));
-        std::fs::write(&p, "[[scenario]]\nname = \"x\"\ndescription = \"d\"\nshard = 4\n").unwrap();
+        std::fs::write(
+            &p,
+            "[[scenario]]\nname = \"x\"\ndescription = \"d\"\nshards = 0\n",
+        )
+        .unwrap();
+        assert!(
+            load_catalog(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("scenario x: shards")
+        );
+        std::fs::write(
+            &p,
+            "[[scenario]]\nname = \"x\"\ndescription = \"d\"\nshard = 4\n",
+        )
+        .unwrap();
         assert!(format!("{:#}", load_catalog(&p).unwrap_err()).contains("shard"));
     }
 
     #[test]
     fn convergence_checks_name_what_is_missing() {
         let snap = Snapshot::default();
-        assert_eq!(unmet(&snap, 30, 3, 10, 0, None), vec!["no lease_limits yet".to_owned()]);
+        assert_eq!(
+            unmet(&snap, 30, 3, 10, 0, None),
+            vec!["no lease_limits yet".to_owned()]
+        );
     }
 }

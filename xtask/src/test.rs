@@ -17,6 +17,9 @@ pub struct Args {
     /// Skip the fmt and clippy steps (quicker while iterating).
     #[arg(long)]
     pub no_lint: bool,
+    /// Skip the end-to-end run of the local lab (setup, every scenario, monitor, cleanup).
+    #[arg(long)]
+    pub no_lab: bool,
     /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
@@ -76,6 +79,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(emu) = emulators.take() {
         emu.stop();
+    }
+    if !args.no_lab {
+        step("lab-e2e", &mut || crate::e2e::run());
     }
 
     eprintln!("\n==> summary");

@@ -13,9 +13,18 @@ pub fn project_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Git-ignored lab state: installed emulators, logs, local lab processes.
+/// Git-ignored lab state: installed emulators, logs, local lab processes. `XTASK_LAB_DIR`
+/// moves it (the end-to-end test runs its own lab beside a developer's).
 pub fn lab_dir() -> PathBuf {
-    project_root().join(".lab")
+    match std::env::var_os("XTASK_LAB_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => project_root().join(".lab"),
+    }
+}
+
+/// Installed emulators, shared by every lab dir (installing them once is enough).
+pub fn tools_dir() -> PathBuf {
+    project_root().join(".lab").join("tools")
 }
 
 /// A port nobody listens on right now (the OS picks it).
