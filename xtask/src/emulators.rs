@@ -61,6 +61,9 @@ fn moto_venv(pins: &Pins) -> PathBuf {
 }
 
 pub fn moto_server_bin(pins: &Pins) -> PathBuf {
+    if let Some(bin) = std::env::var_os("XTASK_MOTO_SERVER") {
+        return PathBuf::from(bin);
+    }
     moto_venv(pins).join("bin").join("moto_server")
 }
 
@@ -85,7 +88,8 @@ const INSTALLED_MARKER: &str = ".installed";
 /// Installs whichever pinned emulator is missing. Idempotent and quick when installed.
 pub fn install(sh: &Shell, pins: &Pins) -> anyhow::Result<()> {
     let dir = kinesis_dir(pins);
-    if !dir.join(INSTALLED_MARKER).is_file() {
+    if std::env::var_os("XTASK_KINESIS_MOCK_DIR").is_none() && !dir.join(INSTALLED_MARKER).is_file()
+    {
         require_tool(sh, "npm", "to install kinesis-mock")?;
         let spec = format!("{}@{}", pins.kinesis.npm_package, pins.kinesis.version);
         eprintln!("installing {spec} (kinesis-mock) into {}", dir.display());
@@ -107,7 +111,7 @@ pub fn install(sh: &Shell, pins: &Pins) -> anyhow::Result<()> {
         std::fs::write(dir.join(INSTALLED_MARKER), &spec)?;
     }
     let venv = moto_venv(pins);
-    if !venv.join(INSTALLED_MARKER).is_file() {
+    if std::env::var_os("XTASK_MOTO_SERVER").is_none() && !venv.join(INSTALLED_MARKER).is_file() {
         require_tool(sh, "python3", "to install the moto server")?;
         let spec = format!("{}=={}", pins.dynamodb.pip_package, pins.dynamodb.version);
         eprintln!(

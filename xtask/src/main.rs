@@ -10,6 +10,7 @@ mod kube;
 mod lab;
 mod local;
 mod monitor;
+mod nix;
 mod nixpins;
 mod scenario;
 mod test;

@@ -62,6 +62,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .run()?)
         });
     }
+    if crate::nix::available(&sh) {
+        step("nix", &mut || crate::nix::check(&sh));
+    } else {
+        eprintln!("\n(nix not installed: flake checks skipped; .ci/run installs nix-bin)");
+    }
     let mut emulators = None;
     step("emulators", &mut || {
         emulators = Some(emulators::start(&sh, &lab_dir().join("logs"))?);

@@ -38,3 +38,36 @@ fn every_scenario_is_documented_in_the_lab_guide() {
         );
     }
 }
+
+#[test]
+fn readme_documents_the_flake_lock_pins() {
+    let pins = crate::nixpins::flake_pins().unwrap();
+    let readme = read("README.md");
+    for (what, value) in [
+        ("nixpkgs rev", &pins.nixpkgs_rev),
+        ("nixpkgs narHash", &pins.nixpkgs_nar_hash),
+        ("crane rev", &pins.crane_rev),
+        ("crane narHash", &pins.crane_nar_hash),
+    ] {
+        assert!(
+            readme.contains(value.as_str()),
+            "README.md does not show the {what} {value} of flake.lock"
+        );
+    }
+    assert_eq!(pins.nixpkgs_ref, "nixos-26.05");
+}
+
+#[test]
+fn flake_inputs_are_nixpkgs_and_crane_only() {
+    let flake = read("flake.nix");
+    let inputs = &flake[flake.find("inputs = {").unwrap()..flake.find("outputs =").unwrap()];
+    let urls: Vec<_> = inputs.lines().filter(|l| l.contains(".url")).collect();
+    assert_eq!(urls.len(), 2, "{urls:?}");
+    assert!(
+        inputs.contains("github:NixOS/nixpkgs/nixos-26.05")
+            && inputs.contains("github:ipetkov/crane")
+    );
+    // The image the flake builds is the one the manifests run.
+    assert!(flake.contains("imageName = \"kds-worker\"") && flake.contains("imageTag = \"dev\""));
+    assert_eq!(crate::kube::IMAGE, "kds-worker:dev");
+}

@@ -5,8 +5,17 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The workspace root (the folder holding the top-level Cargo.toml).
+/// The workspace root: the checkout the command runs in (so a prebuilt xtask, such as
+/// `nix run .#xtask`, works on the checkout), else the one it was built from.
 pub fn project_root() -> PathBuf {
+    let is_root = |d: &Path| {
+        d.join("xtask").is_dir() && d.join("Cargo.toml").is_file() && d.join("lab").is_dir()
+    };
+    if let Ok(cwd) = std::env::current_dir()
+        && let Some(root) = cwd.ancestors().find(|d| is_root(d))
+    {
+        return root.to_path_buf();
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives one level below the root")
