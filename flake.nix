@@ -226,7 +226,13 @@
             # `cargo xtask test` and the local lab use these instead of downloading.
             XTASK_MOTO_SERVER = "${moto-server}/bin/moto_server";
             XTASK_KINESIS_MOCK_DIR = "${kinesis-mock}/lib/kinesis-mock";
+            # Records the pinned tools' versions; `cargo xtask doctor` compares what is on PATH
+            # later (outside the shell too) against them.
             shellHook = ''
+              mkdir -p .lab
+              for t in "kubectl version --client" "minikube version --short" "awslocal --version" "node --version" "cargo --version"; do
+                printf '%s\t%s\n' "''${t%% *}" "$($t 2>&1 | head -n 1)"
+              done > .lab/flake-tools.tsv
               echo "kds-lease-lab: kubectl $(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"gitVersion": "\(v[^"]*\)".*/\1/p' | head -1), minikube $(minikube version --short 2>/dev/null), awslocal ${awslocal.version}, $(cargo --version | cut -d' ' -f1-2), node $(node --version), kinesis-mock ${kinesis-mock.version}"
             '';
           };

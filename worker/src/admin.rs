@@ -39,6 +39,8 @@ pub struct LeaseSummary {
     pub unowned_readable: u64,
     /// Parents read to `SHARD_END`.
     pub finished: u64,
+    /// Closed parents not yet read to the end (their children wait).
+    pub parents_pending: u64,
     /// Readable leases per owner.
     pub by_owner: BTreeMap<String, u64>,
 }
@@ -53,6 +55,7 @@ pub async fn snapshot(aws: &AwsClients, settings: &Settings) -> Result<Snapshot,
         total: leases.len() as u64,
         readable: readable.len() as u64,
         finished: leases.iter().filter(|l| l.is_finished()).count() as u64,
+        parents_pending: crate::assignment::blocking_parents(&leases).len() as u64,
         ..Default::default()
     };
     for l in leases

@@ -128,6 +128,42 @@ where
     }
 }
 
+/// Every item of a (filtered) scan, all pages, strongly consistent. The tables this is used
+/// on hold O(workers) or O(shards) items.
+pub async fn scan_all(
+    aws: &AwsClients,
+    table: &str,
+    filter: Option<(&str, &str, &str)>,
+) -> Result<Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>, AwsError>
+{
+    let mut items = Vec::new();
+    let mut start = None;
+    loop {
+        let mut req = aws
+            .dynamodb
+            .scan()
+            .table_name(table)
+            .consistent_read(true)
+            .set_exclusive_start_key(start.take());
+        // (expression over #a and :p, attribute, string value), e.g. a begins_with filter.
+        if let Some((expr, attr, prefix)) = filter {
+            req = req
+                .filter_expression(expr)
+                .expression_attribute_names("#a", attr)
+                .expression_attribute_values(
+                    ":p",
+                    aws_sdk_dynamodb::types::AttributeValue::S(prefix.to_owned()),
+                );
+        }
+        let out = call(&aws.metrics, "dynamodb", "Scan", req.send()).await?;
+        items.extend(out.items.unwrap_or_default());
+        match out.last_evaluated_key {
+            Some(k) if !k.is_empty() => start = Some(k),
+            _ => return Ok(items),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::classify;

@@ -115,10 +115,15 @@ pub enum ConsumerExit {
     Fenced,
 }
 
-/// Sleeps `d` unless stopped first.
-async fn pause(d: Duration, stop: &CancellationToken) {
+/// Sleeps `d` unless stopped or fenced first.
+async fn pause(
+    d: Duration,
+    stop: &CancellationToken,
+    fence: &mut tokio::sync::watch::Receiver<bool>,
+) {
     tokio::select! {
         _ = stop.cancelled() => {}
+        _ = fence.wait_for(|fenced| *fenced) => {}
         _ = sleep(d) => {}
     }
 }
@@ -161,6 +166,7 @@ pub async fn consume(
     let mut last_checkpoint_at = Instant::now();
     let mut backoff = Duration::from_millis(200);
     let mut iterator: Option<String> = None;
+    let mut fence = ctx.state.fence();
 
     loop {
         if stop.is_cancelled() {
@@ -182,7 +188,7 @@ pub async fn consume(
                 Err(e) => {
                     tracing::warn!(shard = %shard, error = %e, "GetShardIterator failed");
                     // A stop during the pause is seen at the top of the loop.
-                    pause(backoff, &stop).await;
+                    pause(backoff, &stop, &mut fence).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
@@ -209,7 +215,7 @@ pub async fn consume(
                 // Expired iterators, throttling, outages: back off, then start again from the
                 // last processed record.
                 tracing::debug!(shard = %shard, error = %e, "GetRecords failed");
-                pause(backoff, &stop).await;
+                pause(backoff, &stop, &mut fence).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
@@ -260,7 +266,7 @@ pub async fn consume(
         } else {
             Duration::from_millis(500)
         };
-        pause(wait, &stop).await;
+        pause(wait, &stop, &mut fence).await;
     }
 }
 

@@ -63,10 +63,13 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_unowned_report: Option<(u64, u64)> = None;
 
+    let mut fence = ctx.state.fence();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
+            // Fenced: act now, not at the next round.
+            _ = fence.wait_for(|fenced| *fenced), if !consumers.is_empty() => {}
         }
         ctx.state.beat("lease");
 

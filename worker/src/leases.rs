@@ -91,28 +91,8 @@ impl LeaseStore {
 
     /// Every lease, strongly consistent, all pages.
     pub async fn scan(&self) -> Result<Vec<Lease>, AwsError> {
-        let mut leases = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = call(
-                &self.aws.metrics,
-                "dynamodb",
-                "Scan",
-                self.aws
-                    .dynamodb
-                    .scan()
-                    .table_name(&self.table)
-                    .consistent_read(true)
-                    .set_exclusive_start_key(start.take())
-                    .send(),
-            )
-            .await?;
-            leases.extend(out.items().iter().filter_map(parse));
-            match out.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => break,
-            }
-        }
+        let items = crate::aws::scan_all(&self.aws, &self.table, None).await?;
+        let mut leases: Vec<Lease> = items.iter().filter_map(parse).collect();
         leases.sort_by(|a, b| a.shard_id.cmp(&b.shard_id));
         Ok(leases)
     }
@@ -233,31 +213,7 @@ impl LeaseStore {
         to: &str,
         checkpoint: Option<&str>,
     ) -> Result<(), AwsError> {
-        let mut req = self
-            .aws
-            .dynamodb
-            .update_item()
-            .table_name(&self.table)
-            .key(LEASE_KEY, s(shard_id))
-            .condition_expression("leaseOwner = :me")
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":to", s(to))
-            .expression_attribute_values(":one", n(1));
-        req = match checkpoint {
-            Some(cp) => req
-                .update_expression(
-                    "SET leaseOwner = :to, leaseCounter = leaseCounter + :one, checkpoint = :cp, ownerSwitchesSinceCheckpoint = :zero",
-                )
-                .expression_attribute_values(":cp", s(cp))
-                .expression_attribute_values(":zero", n(0)),
-            None => req.update_expression(
-                "SET leaseOwner = :to, leaseCounter = leaseCounter + :one, \
-                 ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
-            )
-            .expression_attribute_values(":zero", n(0)),
-        };
-        call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
-        Ok(())
+        self.give_up(shard_id, me, Some(to), checkpoint).await
     }
 
     /// Checkpoints (if given) and gives the lease up in one conditional write, so the next
@@ -268,6 +224,18 @@ impl LeaseStore {
         me: &str,
         checkpoint: Option<&str>,
     ) -> Result<(), AwsError> {
+        self.give_up(shard_id, me, None, checkpoint).await
+    }
+
+    /// One conditional write: new owner (`to`, or none), counter + 1, and the checkpoint.
+    async fn give_up(
+        &self,
+        shard_id: &str,
+        me: &str,
+        to: Option<&str>,
+        checkpoint: Option<&str>,
+    ) -> Result<(), AwsError> {
+        let mut set = vec!["leaseCounter = leaseCounter + :one"];
         let mut req = self
             .aws
             .dynamodb
@@ -276,17 +244,33 @@ impl LeaseStore {
             .key(LEASE_KEY, s(shard_id))
             .condition_expression("leaseOwner = :me")
             .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":one", n(1));
-        req = match checkpoint {
-            Some(cp) => req
-                .update_expression(
-                    "SET leaseCounter = leaseCounter + :one, checkpoint = :cp, ownerSwitchesSinceCheckpoint = :zero REMOVE leaseOwner",
-                )
-                .expression_attribute_values(":cp", s(cp))
-                .expression_attribute_values(":zero", n(0)),
-            None => req.update_expression("SET leaseCounter = leaseCounter + :one REMOVE leaseOwner"),
-        };
-        call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":zero", n(0));
+        if let Some(to) = to {
+            set.push("leaseOwner = :to");
+            req = req.expression_attribute_values(":to", s(to));
+        }
+        match checkpoint {
+            Some(cp) => {
+                set.push("checkpoint = :cp");
+                set.push("ownerSwitchesSinceCheckpoint = :zero");
+                req = req.expression_attribute_values(":cp", s(cp));
+            }
+            None => set.push(
+                "ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+            ),
+        }
+        let mut expression = format!("SET {}", set.join(", "));
+        if to.is_none() {
+            expression.push_str(" REMOVE leaseOwner");
+        }
+        call(
+            &self.aws.metrics,
+            "dynamodb",
+            "UpdateItem",
+            req.update_expression(expression).send(),
+        )
+        .await?;
         Ok(())
     }
 }

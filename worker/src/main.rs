@@ -109,6 +109,10 @@ fn main() -> ExitCode {
             for p in &provenance {
                 println!("{:width$} = {:<28} # {}", p.key, p.value, p.source);
             }
+            println!("# AWS settings (standard SDK variables; secrets redacted):");
+            for (var, value) in aws_settings() {
+                println!("#   {var} = {value}");
+            }
         }
         return ExitCode::SUCCESS;
     }
@@ -124,6 +128,36 @@ fn main() -> ExitCode {
             _ => run(settings).await,
         }
     })
+}
+
+/// The AWS SDK settings from the environment, secrets shown only as "set (redacted)".
+fn aws_settings() -> Vec<(&'static str, String)> {
+    const SECRET: &[&str] = &["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"];
+    [
+        "AWS_REGION",
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_KINESIS",
+        "AWS_ENDPOINT_URL_DYNAMODB",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ]
+    .into_iter()
+    .filter_map(|var| {
+        let value = std::env::var(var).ok()?;
+        Some((
+            var,
+            if SECRET.contains(&var) {
+                "set (redacted)".to_owned()
+            } else {
+                value
+            },
+        ))
+    })
+    .collect()
 }
 
 async fn admin(settings: Settings, cmd: Admin) -> ExitCode {

@@ -66,6 +66,8 @@ pub struct WorkerState {
     pub counting: crate::consumer::CountingProcessor,
     started: Instant,
     inner: Mutex<Inner>,
+    /// True while this worker must not process records (see [`WorkerState::may_process`]).
+    fenced: tokio::sync::watch::Sender<bool>,
 }
 
 /// `GET /status` body.
@@ -97,6 +99,8 @@ impl WorkerState {
             metrics,
             counting,
             started: Instant::now(),
+            // Fenced until the first heartbeat succeeds.
+            fenced: tokio::sync::watch::Sender::new(true),
             inner: Mutex::new(Inner {
                 role: Role::Follower,
                 epoch: 0,
@@ -152,14 +156,39 @@ impl WorkerState {
     }
 
     pub fn heartbeat_result(&self, sent: Instant, result: Result<(), String>) {
-        let mut g = self.lock();
-        match result {
-            Ok(()) => {
-                g.last_heartbeat_ok = Some(sent);
-                g.last_heartbeat_error = None;
+        {
+            let mut g = self.lock();
+            match result {
+                Ok(()) => {
+                    g.last_heartbeat_ok = Some(sent);
+                    g.last_heartbeat_error = None;
+                }
+                Err(e) => g.last_heartbeat_error = Some(e),
             }
-            Err(e) => g.last_heartbeat_error = Some(e),
         }
+        self.update_fence();
+    }
+
+    /// The instant [`WorkerState::may_process`] turns false unless a heartbeat succeeds first.
+    pub fn fence_deadline(&self) -> Option<Instant> {
+        let s = &self.settings;
+        let fence_after = s.failover_timeout.saturating_sub(s.heartbeat_interval);
+        self.lock().last_heartbeat_ok.map(|t| t + fence_after)
+    }
+
+    /// Re-evaluates the fence and tells consumers and the lease loop when it changes.
+    pub fn update_fence(&self) {
+        let fenced = !self.may_process();
+        self.fenced.send_if_modified(|f| {
+            let changed = *f != fenced;
+            *f = fenced;
+            changed
+        });
+    }
+
+    /// Subscribes to fence changes (`true`: stop processing now).
+    pub fn fence(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.fenced.subscribe()
     }
 
     /// Monotonic instant the last successful heartbeat was sent.

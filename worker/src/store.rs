@@ -210,42 +210,25 @@ impl MetaStore {
 
     /// Every heartbeat item. The table holds O(workers) items, so a paginated scan is cheap.
     pub async fn scan_heartbeats(&self) -> Result<Vec<HeartbeatRow>, AwsError> {
-        let mut rows = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = call(
-                &self.aws.metrics,
-                "dynamodb",
-                "Scan",
-                self.aws
-                    .dynamodb
-                    .scan()
-                    .table_name(&self.table)
-                    .consistent_read(true)
-                    .filter_expression("begins_with(#k, :p)")
-                    .expression_attribute_names("#k", META_KEY)
-                    .expression_attribute_values(":p", s(WORKER_ITEM_PREFIX))
-                    .set_exclusive_start_key(start.take())
-                    .send(),
-            )
-            .await?;
-            for item in out.items() {
+        let items = crate::aws::scan_all(
+            &self.aws,
+            &self.table,
+            Some(("begins_with(#a, :p)", META_KEY, WORKER_ITEM_PREFIX)),
+        )
+        .await?;
+        let mut rows: Vec<HeartbeatRow> = items
+            .iter()
+            .filter_map(|item| {
                 let key = get_s(item, META_KEY);
-                let Some(worker_id) = key.strip_prefix(WORKER_ITEM_PREFIX) else {
-                    continue;
-                };
-                rows.push(HeartbeatRow {
+                let worker_id = key.strip_prefix(WORKER_ITEM_PREFIX)?;
+                Some(HeartbeatRow {
                     worker_id: worker_id.to_owned(),
                     counter: get_n(item, "counter").unwrap_or(0),
                     leases_held: get_n(item, "leases_held").unwrap_or(0),
                     renewed_at: get_s(item, "renewed_at"),
-                });
-            }
-            match out.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => break,
-            }
-        }
+                })
+            })
+            .collect();
         rows.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
         Ok(rows)
     }

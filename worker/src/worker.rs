@@ -106,6 +106,7 @@ impl Worker {
             ctx.clone(),
             loops_stop.clone(),
         ));
+        loops.spawn(fence_watchdog(ctx.clone(), loops_stop.clone()));
         let election = tokio::spawn(election_loop(ctx.clone(), loops_stop.clone()));
         // Aborting `run` must abort the election loop too (it owns the coordinator's term).
         let election = AbortOnDrop(Some(election));
@@ -185,6 +186,23 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
                 .heartbeat_age_seconds
                 .set(ok.elapsed().as_secs_f64());
         }
+    }
+}
+
+/// Raises the fence at the exact instant the heartbeat has been stale for
+/// `failover_timeout - heartbeat_interval`, however long a blocked AWS call takes elsewhere.
+async fn fence_watchdog(ctx: Arc<Context>, stop: CancellationToken) {
+    loop {
+        let wake = ctx
+            .state
+            .fence_deadline()
+            .filter(|d| *d > Instant::now())
+            .unwrap_or_else(|| Instant::now() + ctx.state.settings.heartbeat_interval);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = sleep_until(wake) => {}
+        }
+        ctx.state.update_fence();
     }
 }
 

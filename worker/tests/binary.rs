@@ -104,6 +104,7 @@ async fn config_prints_each_value_with_its_source() {
         .args(["config", "--config"])
         .arg(&file)
         .env("KDS_MAX_LEASES_CAP", "12")
+        .env("AWS_SECRET_ACCESS_KEY", "do-not-print-me")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -126,6 +127,14 @@ async fn config_prints_each_value_with_its_source() {
     assert!(line("stream_name").contains("orders") && line("stream_name").contains("config.toml"));
     assert!(
         line("heartbeat_interval").contains("2s") && line("heartbeat_interval").contains("default")
+    );
+    assert!(
+        !stdout.contains("do-not-print-me"),
+        "a secret was printed: {stdout}"
+    );
+    assert!(
+        stdout.contains("AWS_SECRET_ACCESS_KEY = set (redacted)"),
+        "{stdout}"
     );
 }
 

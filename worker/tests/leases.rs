@@ -94,8 +94,12 @@ async fn leases_follow_the_limit_through_every_phase() {
         || async {
             let leases = store.scan().await.ok()?;
             let readable = kds_worker::assignment::readable_shards(&leases);
-            let owned = leases.iter().filter(|l| l.owner.is_some()).count();
-            (readable.len() == 300 && owned == 240).then_some(owned)
+            let parents_pending = kds_worker::assignment::blocking_parents(&leases).len();
+            let owned = leases
+                .iter()
+                .filter(|l| l.owner.is_some() && readable.contains(l.shard_id.as_str()))
+                .count();
+            (parents_pending == 0 && readable.len() == 300 && owned == 240).then_some(owned)
         },
     )
     .await;

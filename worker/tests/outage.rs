@@ -28,7 +28,41 @@ async fn dynamodb_outage_turns_ready_503_and_recovers() {
     })
     .await;
 
+    // The worker reads its 4 shards before the outage.
+    wait_for(
+        Duration::from_secs(20),
+        "the worker to hold all 4 leases",
+        || async { (worker.state.leases().len() == 4).then_some(()) },
+    )
+    .await;
+
     proxy.cut().await;
+    // Self-fencing: with its heartbeat stale, it stops every consumer no later than
+    // failover_timeout after its last successful heartbeat, so before anyone may take over.
+    let (stopped_at, _) = wait_for(
+        FAILOVER * 2,
+        "every consumer to stop (self-fencing)",
+        || async {
+            worker
+                .state
+                .leases()
+                .is_empty()
+                .then(tokio::time::Instant::now)
+        },
+    )
+    .await;
+    let last_ok = worker
+        .state
+        .last_heartbeat_ok()
+        .expect("a heartbeat succeeded before the outage");
+    let fenced_after = stopped_at - last_ok;
+    eprintln!(
+        "consumers stopped {fenced_after:?} after the last successful heartbeat (failover_timeout {FAILOVER:?})"
+    );
+    assert!(
+        fenced_after <= FAILOVER,
+        "still reading {fenced_after:?} after the last heartbeat"
+    );
     let (body, took) = wait_for(
         Duration::from_secs(10),
         "/ready 503 during the outage",
@@ -65,6 +99,13 @@ async fn dynamodb_outage_turns_ready_503_and_recovers() {
         FAILOVER * 3,
         "the lone worker to be coordinator again",
         || async { worker.is_coordinator().then_some(()) },
+    )
+    .await;
+    // And it reads its shards again.
+    wait_for(
+        Duration::from_secs(20),
+        "the leases to be read again",
+        || async { (worker.state.leases().len() == 4).then_some(()) },
     )
     .await;
     stop.cancel();

@@ -40,12 +40,32 @@ pub fn version_of(tool: &str, flag: &str) -> Option<String> {
     (out.status.success() || !line.is_empty()).then_some(line)
 }
 
+/// Versions `nix develop` recorded for the flake's pinned tools (see flake.nix's shellHook).
+fn flake_versions() -> std::collections::BTreeMap<String, String> {
+    let path = crate::util::project_root().join(".lab/flake-tools.tsv");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(t, v)| (t.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
 pub fn run() -> anyhow::Result<()> {
     let mut missing = Vec::new();
+    let pinned = flake_versions();
+    let mut differs = Vec::new();
     println!("{:<10} {:<44} needed for", "tool", "version");
     for (tool, flag, why) in TOOLS {
         match version_of(tool, flag) {
-            Some(v) => println!("{tool:<10} {:<44} {why}", truncate(&v, 44)),
+            Some(v) => {
+                println!("{tool:<10} {:<44} {why}", truncate(&v, 44));
+                if let Some(p) = pinned.get(*tool)
+                    && *p != v
+                {
+                    differs.push(format!("{tool}: here {v:?}, flake {p:?}"));
+                }
+            }
             None => {
                 println!("{tool:<10} {:<44} {why}", "MISSING");
                 missing.push(*tool);
@@ -65,6 +85,16 @@ pub fn run() -> anyhow::Result<()> {
             "flake.lock pins nixpkgs {} ({}); `nix develop` gives every developer the same kubectl, minikube and awslocal",
             &pins.nixpkgs_rev[..12],
             pins.nixpkgs_ref
+        );
+    }
+    if pinned.is_empty() {
+        println!("flake versions unknown: run `nix develop` once to record them");
+    } else if differs.is_empty() {
+        println!("every tool matches the version `nix develop` pins");
+    } else {
+        println!(
+            "differs from the flake's pins (enter `nix develop`):\n  {}",
+            differs.join("\n  ")
         );
     }
     if missing.is_empty() {

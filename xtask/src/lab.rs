@@ -182,6 +182,8 @@ pub struct LeaseSummary {
     pub readable: u64,
     pub unowned_readable: u64,
     pub finished: u64,
+    #[serde(default)]
+    pub parents_pending: u64,
     pub by_owner: BTreeMap<String, u64>,
 }
 

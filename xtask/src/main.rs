@@ -9,6 +9,7 @@ mod emulators;
 mod kube;
 mod lab;
 mod local;
+mod measure;
 mod monitor;
 mod nix;
 mod nixpins;
@@ -100,6 +101,9 @@ enum Command {
     Test(test::Args),
     /// Run the pinned emulators in the foreground, printing AWS_ENDPOINT_URL_* to use.
     Emulators,
+    /// Measure the release worker against the emulators (binary size, start to ready, RSS,
+    /// API calls per minute, DynamoDB writes at 300 shards, records/s) as Markdown.
+    Measure(measure::Args),
 }
 
 #[derive(Subcommand)]
@@ -144,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Test(args) => test::run(args),
         Command::Emulators => emulators::foreground(),
+        Command::Measure(args) => measure::run(args),
         Command::Doctor => doctor::run(),
         Command::Setup {
             driver,

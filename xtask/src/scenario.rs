@@ -192,6 +192,12 @@ pub fn unmet(
     }
     let leased: u64 = snap.leases.by_owner.values().sum();
     let want_leased = snap.leases.readable.min(workers * limit);
+    if snap.leases.parents_pending > 0 {
+        why.push(format!(
+            "{} closed parents not yet read to SHARD_END",
+            snap.leases.parents_pending
+        ));
+    }
     if snap.leases.readable != shards {
         why.push(format!(
             "{} readable shards (parents not yet drained?), want {shards}",
@@ -235,6 +241,14 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
 
     let current_workers = driver.desired_workers()?;
     let current_cap = driver.cap()?;
+    // Fewer workers first (less to move while the stream changes), more workers after the
+    // reshard has settled (so what is measured after a scale-up is the scale-up's own effect).
+    let scale_to = s.workers.filter(|w| dry || *w != current_workers);
+    if let Some(workers) = scale_to.filter(|w| *w < current_workers) {
+        eprintln!("workers {current_workers} -> {workers}");
+        driver.set_workers(workers)?;
+    }
+    let workers_now = driver.desired_workers()?;
     if let Some(shards) = s.shards
         && (dry || shards != before.open_shards)
     {
@@ -243,6 +257,26 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
             before.open_shards
         );
         driver.set_shards(shards)?;
+        if !dry && scale_to.is_some_and(|w| w > workers_now) {
+            let (limit, deficit) = expectations(shards, workers_now, current_cap);
+            crate::lab::wait_until(
+                &format!("the reshard to settle at {shards} shards / {workers_now} workers"),
+                CONVERGE_DEADLINE,
+                || {
+                    Ok(unmet(
+                        &driver.snapshot()?,
+                        shards,
+                        workers_now,
+                        limit,
+                        deficit,
+                        None,
+                    )
+                    .is_empty()
+                    .then_some(()))
+                },
+                String::new,
+            )?;
+        }
     }
     if let Some(cap) = s.cap
         && (dry || cap != current_cap)
@@ -250,10 +284,10 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
         eprintln!("max_leases_cap {current_cap} -> {cap}: config change and rolling restart");
         driver.set_cap(cap)?;
     }
-    if let Some(workers) = s.workers
-        && (dry || workers != current_workers)
+    if let Some(workers) =
+        scale_to.filter(|w| *w > current_workers || (dry && *w == current_workers))
     {
-        eprintln!("workers {current_workers} -> {workers}");
+        eprintln!("workers {workers_now} -> {workers}");
         driver.set_workers(workers)?;
     }
     if s.restart {
@@ -297,9 +331,13 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
         CONVERGE_DEADLINE,
         || {
             let snap = driver.snapshot()?;
-            // Coverage is sampled on the way: a shard unowned beyond the deficit is a gap.
-            let gap = snap.leases.unowned_readable.saturating_sub(deficit);
-            outcome.max_unowned_seen = outcome.max_unowned_seen.max(gap);
+            // Coverage is sampled on the way: with the stream settled (no parent draining,
+            // whose children are briefly unowned by design), a shard unowned beyond the
+            // deficit is a gap.
+            if snap.leases.parents_pending == 0 && snap.open_shards == shards {
+                let gap = snap.leases.unowned_readable.saturating_sub(deficit);
+                outcome.max_unowned_seen = outcome.max_unowned_seen.max(gap);
+            }
             last_why = unmet(&snap, shards, workers, limit, deficit, epoch_check);
             last = snap;
             Ok(last_why.is_empty().then_some(()))
