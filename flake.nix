@@ -37,7 +37,8 @@
               || (lib.hasInfix "/lab/" path)
               || (lib.hasInfix "/.ci/" path)
               || (lib.hasSuffix ".md" path)
-              || (lib.hasSuffix "flake.lock" path);
+              || (lib.hasSuffix "flake.lock" path)
+              || (lib.hasSuffix "flake.nix" path);
           };
 
           commonArgs = {
