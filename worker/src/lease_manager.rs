@@ -70,6 +70,8 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             _ = tick.tick() => {}
             // Fenced: act now, not at the next round.
             _ = fence.wait_for(|fenced| *fenced), if !consumers.is_empty() => {}
+            // A new limit (the first one at start, a lower one after a scale-up): obey it now.
+            _ = ctx.state.limit_changed.notified() => {}
         }
         ctx.state.beat("lease");
 

@@ -68,6 +68,9 @@ pub struct WorkerState {
     inner: Mutex<Inner>,
     /// True while this worker must not process records (see [`WorkerState::may_process`]).
     fenced: tokio::sync::watch::Sender<bool>,
+    /// Woken when a new `lease_limits` version arrives: the lease loop obeys it at once
+    /// instead of at its next round.
+    pub limit_changed: tokio::sync::Notify,
 }
 
 /// `GET /status` body.
@@ -101,6 +104,7 @@ impl WorkerState {
             started: Instant::now(),
             // Fenced until the first heartbeat succeeds.
             fenced: tokio::sync::watch::Sender::new(true),
+            limit_changed: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
                 role: Role::Follower,
                 epoch: 0,
@@ -232,7 +236,14 @@ impl WorkerState {
         self.metrics
             .capacity_deficit
             .set(record.capacity_deficit as i64);
+        let newer = g
+            .limit
+            .as_ref()
+            .is_none_or(|old| (old.epoch, old.version) != (record.epoch, record.version));
         g.limit = Some(record);
+        if newer {
+            self.limit_changed.notify_waiters();
+        }
     }
 
     pub fn limit(&self) -> Option<LimitRecord> {

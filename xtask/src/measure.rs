@@ -76,14 +76,17 @@ fn start(
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let log = lab_dir().join("measure").join(format!("{name}.log"));
     let started = Instant::now();
+    // One full environment: duct applies `full_env` after any `env` chained to it.
+    let vars: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| !k.starts_with("KDS_"))
+        .chain(env(emu, app, stream))
+        .chain([
+            ("KDS_WORKER_ID".to_owned(), name.to_owned()),
+            ("KDS_HTTP_ADDR".to_owned(), addr.to_string()),
+        ])
+        .collect();
     let handle = duct::cmd!(bin())
-        .full_env(
-            std::env::vars()
-                .filter(|(k, _)| !k.starts_with("KDS_"))
-                .chain(env(emu, app, stream)),
-        )
-        .env("KDS_WORKER_ID", name)
-        .env("KDS_HTTP_ADDR", addr.to_string())
+        .full_env(vars)
         .stdin_null()
         .stderr_to_stdout()
         .stdout_path(log)
@@ -255,14 +258,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     for (i, w) in workers.iter().enumerate() {
         let role = status(w.addr)?["role"].as_str().unwrap_or("?").to_owned();
-        let r = rates(&before[i], &after[i], Duration::from_secs(60));
+        // Per second over the window, shown per minute.
+        let r = rates(&before[i], &after[i], args.window);
         let pid = w.handle.pids()[0];
         report.push(format!(
             "| {} ({role}), 30 shards / 3 workers, idle stream | Kinesis {:.0} calls/min, DynamoDB {:.0} calls/min ({:.0} writes/min); RSS {:.1} MiB |",
             w.name,
-            r.kinesis,
-            r.dynamodb,
-            r.dynamodb_writes,
+            r.kinesis * 60.0,
+            r.dynamodb * 60.0,
+            r.dynamodb_writes * 60.0,
             rss_kib(pid) as f64 / 1024.0
         ));
     }
@@ -288,20 +292,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|w| calls(w.addr))
         .collect::<Result<_, _>>()?;
-    let total: f64 = (0..workers.len())
-        .map(|i| rates(&before[i], &after[i], Duration::from_secs(1)).dynamodb_writes)
-        .sum::<f64>()
-        / args.window.as_secs_f64();
-    let kinesis: f64 = (0..workers.len())
-        .map(|i| rates(&before[i], &after[i], Duration::from_secs(1)).kinesis)
-        .sum::<f64>()
-        / args.window.as_secs_f64();
+    let fleet: Vec<Rates> = (0..workers.len())
+        .map(|i| rates(&before[i], &after[i], args.window))
+        .collect();
+    let total: f64 = fleet.iter().map(|r| r.dynamodb_writes).sum();
+    let kinesis: f64 = fleet.iter().map(|r| r.kinesis).sum();
+    let reads: f64 = fleet.iter().map(|r| r.dynamodb - r.dynamodb_writes).sum();
     report.push(format!(
         "| 300 shards / 4 workers, idle stream: DynamoDB writes | {total:.2} writes/s for the fleet ({:.2} per worker); KCL-style per-lease renewal every 3.3 s would be {:.0} writes/s |",
         total / 4.0,
         300.0 / 3.3
     ));
-    report.push(format!("| 300 shards / 4 workers: Kinesis calls (GetRecords polling of idle shards) | {kinesis:.0} calls/s for the fleet |"));
+    report.push(format!(
+        "| 300 shards / 4 workers: other calls | DynamoDB reads {reads:.1}/s (scans of the lease table and heartbeats, limit and coordinator reads); Kinesis {kinesis:.0} calls/s (GetRecords polling of idle shards, 1 s idle wait) |"
+    ));
     drop(workers);
 
     // Consumption: one worker, 4 shards, records put before it starts.
