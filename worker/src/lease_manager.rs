@@ -147,6 +147,10 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             live: &live,
             limit,
         };
+        // Fenced while this round read the tables: take and start nothing.
+        if !ctx.state.may_process() {
+            continue;
+        }
         let plan = assignment::plan(&snapshot, &me, MAX_BALANCE_MOVES_PER_ROUND);
         let by_id: BTreeMap<&str, &Lease> =
             leases.iter().map(|l| (l.shard_id.as_str(), l)).collect();
@@ -228,7 +232,11 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             last_unowned_report = None;
         }
         ctx.state.set_leases(
-            consumers.keys().cloned().collect(),
+            consumers
+                .iter()
+                .filter(|(_, r)| !r.is_finished() && ctx.state.may_process())
+                .map(|(k, _)| k.clone())
+                .collect(),
             Some(crate::state::Coverage {
                 readable_shards: readable.len() as u64,
                 unowned_shards: unowned,

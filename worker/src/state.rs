@@ -183,11 +183,18 @@ impl WorkerState {
     /// Re-evaluates the fence and tells consumers and the lease loop when it changes.
     pub fn update_fence(&self) {
         let fenced = !self.may_process();
-        self.fenced.send_if_modified(|f| {
+        let raised = self.fenced.send_if_modified(|f| {
             let changed = *f != fenced;
             *f = fenced;
             changed
-        });
+        }) && fenced;
+        if raised {
+            // Every consumer stops at this signal (before its next batch), whatever the lease
+            // loop is busy with: report that at once.
+            let mut g = self.lock();
+            g.leases.clear();
+            self.metrics.leases_held.set(0);
+        }
     }
 
     /// Subscribes to fence changes (`true`: stop processing now).
