@@ -136,11 +136,19 @@ pub fn live(driver: &dyn Driver, interval: Duration) -> anyhow::Result<()> {
                     Constraint::Min(4),
                 ])
                 .split(area);
+                // Everything above the worker list: formula, inputs, deficit, coordinator.
                 let header = match &view {
                     Ok(v) => text(v)
                         .lines()
-                        .take(5)
-                        .map(|l| Line::from(l.to_owned()))
+                        .take_while(|l| *l != "workers:")
+                        .map(|l| {
+                            let line = Line::from(l.to_owned());
+                            if l.contains("CAPACITY DEFICIT") {
+                                line.fg(Color::Yellow)
+                            } else {
+                                line
+                            }
+                        })
                         .collect::<Vec<_>>(),
                     Err(e) => {
                         vec![Line::from(format!("cannot read the lab: {e:#}")).fg(Color::Red)]
