@@ -249,7 +249,8 @@ impl WorkerState {
             .is_none_or(|old| (old.epoch, old.version) != (record.epoch, record.version));
         g.limit = Some(record);
         if newer {
-            self.limit_changed.notify_waiters();
+            // notify_one keeps a permit when the lease loop is busy, so no change is missed.
+            self.limit_changed.notify_one();
         }
     }
 

@@ -188,6 +188,24 @@ fn rates(
     }
 }
 
+/// Each worker's call rates over `window` of steady state.
+fn steady_rates(workers: &[Worker], window: Duration) -> anyhow::Result<Vec<Rates>> {
+    let before: Vec<_> = workers
+        .iter()
+        .map(|w| calls(w.addr))
+        .collect::<Result<_, _>>()?;
+    std::thread::sleep(window);
+    let after: Vec<_> = workers
+        .iter()
+        .map(|w| calls(w.addr))
+        .collect::<Result<_, _>>()?;
+    Ok(before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| rates(b, a, window))
+        .collect())
+}
+
 fn wait_leases(workers: &[Worker], each: u64, deadline: Duration) -> anyhow::Result<Duration> {
     let start = Instant::now();
     loop {
@@ -247,19 +265,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ));
     eprintln!("steady state window {} ...", secs(args.window));
     std::thread::sleep(Duration::from_secs(5));
-    let before: Vec<_> = workers
-        .iter()
-        .map(|w| calls(w.addr))
-        .collect::<Result<_, _>>()?;
-    std::thread::sleep(args.window);
-    let after: Vec<_> = workers
-        .iter()
-        .map(|w| calls(w.addr))
-        .collect::<Result<_, _>>()?;
+    let fleet = steady_rates(&workers, args.window)?;
     for (i, w) in workers.iter().enumerate() {
         let role = status(w.addr)?["role"].as_str().unwrap_or("?").to_owned();
         // Per second over the window, shown per minute.
-        let r = rates(&before[i], &after[i], args.window);
+        let r = &fleet[i];
         let pid = w.handle.pids()[0];
         report.push(format!(
             "| {} ({role}), 30 shards / 3 workers, idle stream | Kinesis {:.0} calls/min, DynamoDB {:.0} calls/min ({:.0} writes/min); RSS {:.1} MiB |",
@@ -283,18 +293,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         secs(t)
     ));
     std::thread::sleep(Duration::from_secs(10));
-    let before: Vec<_> = workers
-        .iter()
-        .map(|w| calls(w.addr))
-        .collect::<Result<_, _>>()?;
-    std::thread::sleep(args.window);
-    let after: Vec<_> = workers
-        .iter()
-        .map(|w| calls(w.addr))
-        .collect::<Result<_, _>>()?;
-    let fleet: Vec<Rates> = (0..workers.len())
-        .map(|i| rates(&before[i], &after[i], args.window))
-        .collect();
+    let fleet = steady_rates(&workers, args.window)?;
     let total: f64 = fleet.iter().map(|r| r.dynamodb_writes).sum();
     let kinesis: f64 = fleet.iter().map(|r| r.kinesis).sum();
     let reads: f64 = fleet.iter().map(|r| r.dynamodb - r.dynamodb_writes).sum();
