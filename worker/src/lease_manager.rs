@@ -68,8 +68,9 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
-            // Fenced: act now, not at the next round.
-            _ = fence.wait_for(|fenced| *fenced), if !consumers.is_empty() => {}
+            // Fence raised (stop now) or lowered (the first heartbeat, or the end of an
+            // outage: resume now), not at the next round.
+            _ = fence.changed() => {}
             // A new limit (the first one at start, a lower one after a scale-up): obey it now.
             _ = ctx.state.limit_changed.notified() => {}
         }
