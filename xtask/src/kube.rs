@@ -293,6 +293,10 @@ impl Driver for Kube {
         )
     }
 
+    fn diagnostics(&self) -> String {
+        self.recent_events()
+    }
+
     fn cleanup(&mut self, all: bool) -> anyhow::Result<()> {
         self.runner.run(
             "kubectl",

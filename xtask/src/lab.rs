@@ -212,6 +212,8 @@ pub trait Driver {
     fn logs(&self, follow: bool, worker: Option<u32>) -> anyhow::Result<()>;
     fn produce(&self, rate: u64, seconds: u64) -> anyhow::Result<()>;
     fn cleanup(&mut self, all: bool) -> anyhow::Result<()>;
+    /// What to show when a wait times out: recent pod events, or the workers' last log lines.
+    fn diagnostics(&self) -> String;
 }
 
 pub fn open_driver(kind: DriverKind, runner: Runner) -> anyhow::Result<Box<dyn Driver>> {

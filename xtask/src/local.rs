@@ -294,16 +294,7 @@ impl Local {
                 }
                 Ok((views.len() == n && views.iter().all(|v| v.ready)).then_some(()))
             },
-            || {
-                let mut out = String::from("last log lines:\n");
-                for name in self.state.workers.keys() {
-                    out.push_str(&format!(
-                        "--- {name}\n{}\n",
-                        emulators::tail(&logs_dir().join(format!("{name}.log")), 5)
-                    ));
-                }
-                out
-            },
+            || self.diagnostics(),
         )
         .map(|_| ())
     }
@@ -501,6 +492,17 @@ impl Driver for Local {
         let (rate, seconds) = (rate.to_string(), seconds.to_string());
         self.worker_cli(&["admin", "produce", "--rate", &rate, "--seconds", &seconds])
             .map(|_| ())
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut out = String::from("last log lines:\n");
+        for name in self.state.workers.keys() {
+            out.push_str(&format!(
+                "--- {name}\n{}\n",
+                emulators::tail(&logs_dir().join(format!("{name}.log")), 5)
+            ));
+        }
+        out
     }
 
     fn cleanup(&mut self, all: bool) -> anyhow::Result<()> {

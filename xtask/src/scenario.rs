@@ -274,7 +274,7 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
                     .is_empty()
                     .then_some(()))
                 },
-                String::new,
+                || driver.diagnostics(),
             )?;
         }
     }
@@ -342,7 +342,7 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
             last = snap;
             Ok(last_why.is_empty().then_some(()))
         },
-        String::new,
+        || driver.diagnostics(),
     );
     outcome.converged_seconds = start.elapsed().as_secs_f64();
     outcome.observed_limit = last.lease_limits.as_ref().map(|l| l.max_leases_per_worker);
@@ -360,7 +360,9 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
                 "every shard leased, nobody above the limit".into()
             };
         }
-        Err(_) => {
+        Err(e) => {
+            // What it waited for, the last error, and events or log lines.
+            eprintln!("{e:#}");
             outcome.detail = last_why.join("; ");
         }
     }
