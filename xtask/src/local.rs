@@ -200,7 +200,10 @@ impl Local {
         }
         // Progress lines (reshard steps) go to the user.
         let err = String::from_utf8_lossy(&out.stderr);
-        for line in err.lines().filter(|l| l.starts_with("UpdateShardCount")) {
+        for line in err
+            .lines()
+            .filter(|l| l.starts_with("UpdateShardCount") || l.starts_with("put "))
+        {
             eprintln!("  {line}");
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
