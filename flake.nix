@@ -97,7 +97,9 @@
             '';
           };
 
-          # moto's server mode (Flask) for DynamoDB.
+          # moto's server mode (Flask) for DynamoDB: a Python with moto, which runs
+          # lab/moto_serial.py (one request at a time; threaded moto_server's conditional
+          # writes are not atomic).
           moto-server = pkgs.python3.withPackages (ps: [
             ps.moto
             ps.flask
@@ -129,7 +131,7 @@
             export HOME=$TMPDIR
             SHARD_LIMIT=100000 KINESIS_MOCK_PLAIN_PORT=14568 KINESIS_MOCK_TLS_PORT=14567 \
               ${lib.getExe' kinesis-mock "kinesis-mock"} > $TMPDIR/kinesis-mock.log 2>&1 &
-            ${moto-server}/bin/moto_server -H 127.0.0.1 -p 15000 > $TMPDIR/moto.log 2>&1 &
+            ${moto-server}/bin/python lab/moto_serial.py -H 127.0.0.1 -p 15000 > $TMPDIR/moto.log 2>&1 &
             for _ in $(seq 1 150); do
               (echo > /dev/tcp/127.0.0.1/14568 && echo > /dev/tcp/127.0.0.1/15000) 2>/dev/null && break
               sleep 0.2
@@ -225,7 +227,8 @@
               pkgs.deadnix
             ];
             # `cargo xtask test` and the local lab use these instead of downloading.
-            XTASK_MOTO_SERVER = "${moto-server}/bin/moto_server";
+            # A Python that can import moto: xtask runs lab/moto_serial.py with it.
+            XTASK_MOTO_SERVER = "${moto-server}/bin/python";
             XTASK_KINESIS_MOCK_DIR = "${kinesis-mock}/lib/kinesis-mock";
             # Records the pinned tools' versions; `cargo xtask doctor` compares what is on PATH
             # later (outside the shell too) against them.

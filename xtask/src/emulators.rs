@@ -2,8 +2,21 @@
 //! started on free loopback ports, stopped when the guard is dropped (also on failure).
 //!
 //! - Kinesis: kinesis-mock (npm `kinesis-local`), run with Node.js.
-//! - DynamoDB: moto server (PyPI `moto[server]`), in its own virtualenv.
+//! - DynamoDB: moto server (PyPI `moto[server]`), in its own virtualenv, started through
+//!   `lab/moto_serial.py` so that it serves one request at a time.
+//!
+//! Why moto is serialised: `moto_server` handles each request on its own thread, and moto's
+//! DynamoDB does not make a conditional write's check and write atomic across threads. Threaded,
+//! four racing conditional UpdateItems on one item had two or more winners in 33 of 150 trials,
+//! and racing transactions both applied or failed with HTTP 500: the emulator would let tests
+//! pass or fail on races real DynamoDB never loses (the worker's election and leases are
+//! conditional writes). One request at a time, it is linearizable (0 of 150);
+//! `worker/tests/emulator_conformance.rs` fails if it ever stops being.
+//!
+//! `XTASK_MOTO_SERVER` (set by the Nix dev shell) replaces the virtualenv: it names a Python
+//! interpreter that can import moto (with its server extras), not a `moto_server` binary.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -60,11 +73,30 @@ fn moto_venv(pins: &Pins) -> PathBuf {
     tools_dir().join(format!("moto-{}", pins.dynamodb.version))
 }
 
-pub fn moto_server_bin(pins: &Pins) -> PathBuf {
-    if let Some(bin) = std::env::var_os("XTASK_MOTO_SERVER") {
-        return PathBuf::from(bin);
+/// The Python that runs `lab/moto_serial.py`: `XTASK_MOTO_SERVER`, else the virtualenv's.
+pub fn moto_python(pins: &Pins) -> anyhow::Result<PathBuf> {
+    let Some(python) = std::env::var_os("XTASK_MOTO_SERVER") else {
+        return Ok(moto_venv(pins).join("bin").join("python"));
+    };
+    let python = PathBuf::from(python);
+    // It used to name `moto_server`, which would take the launcher for an argument and serve
+    // threaded: refuse rather than run a non-linearizable DynamoDB.
+    if python
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("moto_server"))
+    {
+        bail!(
+            "XTASK_MOTO_SERVER={} names moto_server; it must name a Python interpreter that can \
+             import moto (e.g. <venv>/bin/python), which runs lab/moto_serial.py",
+            python.display()
+        );
     }
-    moto_venv(pins).join("bin").join("moto_server")
+    Ok(python)
+}
+
+/// The launcher that serves moto one request at a time (see the module docs).
+pub fn moto_launcher() -> PathBuf {
+    project_root().join("lab/moto_serial.py")
 }
 
 fn require_tool(sh: &Shell, tool: &str, why: &str) -> anyhow::Result<()> {
@@ -213,6 +245,13 @@ fn spawn(sh: &Shell, logs: &Path, detach: bool) -> anyhow::Result<Emulators> {
     install(sh, &pins)?;
     std::fs::create_dir_all(logs)?;
 
+    // Resolved first: a failure after kinesis-mock started would leave it running.
+    let moto_python = moto_python(&pins)?;
+    let launcher = moto_launcher();
+    if !launcher.is_file() {
+        bail!("{} is missing", launcher.display());
+    }
+
     let kinesis_port = free_port()?;
     let kinesis_tls_port = free_port()?;
     let dynamodb_port = free_port()?;
@@ -241,16 +280,26 @@ fn spawn(sh: &Shell, logs: &Path, detach: bool) -> anyhow::Result<Emulators> {
         .unchecked()
         .start()
         .context("starting kinesis-mock with node")?;
-    let moto = duct::cmd(
-        moto_server_bin(&pins),
-        ["-H", "127.0.0.1", "-p", &dynamodb_port.to_string()],
-    )
-    .stdin_null()
-    .stderr_to_stdout()
-    .stdout_path(logs.join("moto.log"))
-    .unchecked()
-    .start()
-    .context("starting moto_server")?;
+    let moto_args: [OsString; 5] = [
+        launcher.clone().into(),
+        "-H".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        dynamodb_port.to_string().into(),
+    ];
+    let moto = duct::cmd(&moto_python, moto_args)
+        .stdin_null()
+        .stderr_to_stdout()
+        .stdout_path(logs.join("moto.log"))
+        .unchecked()
+        .start()
+        .with_context(|| {
+            format!(
+                "starting moto with {} {}",
+                moto_python.display(),
+                launcher.display()
+            )
+        })?;
     let emulators = Emulators {
         kinesis: ([127, 0, 0, 1], kinesis_port).into(),
         dynamodb: ([127, 0, 0, 1], dynamodb_port).into(),
