@@ -50,7 +50,7 @@ pub async fn snapshot(aws: &AwsClients, settings: &Settings) -> Result<Snapshot,
     let leases = LeaseStore::new(aws.clone(), settings.lease_table())
         .scan()
         .await?;
-    let readable = readable_shards(&leases);
+    let readable = readable_shards(&leases, None);
     let mut summary = LeaseSummary {
         total: leases.len() as u64,
         readable: readable.len() as u64,

@@ -61,6 +61,13 @@ pub enum AwsError {
     /// The resource exists already (CreateTable / CreateStream races).
     #[error("{operation}: already exists")]
     AlreadyExists { operation: &'static str },
+    /// The request was refused as invalid (`InvalidArgumentException`: a sequence number
+    /// that does not belong to this stream, ...). Retrying does not help.
+    #[error("{operation}: invalid: {message}")]
+    Invalid {
+        operation: &'static str,
+        message: String,
+    },
     /// Anything else: network, throttling after retries, service errors.
     #[error("{operation}: {message}")]
     Unavailable {
@@ -82,6 +89,7 @@ fn classify(code: Option<&str>) -> &'static str {
         }
         Some("ResourceNotFoundException") => "not_found",
         Some("ResourceInUseException") => "already_exists",
+        Some("InvalidArgumentException") => "invalid_argument",
         Some(c)
             if c.contains("Throttl")
                 || c.contains("LimitExceeded")
@@ -122,6 +130,7 @@ where
                 "conditional_check_failed" => AwsError::ConditionFailed { operation },
                 "not_found" => AwsError::NotFound { operation, message },
                 "already_exists" => AwsError::AlreadyExists { operation },
+                "invalid_argument" => AwsError::Invalid { operation, message },
                 _ => AwsError::Unavailable { operation, message },
             })
         }
@@ -136,6 +145,17 @@ pub async fn scan_all(
     filter: Option<(&str, &str, &str)>,
 ) -> Result<Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>, AwsError>
 {
+    scan_all_with(aws, table, filter, true).await
+}
+
+/// [`scan_all`], strongly consistent or not.
+pub async fn scan_all_with(
+    aws: &AwsClients,
+    table: &str,
+    filter: Option<(&str, &str, &str)>,
+    consistent: bool,
+) -> Result<Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>, AwsError>
+{
     let mut items = Vec::new();
     let mut start = None;
     loop {
@@ -143,7 +163,7 @@ pub async fn scan_all(
             .dynamodb
             .scan()
             .table_name(table)
-            .consistent_read(true)
+            .consistent_read(consistent)
             .set_exclusive_start_key(start.take());
         // (expression over #a and :p, attribute, string value), e.g. a begins_with filter.
         if let Some((expr, attr, prefix)) = filter {

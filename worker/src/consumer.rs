@@ -1,5 +1,6 @@
 //! Reading one shard: GetShardIterator from the checkpoint, GetRecords in a loop with backoff,
-//! periodic conditional checkpoints, `SHARD_END` at the end so children can start.
+//! periodic checkpoints conditional on the lease as acquired ([`Held`]), `SHARD_END` at the end
+//! so children can start.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,8 @@ use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::aws::{AwsError, call};
-use crate::leases::{Lease, LeaseStore, SHARD_END, TRIM_HORIZON};
+use crate::backoff::Backoff;
+use crate::leases::{Held, LeaseStore, SHARD_END, TRIM_HORIZON};
 use crate::worker::Context;
 
 /// What a worker does with records. Called in order, once per GetRecords batch; a batch is
@@ -105,15 +107,24 @@ impl Default for ConsumerTuning {
 /// Why a consumer ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsumerExit {
-    /// Asked to stop; `last_processed` is the checkpoint to release the lease with.
+    /// Asked to stop; `last_processed` is the checkpoint to hand the lease on with.
     Stopped { last_processed: Option<String> },
     /// Read to the end; `SHARD_END` written and the lease released.
     ShardEnd,
-    /// A conditional write failed: another worker owns the lease now. Stopped at once.
+    /// A conditional write failed: the lease is no longer held as acquired. Stopped at once.
     Lost,
     /// The heartbeat could not be renewed in time: stopped before anyone may take over.
-    Fenced,
+    /// `last_processed` may still be checkpointed (conditionally: refused if taken since).
+    Fenced { last_processed: Option<String> },
+    /// The shard cannot be read from its checkpoint (recorded on the lease item).
+    Unreadable { reason: String },
 }
+
+/// Latest-position checkpoint some KCL versions write: reading starts at the tip.
+pub const LATEST: &str = "LATEST";
+
+/// Attempts of a GetShardIterator refused as invalid before the shard counts as unreadable.
+const INVALID_ATTEMPTS: u32 = 3;
 
 /// Sleeps `d` unless stopped or fenced first.
 async fn pause(
@@ -140,56 +151,80 @@ async fn iterator_at(
         .get_shard_iterator()
         .stream_name(&s.stream_name)
         .shard_id(shard_id);
-    req = if position == TRIM_HORIZON {
-        req.shard_iterator_type(ShardIteratorType::TrimHorizon)
-    } else {
-        req.shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-            .starting_sequence_number(position)
+    req = match position {
+        TRIM_HORIZON => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
+        LATEST => req.shard_iterator_type(ShardIteratorType::Latest),
+        seq => req
+            .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+            .starting_sequence_number(seq),
     };
     let out = call(&ctx.aws.metrics, "kinesis", "GetShardIterator", req.send()).await?;
     Ok(out.shard_iterator)
 }
 
-/// Reads `lease`'s shard until stopped, lost, fenced or finished.
+/// Why a checkpoint cannot be a reading position, if it cannot (checked before any call).
+pub fn invalid_checkpoint(checkpoint: &str) -> Option<String> {
+    let ok = matches!(checkpoint, TRIM_HORIZON | LATEST)
+        || (!checkpoint.is_empty()
+            && checkpoint.len() <= 128
+            && checkpoint.bytes().all(|b| b.is_ascii_digit()));
+    (!ok).then(|| format!("checkpoint {checkpoint:?} is not a sequence number"))
+}
+
+/// Reads `held`'s shard until stopped, lost, fenced or finished.
 pub async fn consume(
     ctx: Arc<Context>,
     store: LeaseStore,
-    lease: Lease,
+    held: Held,
     stop: CancellationToken,
 ) -> ConsumerExit {
     let me = ctx.state.settings.worker_id.clone();
-    let shard = lease.shard_id.clone();
+    let shard = held.shard_id.clone();
     let tuning = ctx.consumer_tuning;
-    let mut position = lease.checkpoint.clone();
     let mut last_processed: Option<String> = None;
     let mut since_checkpoint: u64 = 0;
     let mut last_checkpoint_at = Instant::now();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut invalid_attempts = 0;
     let mut iterator: Option<String> = None;
     let mut fence = ctx.state.fence();
 
+    if let Some(reason) = invalid_checkpoint(&held.checkpoint) {
+        return unreadable(&store, &held, &me, reason).await;
+    }
     loop {
         if stop.is_cancelled() {
             return ConsumerExit::Stopped { last_processed };
         }
         if !ctx.state.may_process() {
-            return ConsumerExit::Fenced;
+            return ConsumerExit::Fenced { last_processed };
         }
         let it = match iterator.take() {
             Some(it) => it,
-            None => match iterator_at(&ctx, &shard, last_processed.as_deref().unwrap_or(&position))
-                .await
+            None => match iterator_at(
+                &ctx,
+                &shard,
+                last_processed.as_deref().unwrap_or(&held.checkpoint),
+            )
+            .await
             {
                 Ok(Some(it)) => it,
                 Ok(None) => {
                     // No iterator: the shard is closed and fully read.
-                    return finish(&store, &shard, &me).await;
+                    return finish(&ctx, &store, &held, &me, last_processed, &stop).await;
+                }
+                Err(e @ (AwsError::Invalid { .. } | AwsError::NotFound { .. })) => {
+                    invalid_attempts += 1;
+                    if invalid_attempts >= INVALID_ATTEMPTS {
+                        return unreadable(&store, &held, &me, e.to_string()).await;
+                    }
+                    pause(backoff.next_wait(), &stop, &mut fence).await;
+                    continue;
                 }
                 Err(e) => {
                     tracing::warn!(shard = %shard, error = %e, "GetShardIterator failed");
                     // A stop during the pause is seen at the top of the loop.
-                    pause(backoff, &stop, &mut fence).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    pause(backoff.next_wait(), &stop, &mut fence).await;
                     continue;
                 }
             },
@@ -208,23 +243,27 @@ pub async fn consume(
         .await;
         let out = match out {
             Ok(out) => {
-                backoff = Duration::from_millis(200);
+                backoff.reset();
+                invalid_attempts = 0;
                 out
             }
             Err(e) => {
                 // Expired iterators, throttling, outages: back off, then start again from the
                 // last processed record.
                 tracing::debug!(shard = %shard, error = %e, "GetRecords failed");
-                pause(backoff, &stop, &mut fence).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                pause(backoff.next_wait(), &stop, &mut fence).await;
                 continue;
             }
         };
         let records = out.records();
         if !records.is_empty() {
-            // The fence is checked right before the side effect.
+            // The fence and a stop are checked right before the side effect: a batch that
+            // arrives after either is not processed (a successor may already read it).
             if !ctx.state.may_process() {
-                return ConsumerExit::Fenced;
+                return ConsumerExit::Fenced { last_processed };
+            }
+            if stop.is_cancelled() {
+                return ConsumerExit::Stopped { last_processed };
             }
             ctx.state.counting.process(&me, &shard, records);
             if let Some(p) = &ctx.processor {
@@ -236,9 +275,8 @@ pub async fn consume(
         let due = since_checkpoint >= tuning.checkpoint_every_records
             || (since_checkpoint > 0 && last_checkpoint_at.elapsed() >= tuning.checkpoint_every);
         if due && let Some(seq) = &last_processed {
-            match store.checkpoint(&shard, &me, seq).await {
+            match store.checkpoint(&held, &me, seq).await {
                 Ok(()) => {
-                    position = seq.clone();
                     since_checkpoint = 0;
                     last_checkpoint_at = Instant::now();
                 }
@@ -254,7 +292,7 @@ pub async fn consume(
         match out.next_shard_iterator() {
             None => {
                 // The shard is closed and everything in it was processed.
-                return finish(&store, &shard, &me).await;
+                return finish(&ctx, &store, &held, &me, last_processed, &stop).await;
             }
             Some(next) => iterator = Some(next.to_owned()),
         }
@@ -270,10 +308,37 @@ pub async fn consume(
     }
 }
 
-/// Writes `SHARD_END` and gives the lease up in one conditional write.
-async fn finish(store: &LeaseStore, shard: &str, me: &str) -> ConsumerExit {
+/// Records why the shard cannot be read (conditional on still holding it) and ends.
+async fn unreadable(store: &LeaseStore, held: &Held, me: &str, reason: String) -> ConsumerExit {
+    tracing::warn!(shard = %held.shard_id, checkpoint = %held.checkpoint, %reason, "shard cannot be read from its checkpoint; not counted as covered");
+    match store.mark_unreadable(held, me, &reason).await {
+        Err(e) if e.is_condition_failed() => ConsumerExit::Lost,
+        _ => ConsumerExit::Unreadable { reason },
+    }
+}
+
+/// Writes `SHARD_END` and gives the lease up in one conditional write, retrying with bounded
+/// backoff while DynamoDB fails; a stop or the fence ends the retries (the next owner then
+/// reads the empty rest of the shard again and writes `SHARD_END` itself).
+async fn finish(
+    ctx: &Context,
+    store: &LeaseStore,
+    held: &Held,
+    me: &str,
+    last_processed: Option<String>,
+    stop: &CancellationToken,
+) -> ConsumerExit {
+    let shard = &held.shard_id;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut fence = ctx.state.fence();
     loop {
-        match store.release(shard, me, Some(SHARD_END)).await {
+        if !ctx.state.may_process() {
+            return ConsumerExit::Fenced { last_processed };
+        }
+        match store
+            .give_up(shard, Some(held.counter), me, None, Some(SHARD_END))
+            .await
+        {
             Ok(()) => {
                 tracing::info!(shard = %shard, "shard read to its end; children may start");
                 return ConsumerExit::ShardEnd;
@@ -281,8 +346,30 @@ async fn finish(store: &LeaseStore, shard: &str, me: &str) -> ConsumerExit {
             Err(e) if e.is_condition_failed() => return ConsumerExit::Lost,
             Err(e) => {
                 tracing::warn!(shard = %shard, error = %e, "cannot write SHARD_END; retrying");
-                sleep(Duration::from_millis(500)).await;
             }
         }
+        if stop.is_cancelled() {
+            return ConsumerExit::Stopped { last_processed };
+        }
+        pause(backoff.next_wait(), stop, &mut fence).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_are_positions_or_refused() {
+        assert_eq!(invalid_checkpoint(TRIM_HORIZON), None);
+        assert_eq!(invalid_checkpoint(LATEST), None);
+        assert_eq!(
+            invalid_checkpoint("49590338271490256608559692538361571095921575989136588898"),
+            None
+        );
+        assert!(invalid_checkpoint("").is_some());
+        assert!(invalid_checkpoint("AT_TIMESTAMP").is_some());
+        assert!(invalid_checkpoint(SHARD_END).is_some());
+        assert!(invalid_checkpoint(&"9".repeat(129)).is_some());
     }
 }

@@ -1,17 +1,23 @@
 //! The coordinator's duties during one term (one epoch): gather the inputs, apply the policy,
-//! publish `lease_limits` when something changed.
+//! publish `lease_limits` when something changed; keep the lease table in step with the
+//! stream's shards; and assign the leases ([`crate::assignment`]) — the only scan of the lease
+//! table in the fleet.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+
+use futures::StreamExt;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
 
+use crate::assignment::{self, Action, FleetView};
 use crate::config::WorkerCountSource;
 use crate::election::LivenessTracker;
-use crate::inputs::{list_shards, open_shard_count, watch_desired_replicas};
-use crate::leases::LeaseStore;
+use crate::inputs::{ShardInfo, list_shards, open_shard_count, watch_desired_replicas};
+use crate::leases::{Lease, LeaseStore, Pending};
 use crate::policy::{self, FleetInputs};
 use crate::store::{LimitRecord, now_iso8601};
 use crate::worker::Context;
@@ -72,30 +78,53 @@ pub fn describe_change(old: Option<&LimitRecord>, new: &LimitRecord) -> String {
     line
 }
 
-/// Keeps one lease per shard that still needs reading: creates leases for new shards (with
-/// their parents, so children wait), deletes leases of shards the stream no longer lists
-/// (expired after the retention period). A closed shard keeps its `SHARD_END` lease while it
-/// is listed, so a missing lease always means "new", never "finished".
-async fn sync_leases(ctx: &Context, store: &LeaseStore) -> Result<(), crate::aws::AwsError> {
-    let listed = list_shards(&ctx.aws, &ctx.state.settings.stream_name).await?;
-    let leases = store.scan().await?;
-    let have: std::collections::BTreeSet<&str> =
-        leases.iter().map(|l| l.shard_id.as_str()).collect();
-    let listed_ids: std::collections::BTreeSet<&str> =
-        listed.iter().map(|sh| sh.shard_id.as_str()).collect();
+/// Leases the coordinator asks to move per worker and round only for evenness (leases above
+/// the limit always move).
+pub const MAX_BALANCE_MOVES_PER_ROUND: usize = 2;
+
+/// Assignment writes the coordinator keeps in flight at once.
+const ASSIGNMENT_WRITES_IN_FLIGHT: usize = 8;
+
+/// Keeps one lease per shard that still needs reading, from one ListShards and the round's
+/// scan: creates leases for new shards (parents before children, so children wait), deletes
+/// leases of shards the stream no longer lists (expired after the retention period). A closed
+/// shard keeps its `SHARD_END` lease while it is listed, so a missing lease always means
+/// "new", never "finished". Returns the listed ids.
+async fn sync_leases(
+    ctx: &Context,
+    store: &LeaseStore,
+    leases: &[Lease],
+) -> Result<BTreeSet<String>, crate::aws::AwsError> {
+    let mut listed = list_shards(&ctx.aws, &ctx.state.settings.stream_name).await?;
+    let have: BTreeSet<&str> = leases.iter().map(|l| l.shard_id.as_str()).collect();
+    let listed_ids: BTreeSet<String> = listed.iter().map(|sh| sh.shard_id.clone()).collect();
+    // Shards without parents first, then by id: a parent's lease exists before its child's.
+    listed.sort_by(|a, b| {
+        (!a.parents.is_empty(), &a.shard_id).cmp(&(!b.parents.is_empty(), &b.shard_id))
+    });
+    let missing: Vec<&ShardInfo> = listed
+        .iter()
+        .filter(|sh| !have.contains(sh.shard_id.as_str()))
+        .collect();
+    // A few at a time. The order is not what keeps children waiting: a child whose parent the
+    // stream lists is not readable until the parent's lease exists and is finished.
     let mut created = 0;
-    for shard in &listed {
-        if !have.contains(shard.shard_id.as_str())
-            && store
-                .create_if_missing(&shard.shard_id, &shard.parents)
-                .await?
-        {
-            created += 1;
+    for chunk in missing.chunks(ASSIGNMENT_WRITES_IN_FLIGHT) {
+        let results = futures::future::join_all(
+            chunk
+                .iter()
+                .map(|sh| store.create_if_missing(&sh.shard_id, &sh.parents)),
+        )
+        .await;
+        for result in results {
+            if result? {
+                created += 1;
+            }
         }
     }
     let mut deleted = 0;
-    for lease in &leases {
-        if !listed_ids.contains(lease.shard_id.as_str()) {
+    for lease in leases {
+        if !listed_ids.contains(&lease.shard_id) {
             store.delete(&lease.shard_id).await?;
             deleted += 1;
         }
@@ -108,22 +137,150 @@ async fn sync_leases(ctx: &Context, store: &LeaseStore) -> Result<(), crate::aws
             "lease table synced with the stream"
         );
     }
-    Ok(())
+    Ok(listed_ids)
 }
 
-async fn lease_sync_loop(ctx: Arc<Context>, stop: CancellationToken) {
-    let store = LeaseStore::new(ctx.aws.clone(), ctx.state.settings.lease_table());
-    let mut tick = interval(ctx.state.settings.shard_poll_interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+/// The coordinator's lease rounds: one scan of the lease table and of the heartbeats, the
+/// lease table synced with the stream when `shard_poll_interval` is due (from the same scan),
+/// a plan for the whole fleet, and its writes (each conditional on the lease as scanned).
+///
+/// Rounds start every `heartbeat_interval`, but never sooner than one round's own duration
+/// after the last one ended: on a large table the scan dominates, and the DynamoDB it shares
+/// with every heartbeat must not be kept busy by it.
+async fn lease_rounds(ctx: Arc<Context>, stop: CancellationToken) {
+    let s = &ctx.state.settings;
+    let me = s.worker_id.clone();
+    let store = LeaseStore::new(ctx.aws.clone(), s.lease_table());
+    let mut liveness = LivenessTracker::default();
+    let mut last_deficit_report: Option<(u64, u64)> = None;
+    let mut listed: Option<BTreeSet<String>> = None;
+    let mut next_sync = Instant::now();
+    let mut next_round = Instant::now();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(next_round) => {}
         }
-        if let Err(e) = sync_leases(&ctx, &store).await {
-            tracing::warn!(error = %e, "cannot sync the lease table with the stream's shards");
+        let began = Instant::now();
+        let result = lease_round(
+            &ctx,
+            &store,
+            &me,
+            &mut liveness,
+            &mut listed,
+            &mut next_sync,
+            &mut last_deficit_report,
+            &stop,
+        )
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "lease round failed; retrying next round");
         }
+        let took = began.elapsed();
+        next_round = (began + s.heartbeat_interval).max(Instant::now() + took);
     }
+    ctx.state.set_coverage(None);
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn lease_round(
+    ctx: &Context,
+    store: &LeaseStore,
+    me: &str,
+    liveness: &mut LivenessTracker,
+    listed: &mut Option<BTreeSet<String>>,
+    next_sync: &mut Instant,
+    last_deficit_report: &mut Option<(u64, u64)>,
+    stop: &CancellationToken,
+) -> Result<(), crate::aws::AwsError> {
+    let s = &ctx.state.settings;
+    let began = Instant::now();
+    let (leases, rows) = tokio::try_join!(store.scan(), ctx.meta.scan_heartbeats())?;
+    let scanned = began.elapsed();
+    if Instant::now() >= *next_sync {
+        match sync_leases(ctx, store, &leases).await {
+            Ok(ids) => *listed = Some(ids),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sync the lease table with the stream's shards")
+            }
+        }
+        *next_sync = Instant::now() + s.shard_poll_interval;
+    }
+    let (Some(limit), Some(listed)) = (ctx.state.limit(), listed.as_ref()) else {
+        return Ok(());
+    };
+    let judged = liveness.observe(&rows, Instant::now(), s.failover_timeout);
+    let mut live: BTreeSet<String> = judged.live.into_iter().collect();
+    live.insert(me.to_owned());
+    let view = FleetView {
+        leases: &leases,
+        live: &live,
+        limit: limit.max_leases_per_worker,
+        listed: Some(listed),
+        release_excess: live.len() as u64 >= limit.live_workers,
+    };
+    let coverage = assignment::coverage(&view, limit.cap);
+    if limit.capacity_deficit > 0 && coverage.unowned_shards > 0 {
+        let report = (coverage.unowned_shards, coverage.workers_needed);
+        if *last_deficit_report != Some(report) {
+            tracing::warn!(
+                unowned_shards = coverage.unowned_shards,
+                workers_needed = coverage.workers_needed,
+                capacity_deficit = limit.capacity_deficit,
+                "{} shards unowned: every worker is at the cap ({}); {} workers would cover them",
+                coverage.unowned_shards,
+                limit.max_leases_per_worker,
+                coverage.workers_needed
+            );
+        }
+        *last_deficit_report = Some(report);
+    } else {
+        *last_deficit_report = None;
+    }
+    ctx.state.set_coverage(Some(coverage));
+
+    let by_id: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.shard_id.as_str(), l)).collect();
+    // Written a few at a time: each write is conditional on its own lease only.
+    let actions = assignment::plan(&view, MAX_BALANCE_MOVES_PER_ROUND);
+    tracing::debug!(
+        leases = leases.len(),
+        live = live.len(),
+        actions = actions.len(),
+        scan_ms = scanned.as_millis() as u64,
+        round_ms = began.elapsed().as_millis() as u64,
+        "lease round planned"
+    );
+    let writes = actions
+        .into_iter()
+        .map(|action| {
+            let seen = by_id[action.shard()];
+            async move {
+                // The term may end (deposed, or its watchdog) in the middle of a plan.
+                if stop.is_cancelled() {
+                    return;
+                }
+                let result = match &action {
+                    Action::Assign { to, .. } => store.assign(seen, to).await,
+                    Action::HandOff { to, .. } => {
+                        store.request(seen, &Pending::HandOff(to.clone())).await
+                    }
+                    Action::Release { .. } => store.request(seen, &Pending::Release).await,
+                };
+                match result {
+                    Ok(()) => tracing::debug!(?action, "lease assignment written"),
+                    Err(e) if e.is_condition_failed() => tracing::debug!(
+                        shard = %action.shard(),
+                        "lease changed since the scan; replanned next round"
+                    ),
+                    Err(e) => tracing::warn!(shard = %action.shard(), error = %e, "cannot write a lease assignment"),
+                }
+            }
+        });
+    futures::stream::iter(writes)
+        .buffer_unordered(ASSIGNMENT_WRITES_IN_FLIGHT)
+        .collect::<()>()
+        .await;
+    Ok(())
 }
 
 /// Runs the coordinator's duties for `epoch` until `stop` is cancelled.
@@ -156,9 +313,9 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
     let mut heartbeat_tick = interval(s.heartbeat_interval);
     heartbeat_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut liveness = LivenessTracker::default();
-    // The lease table sync runs beside the publication loop: creating hundreds of lease items
-    // after a reshard must not delay the new limit.
-    watchers.spawn(lease_sync_loop(ctx.clone(), stop.child_token()));
+    // The lease table sync and the assignment run beside the publication loop: creating
+    // hundreds of lease items after a reshard must not delay the new limit.
+    watchers.spawn(lease_rounds(ctx.clone(), stop.child_token()));
     let mut shards: Option<u64> = None;
     let mut live: Option<u64> = None;
 

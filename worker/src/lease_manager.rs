@@ -1,23 +1,31 @@
-//! The lease loop: every round, read the lease table and the heartbeats, plan with
-//! [`crate::assignment`], take and hand off leases, and run one consumer per held shard.
+//! The lease loop: each worker's side of the lease protocol. Every round it reads only its own
+//! leases (the `leaseOwner` index), acts on what the coordinator asked (hand a lease over, give
+//! it up), gives up what lies above the published limit, and acquires (a conditional write)
+//! each lease it owns but does not read yet before starting its consumer.
+//!
+//! Who gets which lease is decided by the coordinator alone ([`crate::assignment`]), so a
+//! round costs this worker one Query of its own leases, not a scan of the table.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
 
-use crate::assignment::{self, Snapshot};
+use crate::assignment;
 use crate::consumer::{ConsumerExit, consume};
-use crate::election::LivenessTracker;
-use crate::leases::{Lease, LeaseStore};
+use crate::leases::{Held, Lease, LeaseStore, Pending};
+use crate::metrics::{OperationLabels, ReasonLabels};
 use crate::worker::Context;
 
-/// Leases handed off per round only for evenness (never limits obeying the published limit).
-pub const MAX_BALANCE_MOVES_PER_ROUND: usize = 2;
+/// How long a lease that could not be read waits before this worker tries it again (an
+/// operator may have repaired its checkpoint meanwhile).
+pub const UNREADABLE_RETRY: Duration = Duration::from_secs(30);
 
 struct Running {
+    held: Held,
     stop: CancellationToken,
     handle: Option<JoinHandle<ConsumerExit>>,
 }
@@ -37,12 +45,13 @@ impl Running {
     }
 
     /// Asks the consumer to stop after its current batch and waits for its exit.
-    async fn stop(mut self) -> ConsumerExit {
+    async fn stop(mut self) -> (Held, ConsumerExit) {
         self.stop.cancel();
-        match self.handle.take() {
+        let exit = match self.handle.take() {
             Some(h) => h.await.unwrap_or(ConsumerExit::Lost),
             None => ConsumerExit::Lost,
-        }
+        };
+        (self.held.clone(), exit)
     }
 
     /// Stops at once, without a final checkpoint (the lease is gone, or we are fenced).
@@ -51,18 +60,49 @@ impl Running {
     }
 }
 
+/// A lease whose consumer stopped for a hand-off that could not be written yet: its checkpoint
+/// is written before anything else happens to the lease.
+struct Parked {
+    counter: u64,
+    checkpoint: String,
+}
+
+/// What this worker gives a lease up with.
+struct GiveUp<'a> {
+    shard_id: &'a str,
+    /// The counter the item should still have: the consumer's acquire, or as seen.
+    counter: Option<u64>,
+    to: Option<&'a str>,
+    checkpoint: Option<String>,
+    kind: &'static str,
+}
+
+/// Short, fixed reason labels for the unreadable-lease metric.
+fn reason_label(reason: &str) -> &'static str {
+    if reason.contains("not a sequence number") {
+        "invalid_checkpoint"
+    } else if reason.contains("not found") {
+        "shard_not_found"
+    } else {
+        "invalid_argument"
+    }
+}
+
 pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let s = &ctx.state.settings;
     let me = s.worker_id.clone();
     let store = LeaseStore::new(ctx.aws.clone(), s.lease_table());
     let mut consumers: BTreeMap<String, Running> = BTreeMap::new();
-    let mut liveness = LivenessTracker::default();
-    // One round per heartbeat: hand-offs transfer ownership directly (no unowned gap), so
-    // rounds only bound how soon a receiver starts reading and a dead worker's leases move.
+    // Consumers stopped by the fence, still writing their last checkpoint: their shards are
+    // not acquired again until they are done.
+    let mut draining: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
+    let mut parked: BTreeMap<String, Parked> = BTreeMap::new();
+    let mut unreadable: BTreeMap<String, (String, Instant)> = BTreeMap::new();
+    // Since when this worker holds more than the published limit.
+    let mut over_limit_since: Option<Instant> = None;
+    // One round per heartbeat; also at once when the fence changes or a new limit arrives.
     let mut tick = interval(s.heartbeat_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_unowned_report: Option<(u64, u64)> = None;
-
     let mut fence = ctx.state.fence();
     loop {
         tokio::select! {
@@ -75,8 +115,9 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             _ = ctx.state.limit_changed.notified() => {}
         }
         ctx.state.beat("lease");
+        draining.retain(|_, h| !h.is_finished());
 
-        // Consumers that ended by themselves (shard end, lost lease, fenced).
+        // Consumers that ended by themselves (shard end, lost lease, fenced, unreadable).
         let ended: Vec<String> = consumers
             .iter()
             .filter(|(_, r)| r.is_finished())
@@ -84,8 +125,9 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             .collect();
         for id in ended {
             if let Some(r) = consumers.remove(&id) {
-                let exit = r.stop().await;
+                let (_, exit) = r.stop().await;
                 tracing::debug!(shard = %id, ?exit, "consumer ended");
+                note_exit(&ctx, &id, &exit, &mut unreadable);
             }
         }
 
@@ -95,202 +137,423 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
                     leases = consumers.len(),
                     "heartbeat not renewed in time: stopping every consumer before anyone may take over"
                 );
-                for (_, r) in std::mem::take(&mut consumers) {
-                    r.abort();
+                for (id, r) in std::mem::take(&mut consumers) {
+                    // Each consumer stops before its next batch (it sees the fence too); its
+                    // progress is then checkpointed, conditional on the counter it acquired,
+                    // so a successor's take makes the write fail and nothing is overwritten.
+                    r.stop.cancel();
+                    let (store, me) = (store.clone(), me.clone());
+                    let bound = s.heartbeat_interval * 2;
+                    draining.insert(
+                        id,
+                        tokio::spawn(async move {
+                            let (held, exit) = r.stop().await;
+                            if let ConsumerExit::Fenced {
+                                last_processed: Some(cp),
+                            }
+                            | ConsumerExit::Stopped {
+                                last_processed: Some(cp),
+                            } = exit
+                            {
+                                let _ =
+                                    tokio::time::timeout(bound, store.checkpoint(&held, &me, &cp))
+                                        .await;
+                            }
+                        }),
+                    );
                 }
             }
-            ctx.state.set_leases(Vec::new(), None);
+            ctx.state.set_leases(Vec::new());
             continue;
         }
 
-        let (leases, rows) = match tokio::try_join!(store.scan(), ctx.meta.scan_heartbeats()) {
+        let owned = match store.owned_by(&me).await {
             Ok(v) => v,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read leases or heartbeats this round");
+                tracing::warn!(error = %e, "cannot read this worker's leases this round");
                 continue;
             }
         };
-        let judged = liveness.observe(&rows, Instant::now(), s.failover_timeout);
-        let mut live: BTreeSet<String> = judged.live.into_iter().collect();
-        live.insert(me.clone());
+        // Fenced while this round read the table: change and start nothing.
+        if !ctx.state.may_process() {
+            continue;
+        }
+        let listed: BTreeSet<&str> = owned.iter().map(|l| l.shard_id.as_str()).collect();
 
-        // Leases whose item no longer names us: lost (taken after we were judged dead, or
-        // deleted with their shard). Stop reading them at once.
-        let owned_in_table: BTreeSet<&str> = leases
-            .iter()
-            .filter(|l| l.owner.as_deref() == Some(me.as_str()))
-            .map(|l| l.shard_id.as_str())
-            .collect();
-        let lost: Vec<String> = consumers
+        // A consumer whose lease the index no longer lists: the index lags behind writes, so
+        // a consistent read decides. Lost means stop at once (someone else may read it now).
+        let unlisted: Vec<String> = consumers
             .keys()
-            .filter(|k| !owned_in_table.contains(k.as_str()))
+            .filter(|k| !listed.contains(k.as_str()))
             .cloned()
             .collect();
-        for id in lost {
-            if let Some(r) = consumers.remove(&id) {
-                if r.is_finished() {
-                    // It ended by itself (shard end) between the reap and the scan.
-                    continue;
+        for id in unlisted {
+            let counter = consumers[&id].held.counter;
+            match store.get(&id).await {
+                Ok(Some(l))
+                    if l.owner.as_deref() == Some(me.as_str()) && l.counter == Some(counter) => {}
+                Ok(_) => {
+                    if let Some(r) = consumers.remove(&id) {
+                        if r.is_finished() {
+                            // It ended by itself (shard end) since the round began.
+                            let (_, exit) = r.stop().await;
+                            note_exit(&ctx, &id, &exit, &mut unreadable);
+                        } else {
+                            tracing::warn!(shard = %id, "lease no longer ours; consumer stopped");
+                            r.abort();
+                        }
+                    }
                 }
-                tracing::warn!(shard = %id, "lease no longer ours; consumer stopped");
-                r.abort();
+                // Cannot tell: the consumer's own conditional checkpoint will.
+                Err(e) => tracing::debug!(shard = %id, error = %e, "cannot confirm a lease"),
             }
+        }
+
+        // Checkpoints of stopped consumers whose hand-off could not be written last round.
+        let mut stuck: BTreeSet<String> = BTreeSet::new();
+        for (id, p) in std::mem::take(&mut parked) {
+            let held = Held {
+                shard_id: id.clone(),
+                counter: p.counter,
+                checkpoint: p.checkpoint.clone(),
+            };
+            match store.checkpoint(&held, &me, &p.checkpoint).await {
+                Ok(()) => {}
+                Err(e) if e.is_condition_failed() => {}
+                Err(e) => {
+                    tracing::warn!(shard = %id, error = %e, "cannot write a stopped consumer's checkpoint; will retry");
+                    stuck.insert(id.clone());
+                    parked.insert(id, p);
+                }
+            }
+        }
+
+        // What the coordinator asked for: hand over, or give up, after the last checkpoint.
+        // Every consumer concerned is asked to stop first, so they stop together.
+        for l in owned.iter().filter(|l| l.pending.is_some()) {
+            if let Some(r) = consumers.get(&l.shard_id) {
+                r.stop.cancel();
+            }
+        }
+        for l in owned.iter().filter(|l| !stuck.contains(&l.shard_id)) {
+            let Some(pending) = &l.pending else { continue };
+            let (to, kind) = match pending {
+                Pending::HandOff(to) => (Some(to.as_str()), "transfer"),
+                Pending::Release => (None, "release"),
+            };
+            give_up(
+                &ctx,
+                &store,
+                &me,
+                &mut consumers,
+                &mut parked,
+                &mut unreadable,
+                l,
+                to,
+                kind,
+            )
+            .await;
         }
 
         let Some(limit) = ctx.state.limit().map(|l| l.max_leases_per_worker) else {
             // No published limit yet: hold nothing new.
             ctx.state
-                .set_leases(consumers.keys().cloned().collect(), None);
+                .lease_round_done(consumers.keys().cloned().collect(), BTreeMap::new());
             continue;
         };
-        let snapshot = Snapshot {
-            leases: &leases,
-            live: &live,
-            limit,
-        };
-        // Fenced while this round read the tables: take and start nothing.
-        if !ctx.state.may_process() {
-            continue;
-        }
-        let plan = assignment::plan(&snapshot, &me, MAX_BALANCE_MOVES_PER_ROUND);
-        let by_id: BTreeMap<&str, &Lease> =
-            leases.iter().map(|l| (l.shard_id.as_str(), l)).collect();
 
-        for id in &plan.release {
-            let Some(checkpoint) = stop_for_handoff(&mut consumers, id).await else {
-                continue;
-            };
-            match store.release(id, &me, checkpoint.as_deref()).await {
-                Ok(()) => tracing::info!(shard = %id, limit, "released lease"),
-                Err(e) if e.is_condition_failed() => {}
-                Err(e) => tracing::warn!(shard = %id, error = %e, "cannot release lease"),
-            }
-        }
-        for (id, to) in &plan.hand_off {
-            let Some(checkpoint) = stop_for_handoff(&mut consumers, id).await else {
-                continue;
-            };
-            match store.transfer(id, &me, to, checkpoint.as_deref()).await {
-                Ok(()) => tracing::info!(shard = %id, to = %to, limit, "handed lease off"),
-                Err(e) if e.is_condition_failed() => {}
-                Err(e) => tracing::warn!(shard = %id, error = %e, "cannot hand lease off"),
-            }
-        }
-
-        // Leases the table says are ours but nothing reads (after a restart under the same
-        // worker id, or after recovering from a fence).
-        let readable = assignment::readable_shards(&leases);
-        for id in &owned_in_table {
-            if !consumers.contains_key(*id)
-                && readable.contains(id)
-                && !plan.release.iter().any(|r| r == id)
-            {
-                let lease = (*by_id[id]).clone();
-                start(&ctx, &store, lease, &mut consumers);
-            }
-        }
-
-        for id in &plan.take {
-            let Some(seen) = by_id.get(id.as_str()) else {
-                continue;
-            };
-            match store.take(seen, &me).await {
-                Ok(lease) => {
-                    match &seen.owner {
-                        Some(dead) => {
-                            tracing::info!(shard = %id, previous = %dead, "took lease of a dead worker")
-                        }
-                        None => tracing::info!(shard = %id, "took lease"),
-                    }
-                    start(&ctx, &store, lease, &mut consumers);
-                }
-                Err(e) if e.is_condition_failed() => {}
-                Err(e) => tracing::warn!(shard = %id, error = %e, "cannot take lease"),
-            }
-        }
-
-        // Shards nobody may read because every worker is at the cap (the coordinator's
-        // capacity_deficit says so); during a rebalance a few are briefly unowned too.
-        let owned_by_live = leases
-            .iter()
-            .filter(|l| readable.contains(l.shard_id.as_str()))
-            .filter(|l| l.owner.as_ref().is_some_and(|o| live.contains(o)))
-            .count() as u64;
-        let unowned = (readable.len() as u64).saturating_sub(owned_by_live);
-        let needed = (readable.len() as u64).div_ceil(s.max_leases_cap.max(1));
-        let deficit = ctx.state.limit().map_or(0, |l| l.capacity_deficit);
-        if deficit > 0 && unowned > 0 {
-            if last_unowned_report != Some((unowned, needed)) {
-                tracing::warn!(
-                    unowned_shards = unowned,
-                    workers_needed = needed,
-                    capacity_deficit = deficit,
-                    "{unowned} shards unowned: every worker is at the cap ({limit}); {needed} workers would cover them"
-                );
-            }
-            last_unowned_report = Some((unowned, needed));
+        // Above the published limit (a lower limit, or two views of who died). The coordinator
+        // asks for direct hand-offs (no unowned gap) within its next rounds; what it has not
+        // asked for within the failover timeout (no coordinator, or one that cannot write) is
+        // given up here.
+        let excess = assignment::excess(&owned, limit);
+        ctx.state
+            .metrics
+            .lease_limit_overrun
+            .set(excess.len() as i64);
+        let now = Instant::now();
+        over_limit_since = if excess.is_empty() {
+            None
         } else {
-            last_unowned_report = None;
+            Some(over_limit_since.unwrap_or(now))
+        };
+        let mut giving_up: BTreeSet<&str> = BTreeSet::new();
+        if over_limit_since.is_some_and(|t| now.duration_since(t) >= s.failover_timeout) {
+            for id in &excess {
+                let Some(l) = owned.iter().find(|l| &l.shard_id == id) else {
+                    continue;
+                };
+                if stuck.contains(id) {
+                    continue;
+                }
+                tracing::info!(shard = %id, limit, "above the published limit: giving a lease up");
+                give_up(
+                    &ctx,
+                    &store,
+                    &me,
+                    &mut consumers,
+                    &mut parked,
+                    &mut unreadable,
+                    l,
+                    None,
+                    "excess",
+                )
+                .await;
+                giving_up.insert(id.as_str());
+            }
         }
-        ctx.state.set_leases(
+
+        // Leases this worker owns and does not read yet (given by the coordinator, handed
+        // over by another worker, or still ours after a restart or a fence): acquire each
+        // with a conditional write before reading it, within the limit.
+        unreadable.retain(|id, _| listed.contains(id.as_str()));
+        let mut to_acquire: Vec<&Lease> = Vec::new();
+        for l in &owned {
+            let id = l.shard_id.as_str();
+            if l.pending.is_some()
+                || consumers.contains_key(id)
+                || draining.contains_key(id)
+                || giving_up.contains(id)
+                || stuck.contains(id)
+                || unreadable
+                    .get(id)
+                    .is_some_and(|(_, retry_at)| *retry_at > now)
+            {
+                continue;
+            }
+            if l.is_finished() {
+                // Read to its end but still marked as ours: done, let it go.
+                give_up(
+                    &ctx,
+                    &store,
+                    &me,
+                    &mut consumers,
+                    &mut parked,
+                    &mut unreadable,
+                    l,
+                    None,
+                    "shard_end",
+                )
+                .await;
+                continue;
+            }
+            to_acquire.push(l);
+        }
+        let room = (limit as usize).saturating_sub(consumers.len());
+        to_acquire.truncate(room);
+        // Acquired together: each is its own conditional write.
+        let acquired =
+            futures::future::join_all(to_acquire.iter().map(|l| store.acquire(l, &me))).await;
+        for (l, result) in to_acquire.iter().zip(acquired) {
+            let id = l.shard_id.as_str();
+            match result {
+                // Fenced while acquiring: the lease stays ours, read after the fence drops.
+                Ok(_) if !ctx.state.may_process() => {}
+                Ok(held) => {
+                    tracing::info!(shard = %id, counter = held.counter, "acquired lease; reading");
+                    start(&ctx, &store, held, &mut consumers);
+                }
+                Err(e) if e.is_condition_failed() => {
+                    tracing::debug!(shard = %id, "lease moved on before it was acquired");
+                }
+                Err(e) => tracing::warn!(shard = %id, error = %e, "cannot acquire lease"),
+            }
+        }
+
+        ctx.state.metrics.unreadable_leases.clear();
+        for (reason, _) in unreadable.values() {
+            ctx.state
+                .metrics
+                .unreadable_leases
+                .get_or_create(&ReasonLabels {
+                    reason: reason_label(reason),
+                })
+                .inc();
+        }
+        ctx.state.lease_round_done(
             consumers
                 .iter()
                 .filter(|(_, r)| !r.is_finished() && ctx.state.may_process())
                 .map(|(k, _)| k.clone())
                 .collect(),
-            Some(crate::state::Coverage {
-                readable_shards: readable.len() as u64,
-                unowned_shards: unowned,
-                workers_needed: needed,
-            }),
+            unreadable
+                .iter()
+                .map(|(k, (reason, _))| (k.clone(), reason.clone()))
+                .collect(),
         );
     }
 
-    // Graceful shutdown: stop every consumer at once, then checkpoint and hand every lease
+    // Graceful shutdown: stop every consumer at once, then checkpoint and give every lease
     // back so others take them without waiting for the failover timeout.
-    let stopping = std::mem::take(&mut consumers).into_iter().map(|(id, r)| {
+    let stopping = std::mem::take(&mut consumers).into_values().map(|r| {
         let store = store.clone();
         let me = me.clone();
         async move {
-            if let ConsumerExit::Stopped { last_processed } = r.stop().await
-                && let Err(e) = store.release(&id, &me, last_processed.as_deref()).await
+            let (held, exit) = r.stop().await;
+            if let ConsumerExit::Stopped { last_processed } = exit
+                && let Err(e) = store
+                    .give_up(&held.shard_id, Some(held.counter), &me, None, last_processed.as_deref())
+                    .await
                 && !e.is_condition_failed()
             {
-                tracing::warn!(shard = %id, error = %e, "cannot release lease on shutdown");
+                tracing::warn!(shard = %held.shard_id, error = %e, "cannot release lease on shutdown");
             }
         }
     });
     futures::future::join_all(stopping).await;
-    ctx.state.set_leases(Vec::new(), None);
+    // Leases given to this worker that it had not started yet, and stopped consumers' parked
+    // checkpoints.
+    if ctx.state.may_process()
+        && let Ok(owned) = store.owned_by(&me).await
+    {
+        for l in owned {
+            let checkpoint = parked.remove(&l.shard_id).map(|p| p.checkpoint);
+            let _ = store
+                .give_up(&l.shard_id, l.counter, &me, None, checkpoint.as_deref())
+                .await;
+        }
+    }
+    ctx.state.set_leases(Vec::new());
 }
 
-/// Stops the consumer of `id` (if any) for a hand-off. `Some(checkpoint)` to write with it;
-/// `None` when the consumer ended by itself (shard end, lost, fenced): nothing to hand off.
-async fn stop_for_handoff(
-    consumers: &mut BTreeMap<String, Running>,
+fn note_exit(
+    ctx: &Context,
     id: &str,
-) -> Option<Option<String>> {
-    match consumers.remove(id) {
-        Some(r) => match r.stop().await {
-            ConsumerExit::Stopped { last_processed } => Some(last_processed),
-            ConsumerExit::ShardEnd | ConsumerExit::Lost | ConsumerExit::Fenced => None,
+    exit: &ConsumerExit,
+    unreadable: &mut BTreeMap<String, (String, Instant)>,
+) {
+    match exit {
+        ConsumerExit::Unreadable { reason } => {
+            unreadable.insert(
+                id.to_owned(),
+                (reason.clone(), Instant::now() + UNREADABLE_RETRY),
+            );
+        }
+        ConsumerExit::ShardEnd => {
+            ctx.state
+                .metrics
+                .lease_hand_offs
+                .get_or_create(&OperationLabels {
+                    operation: "shard_end",
+                })
+                .inc();
+        }
+        ConsumerExit::Lost => tracing::warn!(shard = %id, "lease lost while reading"),
+        ConsumerExit::Stopped { .. } | ConsumerExit::Fenced { .. } => {}
+    }
+}
+
+/// Stops the consumer of `l` (if any) and, in one conditional write with its last checkpoint,
+/// gives the lease to `to` (or to nobody). Nothing is written when the consumer ended because
+/// the lease was lost or the worker fenced.
+#[allow(clippy::too_many_arguments)]
+async fn give_up(
+    ctx: &Context,
+    store: &LeaseStore,
+    me: &str,
+    consumers: &mut BTreeMap<String, Running>,
+    parked: &mut BTreeMap<String, Parked>,
+    unreadable: &mut BTreeMap<String, (String, Instant)>,
+    l: &Lease,
+    to: Option<&str>,
+    kind: &'static str,
+) {
+    let plan = match consumers.remove(&l.shard_id) {
+        Some(r) => {
+            let (held, exit) = r.stop().await;
+            note_exit(ctx, &l.shard_id, &exit, unreadable);
+            match exit {
+                ConsumerExit::Stopped { last_processed } => GiveUp {
+                    shard_id: &l.shard_id,
+                    counter: Some(held.counter),
+                    to,
+                    checkpoint: last_processed,
+                    kind,
+                },
+                ConsumerExit::Unreadable { .. } => GiveUp {
+                    shard_id: &l.shard_id,
+                    counter: Some(held.counter),
+                    to,
+                    checkpoint: None,
+                    kind,
+                },
+                // Lost, fenced, or finished (SHARD_END already gave it up): nothing to write.
+                ConsumerExit::Lost | ConsumerExit::Fenced { .. } | ConsumerExit::ShardEnd => return,
+            }
+        }
+        None => GiveUp {
+            shard_id: &l.shard_id,
+            counter: l.counter,
+            to,
+            checkpoint: None,
+            kind,
         },
-        None => Some(None),
+    };
+    if !ctx.state.may_process() {
+        return;
+    }
+    let result = store
+        .give_up(
+            plan.shard_id,
+            plan.counter,
+            me,
+            plan.to,
+            plan.checkpoint.as_deref(),
+        )
+        .await;
+    match result {
+        Ok(()) => {
+            ctx.state
+                .metrics
+                .lease_hand_offs
+                .get_or_create(&OperationLabels {
+                    operation: plan.kind,
+                })
+                .inc();
+            match plan.to {
+                Some(to) => tracing::info!(shard = %plan.shard_id, to = %to, "handed lease off"),
+                None => {
+                    tracing::info!(shard = %plan.shard_id, reason = plan.kind, "released lease")
+                }
+            }
+        }
+        Err(e) => {
+            if !e.is_condition_failed() {
+                tracing::warn!(shard = %plan.shard_id, error = %e, "cannot hand the lease on; keeping its checkpoint for the next round");
+            }
+            // Keep what was read: written before the lease is touched again (a refused
+            // condition means it is no longer ours and the write will be refused too).
+            if let (Some(counter), Some(checkpoint)) = (plan.counter, plan.checkpoint) {
+                parked.insert(
+                    plan.shard_id.to_owned(),
+                    Parked {
+                        counter,
+                        checkpoint,
+                    },
+                );
+            }
+        }
     }
 }
 
 fn start(
     ctx: &Arc<Context>,
     store: &LeaseStore,
-    lease: Lease,
+    held: Held,
     consumers: &mut BTreeMap<String, Running>,
 ) {
     let stop = CancellationToken::new();
-    let id = lease.shard_id.clone();
-    let handle = tokio::spawn(consume(ctx.clone(), store.clone(), lease, stop.clone()));
+    let id = held.shard_id.clone();
+    let handle = tokio::spawn(consume(
+        ctx.clone(),
+        store.clone(),
+        held.clone(),
+        stop.clone(),
+    ));
     consumers.insert(
         id,
         Running {
+            held,
             stop,
             handle: Some(handle),
         },

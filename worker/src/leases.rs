@@ -2,7 +2,15 @@
 //!
 //! Liveness is *not* renewed per lease: a lease is alive while its owner's heartbeat is (see
 //! [`crate::election::LivenessTracker`]), so steady-state writes grow with workers, not shards.
-//! Every ownership change is conditional on `leaseOwner` and `leaseCounter`.
+//!
+//! Every write is conditional on the `leaseOwner` and `leaseCounter` the writer saw, and the
+//! counter moves on every change of who may read: an assignment, a worker acquiring a lease
+//! before it reads it, a hand-off, a release. A reader holds the counter of its own acquire
+//! ([`Held`]); its checkpoints, hand-off and release are conditional on it, so a stale reader
+//! can neither keep reading past a successor's take nor move a successor's checkpoint back.
+//!
+//! Reads: only the coordinator scans the table; each worker queries its own leases through the
+//! `leaseOwner` index ([`OWNER_INDEX`]).
 
 use std::collections::HashMap;
 
@@ -10,7 +18,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use serde::Serialize;
 
 use crate::aws::{AwsClients, AwsError, call};
-use crate::schema::LEASE_KEY;
+use crate::schema::{LEASE_KEY, OWNER_INDEX};
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -19,22 +27,52 @@ pub const TRIM_HORIZON: &str = "TRIM_HORIZON";
 /// Checkpoint of a shard read to its end (closed by a reshard): its children may start.
 pub const SHARD_END: &str = "SHARD_END";
 
+/// What the coordinator asked the owner of a lease to do (attribute `pendingOwner`): hand it
+/// to another worker, or (empty string) give it up. The owner acts on it after checkpointing,
+/// so the shard is read by one worker at a time and from where the last one stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pending {
+    HandOff(String),
+    Release,
+}
+
 /// One lease item as read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Lease {
     pub shard_id: String,
     /// `None` while unowned.
     pub owner: Option<String>,
-    pub counter: u64,
+    /// `None` when the item has no `leaseCounter` (written by hand or by another tool): the
+    /// next conditional write sets it.
+    pub counter: Option<u64>,
     pub checkpoint: String,
     pub owner_switches_since_checkpoint: u64,
     pub parents: Vec<String>,
+    pub pending: Option<Pending>,
+    /// Set by the owner when the shard cannot be read from its checkpoint (see
+    /// [`LeaseStore::mark_unreadable`]); such a shard does not count as covered.
+    pub unreadable: Option<String>,
 }
 
 impl Lease {
     pub fn is_finished(&self) -> bool {
         self.checkpoint == SHARD_END
     }
+
+    /// The counter value this lease's next write sets.
+    fn next_counter(&self) -> u64 {
+        self.counter.map_or(1, |c| c.saturating_add(1))
+    }
+}
+
+/// A lease as its reader acquired it: the counter it wrote. Every later write of the reader
+/// is conditional on the item still having this owner and counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub shard_id: String,
+    pub counter: u64,
+    pub checkpoint: String,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -51,7 +89,6 @@ fn parse(item: &Item) -> Option<Lease> {
         item.get(k)
             .and_then(|v| v.as_n().ok())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
     };
     let mut parents = item
         .get("parentShardId")
@@ -64,8 +101,16 @@ fn parse(item: &Item) -> Option<Lease> {
         owner: get_s("leaseOwner").filter(|o| !o.is_empty()),
         counter: get_n("leaseCounter"),
         checkpoint: get_s("checkpoint").unwrap_or_else(|| TRIM_HORIZON.to_owned()),
-        owner_switches_since_checkpoint: get_n("ownerSwitchesSinceCheckpoint"),
+        owner_switches_since_checkpoint: get_n("ownerSwitchesSinceCheckpoint").unwrap_or(0),
         parents,
+        pending: get_s("pendingOwner").map(|p| {
+            if p.is_empty() {
+                Pending::Release
+            } else {
+                Pending::HandOff(p)
+            }
+        }),
+        unreadable: get_s("unreadable"),
     })
 }
 
@@ -75,11 +120,55 @@ pub fn sequence_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
+/// The condition "the item is still as `seen`": same owner (or still unowned) and counter.
+struct Seen<'a> {
+    owner: Option<&'a str>,
+    counter: Option<u64>,
+}
+
+impl Seen<'_> {
+    fn apply(
+        &self,
+        req: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        let counter = match self.counter {
+            Some(c) => {
+                return self
+                    .owner_condition(req, "leaseCounter = :seen_counter")
+                    .expression_attribute_values(":seen_counter", n(c));
+            }
+            None => "attribute_not_exists(leaseCounter)",
+        };
+        self.owner_condition(req, counter)
+    }
+
+    fn owner_condition(
+        &self,
+        req: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+        counter: &str,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        match self.owner {
+            Some(owner) => req
+                .condition_expression(format!("{counter} AND leaseOwner = :seen_owner"))
+                .expression_attribute_values(":seen_owner", s(owner)),
+            None => req.condition_expression(format!(
+                "{counter} AND attribute_exists(leaseKey) AND (attribute_not_exists(leaseOwner) \
+                 OR leaseOwner = :empty OR NOT attribute_type(leaseOwner, :string))"
+            ))
+            .expression_attribute_values(":empty", s(""))
+            .expression_attribute_values(":string", s("S")),
+        }
+    }
+}
+
+/// Handle on one application's lease table.
 #[derive(Clone)]
 pub struct LeaseStore {
     aws: AwsClients,
     table: String,
 }
+
+type Update = aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 
 impl LeaseStore {
     pub fn new(aws: AwsClients, table: impl Into<String>) -> Self {
@@ -89,12 +178,65 @@ impl LeaseStore {
         }
     }
 
-    /// Every lease, strongly consistent, all pages.
+    /// Every lease, all pages, eventually consistent: what is decided from it is written
+    /// conditionally on the owner and counter seen, so a stale item only makes a write fail.
+    /// Only the coordinator (and the lab's snapshot) scans.
     pub async fn scan(&self) -> Result<Vec<Lease>, AwsError> {
-        let items = crate::aws::scan_all(&self.aws, &self.table, None).await?;
+        let items = crate::aws::scan_all_with(&self.aws, &self.table, None, false).await?;
         let mut leases: Vec<Lease> = items.iter().filter_map(parse).collect();
         leases.sort_by(|a, b| a.shard_id.cmp(&b.shard_id));
         Ok(leases)
+    }
+
+    /// The leases the `leaseOwner` index lists for `owner` (eventually consistent: a worker
+    /// acquires each one conditionally before reading it).
+    pub async fn owned_by(&self, owner: &str) -> Result<Vec<Lease>, AwsError> {
+        let mut leases = Vec::new();
+        let mut start = None;
+        loop {
+            let out = call(
+                &self.aws.metrics,
+                "dynamodb",
+                "Query",
+                self.aws
+                    .dynamodb
+                    .query()
+                    .table_name(&self.table)
+                    .index_name(OWNER_INDEX)
+                    .key_condition_expression("leaseOwner = :me")
+                    .expression_attribute_values(":me", s(owner))
+                    .set_exclusive_start_key(start.take())
+                    .send(),
+            )
+            .await?;
+            leases.extend(out.items().iter().filter_map(parse));
+            match out.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => break,
+            }
+        }
+        // The index may still list a lease that moved on: only the owner's own are kept.
+        leases.retain(|l| l.owner.as_deref() == Some(owner));
+        leases.sort_by(|a, b| a.shard_id.cmp(&b.shard_id));
+        Ok(leases)
+    }
+
+    /// One lease, strongly consistent.
+    pub async fn get(&self, shard_id: &str) -> Result<Option<Lease>, AwsError> {
+        let out = call(
+            &self.aws.metrics,
+            "dynamodb",
+            "GetItem",
+            self.aws
+                .dynamodb
+                .get_item()
+                .table_name(&self.table)
+                .key(LEASE_KEY, s(shard_id))
+                .consistent_read(true)
+                .send(),
+        )
+        .await?;
+        Ok(out.item.as_ref().and_then(parse))
     }
 
     /// Creates the lease of a shard if it has none (reading starts at TRIM_HORIZON).
@@ -142,109 +284,139 @@ impl LeaseStore {
         Ok(())
     }
 
-    /// Takes `seen` (unowned, or owned by a dead worker) for `me`, if nobody changed it since.
-    pub async fn take(&self, seen: &Lease, me: &str) -> Result<Lease, AwsError> {
-        let mut req = self
-            .aws
-            .dynamodb
-            .update_item()
-            .table_name(&self.table)
-            .key(LEASE_KEY, s(&seen.shard_id))
-            .update_expression(
-                "SET leaseOwner = :me, leaseCounter = :next, \
-                 ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
-            )
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":next", n(seen.counter + 1))
-            .expression_attribute_values(":seen_counter", n(seen.counter))
-            .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":one", n(1));
-        req = match &seen.owner {
-            None => req.condition_expression(
-                "leaseCounter = :seen_counter AND (attribute_not_exists(leaseOwner) OR leaseOwner = :empty)",
-            )
-            .expression_attribute_values(":empty", s("")),
-            Some(owner) => req
-                .condition_expression("leaseCounter = :seen_counter AND leaseOwner = :seen_owner")
-                .expression_attribute_values(":seen_owner", s(owner)),
-        };
-        call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
-        Ok(Lease {
-            owner: Some(me.to_owned()),
-            counter: seen.counter + 1,
-            owner_switches_since_checkpoint: seen.owner_switches_since_checkpoint + 1,
-            ..seen.clone()
-        })
-    }
-
-    /// Records progress; fails with `ConditionFailed` once the lease is no longer `me`'s.
-    pub async fn checkpoint(
-        &self,
-        shard_id: &str,
-        me: &str,
-        checkpoint: &str,
-    ) -> Result<(), AwsError> {
-        call(
-            &self.aws.metrics,
-            "dynamodb",
-            "UpdateItem",
-            self.aws
-                .dynamodb
-                .update_item()
-                .table_name(&self.table)
-                .key(LEASE_KEY, s(shard_id))
-                .update_expression("SET checkpoint = :cp, ownerSwitchesSinceCheckpoint = :zero")
-                .condition_expression("leaseOwner = :me")
-                .expression_attribute_values(":cp", s(checkpoint))
-                .expression_attribute_values(":me", s(me))
-                .expression_attribute_values(":zero", n(0))
-                .send(),
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Checkpoints (if given) and hands the lease straight to `to`, conditional on `me` still
-    /// owning it: the shard is never unowned.
-    pub async fn transfer(
-        &self,
-        shard_id: &str,
-        me: &str,
-        to: &str,
-        checkpoint: Option<&str>,
-    ) -> Result<(), AwsError> {
-        self.give_up(shard_id, me, Some(to), checkpoint).await
-    }
-
-    /// Checkpoints (if given) and gives the lease up in one conditional write, so the next
-    /// owner starts exactly after the last processed record.
-    pub async fn release(
-        &self,
-        shard_id: &str,
-        me: &str,
-        checkpoint: Option<&str>,
-    ) -> Result<(), AwsError> {
-        self.give_up(shard_id, me, None, checkpoint).await
-    }
-
-    /// One conditional write: new owner (`to`, or none), counter + 1, and the checkpoint.
-    async fn give_up(
-        &self,
-        shard_id: &str,
-        me: &str,
-        to: Option<&str>,
-        checkpoint: Option<&str>,
-    ) -> Result<(), AwsError> {
-        let mut set = vec!["leaseCounter = leaseCounter + :one"];
-        let mut req = self
-            .aws
+    fn update(&self, shard_id: &str) -> Update {
+        self.aws
             .dynamodb
             .update_item()
             .table_name(&self.table)
             .key(LEASE_KEY, s(shard_id))
-            .condition_expression("leaseOwner = :me")
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":one", n(1))
+    }
+
+    async fn send(&self, req: Update) -> Result<(), AwsError> {
+        call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
+        Ok(())
+    }
+
+    /// The coordinator gives `seen` (unowned, or owned by a dead worker) to `to`, if nobody
+    /// changed it since. `to` acquires it before reading.
+    pub async fn assign(&self, seen: &Lease, to: &str) -> Result<(), AwsError> {
+        let req = self
+            .update(&seen.shard_id)
+            .update_expression(
+                "SET leaseOwner = :to, leaseCounter = :next, \
+                 ownerSwitchesSinceCheckpoint = :switches REMOVE pendingOwner",
+            )
+            .expression_attribute_values(":to", s(to))
+            .expression_attribute_values(":next", n(seen.next_counter()))
+            .expression_attribute_values(
+                ":switches",
+                n(seen.owner_switches_since_checkpoint.saturating_add(1)),
+            );
+        self.send(
+            Seen {
+                owner: seen.owner.as_deref(),
+                counter: seen.counter,
+            }
+            .apply(req),
+        )
+        .await
+    }
+
+    /// The coordinator asks the live owner of `seen` to hand it over (or give it up). The
+    /// counter does not move: the owner's checkpoints go on succeeding until it acts.
+    pub async fn request(&self, seen: &Lease, pending: &Pending) -> Result<(), AwsError> {
+        let to = match pending {
+            Pending::HandOff(to) => to.as_str(),
+            Pending::Release => "",
+        };
+        let req = self
+            .update(&seen.shard_id)
+            .update_expression("SET pendingOwner = :pending")
+            .expression_attribute_values(":pending", s(to));
+        self.send(
+            Seen {
+                owner: seen.owner.as_deref(),
+                counter: seen.counter,
+            }
+            .apply(req),
+        )
+        .await
+    }
+
+    /// The owner claims a lease it was given (or still has after a restart or a fence) before
+    /// reading it: `leaseCounter + 1` if the item is still as seen. Whoever else wanted it from
+    /// the same state (a coordinator judging this worker dead) now fails.
+    pub async fn acquire(&self, seen: &Lease, me: &str) -> Result<Held, AwsError> {
+        let next = seen.next_counter();
+        let req = self
+            .update(&seen.shard_id)
+            .update_expression("SET leaseCounter = :next")
+            .expression_attribute_values(":next", n(next))
+            // The checkpoint as of this write: the index read may lag behind the last one.
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew);
+        let out = call(
+            &self.aws.metrics,
+            "dynamodb",
+            "UpdateItem",
+            Seen {
+                owner: Some(me),
+                counter: seen.counter,
+            }
+            .apply(req)
+            .send(),
+        )
+        .await?;
+        let checkpoint = out
+            .attributes()
+            .and_then(parse)
+            .map_or_else(|| seen.checkpoint.clone(), |l| l.checkpoint);
+        Ok(Held {
+            shard_id: seen.shard_id.clone(),
+            counter: next,
+            checkpoint,
+        })
+    }
+
+    /// Records progress; fails with `ConditionFailed` once the lease is no longer held at
+    /// `held.counter` (so a late checkpoint never moves a successor's back).
+    pub async fn checkpoint(
+        &self,
+        held: &Held,
+        me: &str,
+        checkpoint: &str,
+    ) -> Result<(), AwsError> {
+        let req = self
+            .update(&held.shard_id)
+            .update_expression("SET checkpoint = :cp, ownerSwitchesSinceCheckpoint = :zero")
+            .expression_attribute_values(":cp", s(checkpoint))
+            .expression_attribute_values(":zero", n(0));
+        self.send(
+            Seen {
+                owner: Some(me),
+                counter: Some(held.counter),
+            }
+            .apply(req),
+        )
+        .await
+    }
+
+    /// Checkpoints (if given) and gives the lease to `to` (`None`: nobody) in one conditional
+    /// write, so the next owner starts exactly after the last processed record and the shard
+    /// is never read by two workers. `held` is what the giver holds: its acquired counter, or
+    /// the item as seen when it was not reading it.
+    pub async fn give_up(
+        &self,
+        shard_id: &str,
+        counter: Option<u64>,
+        me: &str,
+        to: Option<&str>,
+        checkpoint: Option<&str>,
+    ) -> Result<(), AwsError> {
+        let next = counter.map_or(1, |c| c.saturating_add(1));
+        let mut set = vec!["leaseCounter = :next"];
+        let mut req = self
+            .update(shard_id)
+            .expression_attribute_values(":next", n(next))
             .expression_attribute_values(":zero", n(0));
         if let Some(to) = to {
             set.push("leaseOwner = :to");
@@ -256,22 +428,64 @@ impl LeaseStore {
                 set.push("ownerSwitchesSinceCheckpoint = :zero");
                 req = req.expression_attribute_values(":cp", s(cp));
             }
-            None => set.push(
-                "ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
-            ),
+            None => {
+                set.push(
+                    "ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+                );
+                req = req.expression_attribute_values(":one", n(1));
+            }
         }
-        let mut expression = format!("SET {}", set.join(", "));
+        let mut expression = format!("SET {} REMOVE pendingOwner, unreadable", set.join(", "));
         if to.is_none() {
-            expression.push_str(" REMOVE leaseOwner");
+            expression.push_str(", leaseOwner");
         }
-        call(
-            &self.aws.metrics,
-            "dynamodb",
-            "UpdateItem",
-            req.update_expression(expression).send(),
+        self.send(
+            Seen {
+                owner: Some(me),
+                counter,
+            }
+            .apply(req.update_expression(expression)),
         )
-        .await?;
-        Ok(())
+        .await
+    }
+
+    /// The owner records why it cannot read this shard (a checkpoint that is not valid for
+    /// the stream, ...): visible in the table, the coordinator's coverage and `/status`.
+    pub async fn mark_unreadable(
+        &self,
+        held: &Held,
+        me: &str,
+        reason: &str,
+    ) -> Result<(), AwsError> {
+        let req = self
+            .update(&held.shard_id)
+            .update_expression("SET unreadable = :why")
+            .expression_attribute_values(":why", s(reason));
+        self.send(
+            Seen {
+                owner: Some(me),
+                counter: Some(held.counter),
+            }
+            .apply(req),
+        )
+        .await
+    }
+
+    /// Clears the owner of a lease whose shard is finished but still names an owner (an item
+    /// left so by hand or by another tool), so it counts as done.
+    pub async fn repair_finished(&self, seen: &Lease) -> Result<(), AwsError> {
+        let req = self
+            .update(&seen.shard_id)
+            .update_expression("SET leaseCounter = :next REMOVE leaseOwner, pendingOwner")
+            .expression_attribute_values(":next", n(seen.next_counter()));
+        self.send(
+            Seen {
+                owner: seen.owner.as_deref(),
+                counter: seen.counter,
+            }
+            .apply(req),
+        )
+        .await
     }
 }
 
@@ -291,5 +505,27 @@ mod tests {
             Ordering::Less
         );
         assert_eq!(sequence_cmp("007", "7"), Ordering::Equal);
+    }
+
+    #[test]
+    fn items_parse_with_missing_or_odd_attributes() {
+        let mut item = Item::new();
+        item.insert(LEASE_KEY.into(), s("shard-1"));
+        let l = parse(&item).unwrap();
+        assert_eq!(l.counter, None);
+        assert_eq!(l.next_counter(), 1);
+        assert_eq!(l.checkpoint, TRIM_HORIZON);
+        item.insert("leaseOwner".into(), n(7));
+        item.insert("pendingOwner".into(), s(""));
+        item.insert("leaseCounter".into(), n(u64::MAX));
+        let l = parse(&item).unwrap();
+        assert_eq!(l.owner, None, "an owner that is not a string is no owner");
+        assert_eq!(l.pending, Some(Pending::Release));
+        assert_eq!(l.next_counter(), u64::MAX);
+        item.insert("pendingOwner".into(), s("w2"));
+        assert_eq!(
+            parse(&item).unwrap().pending,
+            Some(Pending::HandOff("w2".into()))
+        );
     }
 }

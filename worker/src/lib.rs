@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod assignment;
 pub mod aws;
+pub mod backoff;
 pub mod config;
 pub mod consumer;
 pub mod coordinator;

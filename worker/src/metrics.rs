@@ -21,6 +21,11 @@ pub struct OperationLabels {
     pub operation: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 /// Every metric the worker exports. Cheap to clone (all handles are shared).
 #[derive(Clone, Default)]
 pub struct Metrics {
@@ -38,6 +43,9 @@ pub struct Metrics {
     pub heartbeat_age_seconds: Gauge<f64, AtomicU64>,
     pub unowned_shards: Gauge,
     pub workers_needed: Gauge,
+    pub unreadable_leases: Family<ReasonLabels, Gauge>,
+    pub lease_limit_overrun: Gauge,
+    pub lease_hand_offs: Family<OperationLabels, Counter>,
     pub records_processed: Family<crate::consumer::ShardLabel, Counter>,
     pub bytes_processed: Family<crate::consumer::ShardLabel, Counter>,
 }
@@ -119,6 +127,21 @@ impl Metrics {
             "workers_needed",
             "Workers needed so that nobody exceeds the cap: ceil(readable shards / cap)",
             self.workers_needed.clone(),
+        );
+        r.register(
+            "unreadable_leases",
+            "Leases this worker holds but cannot read, by reason",
+            self.unreadable_leases.clone(),
+        );
+        r.register(
+            "lease_limit_overrun",
+            "Leases this worker holds above the published limit (given up at its next round)",
+            self.lease_limit_overrun.clone(),
+        );
+        r.register(
+            "lease_hand_offs",
+            "Leases handed over or given up by this worker, by kind (transfer, release, excess, shard_end)",
+            self.lease_hand_offs.clone(),
         );
         r.register(
             "records_processed",

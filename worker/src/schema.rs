@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
-    TimeToLiveSpecification,
+    AttributeDefinition, BillingMode, CreateGlobalSecondaryIndexAction, GlobalSecondaryIndex,
+    GlobalSecondaryIndexUpdate, IndexStatus, KeySchemaElement, KeyType, Projection, ProjectionType,
+    ScalarAttributeType, TableStatus, TimeToLiveSpecification,
 };
 use aws_sdk_kinesis::types::StreamStatus;
 use tokio::time::{Instant, sleep};
@@ -25,6 +26,11 @@ pub const WORKER_ITEM_PREFIX: &str = "worker#";
 pub const TTL_ATTRIBUTE: &str = "ttl";
 /// Partition key of the KCL-compatible lease table.
 pub const LEASE_KEY: &str = "leaseKey";
+/// Global secondary index of the lease table on `leaseOwner` (all attributes projected): each
+/// worker reads only its own leases through it, so reads grow with shards + workers.
+pub const OWNER_INDEX: &str = "leaseOwner-index";
+/// The attribute [`OWNER_INDEX`] is keyed on.
+pub const OWNER_ATTRIBUTE: &str = "leaseOwner";
 
 /// How long to wait for a table or stream to become ACTIVE.
 pub const ACTIVE_DEADLINE: Duration = Duration::from_secs(120);
@@ -36,36 +42,130 @@ pub fn worker_item_key(worker_id: &str) -> String {
 /// Creates a PAY_PER_REQUEST table with one string hash key if it is missing, and waits until
 /// it is ACTIVE. Safe when many workers race: losing the CreateTable race is success.
 pub async fn ensure_table(aws: &AwsClients, table: &str, hash_key: &str) -> Result<(), AwsError> {
-    let created = call(
+    ensure_table_with(aws, table, hash_key, None).await
+}
+
+fn string_attribute(name: &str) -> AttributeDefinition {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(ScalarAttributeType::S)
+        .build()
+        .expect("name and type are set")
+}
+
+fn hash_key_on(name: &str) -> KeySchemaElement {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(KeyType::Hash)
+        .build()
+        .expect("name and type are set")
+}
+
+/// The `leaseOwner` index (on-demand table: no throughput to set).
+fn owner_index() -> GlobalSecondaryIndex {
+    GlobalSecondaryIndex::builder()
+        .index_name(OWNER_INDEX)
+        .key_schema(hash_key_on(OWNER_ATTRIBUTE))
+        .projection(
+            Projection::builder()
+                .projection_type(ProjectionType::All)
+                .build(),
+        )
+        .build()
+        .expect("name, key and projection are set")
+}
+
+/// The lease table: keyed on `leaseKey`, with the `leaseOwner` index. A table made by an
+/// earlier version without the index gets it added (and is waited for until it is ACTIVE).
+pub async fn ensure_lease_table(aws: &AwsClients, table: &str) -> Result<(), AwsError> {
+    ensure_table_with(aws, table, LEASE_KEY, Some(owner_index())).await?;
+    let described = call(
         &aws.metrics,
         "dynamodb",
-        "CreateTable",
+        "DescribeTable",
+        aws.dynamodb.describe_table().table_name(table).send(),
+    )
+    .await?;
+    let has_index = described
+        .table()
+        .map(|t| t.global_secondary_indexes())
+        .unwrap_or_default()
+        .iter()
+        .any(|i| i.index_name() == Some(OWNER_INDEX));
+    if has_index {
+        return Ok(());
+    }
+    tracing::warn!(
+        table,
+        index = OWNER_INDEX,
+        "lease table has no owner index; adding it"
+    );
+    let added = call(
+        &aws.metrics,
+        "dynamodb",
+        "UpdateTable",
         aws.dynamodb
-            .create_table()
+            .update_table()
             .table_name(table)
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name(hash_key)
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .expect("name and type are set"),
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name(hash_key)
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .expect("name and type are set"),
+            .attribute_definitions(string_attribute(OWNER_ATTRIBUTE))
+            .global_secondary_index_updates(
+                GlobalSecondaryIndexUpdate::builder()
+                    .create(
+                        CreateGlobalSecondaryIndexAction::builder()
+                            .index_name(OWNER_INDEX)
+                            .key_schema(hash_key_on(OWNER_ATTRIBUTE))
+                            .projection(
+                                Projection::builder()
+                                    .projection_type(ProjectionType::All)
+                                    .build(),
+                            )
+                            .build()
+                            .expect("name, key and projection are set"),
+                    )
+                    .build(),
             )
             .send(),
     )
     .await;
+    match added {
+        // Another worker added it first.
+        Ok(_) | Err(AwsError::AlreadyExists { .. }) => {}
+        Err(AwsError::Unavailable { message, .. }) if message.contains("already exists") => {}
+        Err(e) => return Err(e),
+    }
+    wait_active(aws, table).await
+}
+
+async fn ensure_table_with(
+    aws: &AwsClients,
+    table: &str,
+    hash_key: &str,
+    index: Option<GlobalSecondaryIndex>,
+) -> Result<(), AwsError> {
+    let mut req = aws
+        .dynamodb
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(string_attribute(hash_key))
+        .key_schema(hash_key_on(hash_key));
+    if let Some(index) = index {
+        let key = index.key_schema()[0].attribute_name().to_owned();
+        req = req
+            .attribute_definitions(string_attribute(&key))
+            .global_secondary_indexes(index);
+    }
+    let created = call(&aws.metrics, "dynamodb", "CreateTable", req.send()).await;
     match created {
         Ok(_) => tracing::info!(table, "created table"),
         Err(AwsError::AlreadyExists { .. }) => {}
         Err(e) => return Err(e),
     }
+    wait_active(aws, table).await
+}
+
+/// Waits until the table and each of its indexes are ACTIVE.
+async fn wait_active(aws: &AwsClients, table: &str) -> Result<(), AwsError> {
     let deadline = Instant::now() + ACTIVE_DEADLINE;
     loop {
         let described = call(
@@ -76,7 +176,13 @@ pub async fn ensure_table(aws: &AwsClients, table: &str, hash_key: &str) -> Resu
         )
         .await?;
         let status = described.table().and_then(|t| t.table_status()).cloned();
-        if status == Some(TableStatus::Active) {
+        let indexes_active = described
+            .table()
+            .map(|t| t.global_secondary_indexes())
+            .unwrap_or_default()
+            .iter()
+            .all(|i| i.index_status().is_none_or(|s| *s == IndexStatus::Active));
+        if status == Some(TableStatus::Active) && indexes_active {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -98,7 +204,7 @@ pub async fn ensure_tables(
     lease_table: &str,
     meta_table: &str,
 ) -> Result<(), AwsError> {
-    ensure_table(aws, lease_table, LEASE_KEY).await?;
+    ensure_lease_table(aws, lease_table).await?;
     ensure_table(aws, meta_table, META_KEY).await?;
     let ttl = call(
         &aws.metrics,

@@ -21,17 +21,7 @@ pub enum Role {
 /// The loops whose liveness `/health` reports.
 pub const LOOPS: &[&str] = &["heartbeat", "election", "limit", "lease"];
 
-/// How much of the readable stream the fleet covers, as this worker last saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Coverage {
-    /// Shards that may be read now (open, or closed but not yet read to the end, and not
-    /// waiting for a parent).
-    pub readable_shards: u64,
-    /// Readable shards no live worker holds.
-    pub unowned_shards: u64,
-    /// Workers needed so that nobody exceeds the cap: `ceil(readable / cap)`.
-    pub workers_needed: u64,
-}
+pub use crate::assignment::Coverage;
 
 /// One held lease in `/status`.
 #[derive(Debug, Clone, Serialize)]
@@ -49,6 +39,8 @@ struct Inner {
     coordinator: Option<String>,
     limit: Option<LimitRecord>,
     leases: Vec<String>,
+    /// Held leases this worker cannot read, with the reason.
+    unreadable: BTreeMap<String, String>,
     coverage: Option<Coverage>,
     lease_rounds: u64,
     last_heartbeat_ok: Option<Instant>,
@@ -84,6 +76,8 @@ pub struct StatusReport {
     pub not_ready_reasons: Vec<String>,
     pub leases_held: u64,
     pub leases: Vec<HeldLease>,
+    /// Leases held but not read, with the reason (their shards do not count as covered).
+    pub unreadable_leases: BTreeMap<String, String>,
     pub max_leases_per_worker: Option<u64>,
     pub coverage: Option<Coverage>,
     /// The inputs and output of the formula as last published.
@@ -111,6 +105,7 @@ impl WorkerState {
                 coordinator: None,
                 limit: None,
                 leases: Vec::new(),
+                unreadable: BTreeMap::new(),
                 coverage: None,
                 lease_rounds: 0,
                 last_heartbeat_ok: None,
@@ -271,16 +266,29 @@ impl WorkerState {
         self.lock().coverage
     }
 
-    /// After each lease round: what is held, and the coverage seen.
-    pub fn set_leases(&self, leases: Vec<String>, coverage: Option<Coverage>) {
+    /// What this worker reads now (between rounds: after the fence stopped everything).
+    pub fn set_leases(&self, leases: Vec<String>) {
         let mut g = self.lock();
         self.metrics.leases_held.set(leases.len() as i64);
+        g.leases = leases;
+    }
+
+    /// After each completed lease round: what is read, and what is held but cannot be read.
+    pub fn lease_round_done(&self, leases: Vec<String>, unreadable: BTreeMap<String, String>) {
+        let mut g = self.lock();
+        self.metrics.leases_held.set(leases.len() as i64);
+        g.leases = leases;
+        g.unreadable = unreadable;
+        g.lease_rounds += 1;
+    }
+
+    /// The coordinator's view of the fleet's coverage (`None` on followers).
+    pub fn set_coverage(&self, coverage: Option<Coverage>) {
+        let mut g = self.lock();
         if let Some(c) = coverage {
             self.metrics.unowned_shards.set(c.unowned_shards as i64);
             self.metrics.workers_needed.set(c.workers_needed as i64);
-            g.lease_rounds += 1;
         }
-        g.leases = leases;
         g.coverage = coverage;
     }
 
@@ -376,6 +384,7 @@ impl WorkerState {
                     })
                     .collect()
             },
+            unreadable_leases: g.unreadable.clone(),
             coverage: g.coverage,
             max_leases_per_worker: g.limit.as_ref().map(|l| l.max_leases_per_worker),
             lease_limits: g.limit.clone(),

@@ -48,7 +48,7 @@ async fn leases_follow_the_limit_through_every_phase() {
                         unowned_since.remove(&l.shard_id);
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             worst
         })
@@ -93,7 +93,7 @@ async fn leases_follow_the_limit_through_every_phase() {
         "every parent drained and 240 of 300 leased",
         || async {
             let leases = store.scan().await.ok()?;
-            let readable = kds_worker::assignment::readable_shards(&leases);
+            let readable = kds_worker::assignment::readable_shards(&leases, None);
             let parents_pending = kds_worker::assignment::blocking_parents(&leases).len();
             let owned = leases
                 .iter()
@@ -262,11 +262,10 @@ async fn crashed_workers_leases_are_taken_and_no_record_is_lost() {
     .await;
     let _ = killed_at;
     eprintln!("orphaned leases taken {took:?} after kill -9 (failover_timeout {FAILOVER:?})");
-    // failover_timeout + one take round, plus room for a loaded CI machine.
-    assert!(
-        took <= FAILOVER + HEARTBEAT + Duration::from_secs(1),
-        "took {took:?}"
-    );
+    // failover_timeout (the coordinator's judgement), one coordinator round to assign, one
+    // round of the receiver to acquire, plus a stated 2 s margin for a loaded 2-core machine.
+    let bound = FAILOVER + HEARTBEAT * 2 + Duration::from_secs(2);
+    assert!(took <= bound, "took {took:?} > {bound:?}");
     wait_for(
         Duration::from_secs(20),
         "every record to be read",
