@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::assignment::{self, Action, FleetView};
 use crate::config::WorkerCountSource;
@@ -315,7 +316,7 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
     let mut liveness = LivenessTracker::default();
     // The lease table sync and the assignment run beside the publication loop: creating
     // hundreds of lease items after a reshard must not delay the new limit.
-    watchers.spawn(lease_rounds(ctx.clone(), stop.child_token()));
+    watchers.spawn(lease_rounds(ctx.clone(), stop.child_token()).in_current_span());
     let mut shards: Option<u64> = None;
     let mut live: Option<u64> = None;
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::assignment;
 use crate::consumer::{ConsumerExit, consume};
@@ -146,20 +147,25 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
                     let bound = s.heartbeat_interval * 2;
                     draining.insert(
                         id,
-                        tokio::spawn(async move {
-                            let (held, exit) = r.stop().await;
-                            if let ConsumerExit::Fenced {
-                                last_processed: Some(cp),
+                        tokio::spawn(
+                            async move {
+                                let (held, exit) = r.stop().await;
+                                if let ConsumerExit::Fenced {
+                                    last_processed: Some(cp),
+                                }
+                                | ConsumerExit::Stopped {
+                                    last_processed: Some(cp),
+                                } = exit
+                                {
+                                    let _ = tokio::time::timeout(
+                                        bound,
+                                        store.checkpoint(&held, &me, &cp),
+                                    )
+                                    .await;
+                                }
                             }
-                            | ConsumerExit::Stopped {
-                                last_processed: Some(cp),
-                            } = exit
-                            {
-                                let _ =
-                                    tokio::time::timeout(bound, store.checkpoint(&held, &me, &cp))
-                                        .await;
-                            }
-                        }),
+                            .in_current_span(),
+                        ),
                     );
                 }
             }
@@ -544,12 +550,9 @@ fn start(
 ) {
     let stop = CancellationToken::new();
     let id = held.shard_id.clone();
-    let handle = tokio::spawn(consume(
-        ctx.clone(),
-        store.clone(),
-        held.clone(),
-        stop.clone(),
-    ));
+    let handle = tokio::spawn(
+        consume(ctx.clone(), store.clone(), held.clone(), stop.clone()).in_current_span(),
+    );
     consumers.insert(
         id,
         Running {

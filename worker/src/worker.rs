@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, interval, sleep_until};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::aws::{AwsClients, AwsError};
 use crate::config::Settings;
@@ -100,14 +101,14 @@ impl Worker {
         let ctx = Arc::new(self.ctx);
         let loops_stop = CancellationToken::new();
         let mut loops = JoinSet::new();
-        loops.spawn(heartbeat_loop(ctx.clone(), loops_stop.clone()));
-        loops.spawn(limit_loop(ctx.clone(), loops_stop.clone()));
-        loops.spawn(crate::lease_manager::lease_loop(
-            ctx.clone(),
-            loops_stop.clone(),
-        ));
-        loops.spawn(fence_watchdog(ctx.clone(), loops_stop.clone()));
-        let election = tokio::spawn(election_loop(ctx.clone(), loops_stop.clone()));
+        loops.spawn(heartbeat_loop(ctx.clone(), loops_stop.clone()).in_current_span());
+        loops.spawn(limit_loop(ctx.clone(), loops_stop.clone()).in_current_span());
+        loops.spawn(
+            crate::lease_manager::lease_loop(ctx.clone(), loops_stop.clone()).in_current_span(),
+        );
+        loops.spawn(fence_watchdog(ctx.clone(), loops_stop.clone()).in_current_span());
+        let election =
+            tokio::spawn(election_loop(ctx.clone(), loops_stop.clone()).in_current_span());
         // Aborting `run` must abort the election loop too (it owns the coordinator's term).
         let election = AbortOnDrop(Some(election));
 
@@ -346,11 +347,10 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
                         ctx.state.set_role(Role::Coordinator, next_epoch);
                         let term_stop = CancellationToken::new();
                         let mut duties = JoinSet::new();
-                        duties.spawn(coordinator::run_term(
-                            ctx.clone(),
-                            next_epoch,
-                            term_stop.clone(),
-                        ));
+                        duties.spawn(
+                            coordinator::run_term(ctx.clone(), next_epoch, term_stop.clone())
+                                .in_current_span(),
+                        );
                         term = Some(Term {
                             epoch: next_epoch,
                             renewed_at: sent,

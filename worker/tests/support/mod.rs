@@ -2,6 +2,8 @@
 //! conditions with deadlines, a tiny HTTP client and a TCP proxy that can cut DynamoDB off.
 #![allow(dead_code)]
 
+pub mod ledger;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -179,6 +181,7 @@ impl TestWorker {
             metrics: Metrics::new(),
             ..aws
         };
+        let app = settings.app_name.clone();
         let mut worker = Worker::new(settings, aws, kube);
         if let Some(p) = processor {
             worker = worker.with_processor(p);
@@ -186,7 +189,12 @@ impl TestWorker {
         worker.prepare().await.expect("worker prepare");
         let state = worker.state();
         let stop = CancellationToken::new();
-        let handle = tokio::spawn(worker.run(stop.clone()));
+        // Logs name the worker: every test runs several in one process.
+        let span = tracing::info_span!("worker", app = %app, id = %id);
+        let handle = tokio::spawn(tracing::Instrument::instrument(
+            worker.run(stop.clone()),
+            span,
+        ));
         TestWorker {
             id,
             state,
