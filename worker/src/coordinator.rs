@@ -84,7 +84,7 @@ pub fn describe_change(old: Option<&LimitRecord>, new: &LimitRecord) -> String {
 pub const MAX_BALANCE_MOVES_PER_ROUND: usize = 2;
 
 /// Assignment writes the coordinator keeps in flight at once.
-const ASSIGNMENT_WRITES_IN_FLIGHT: usize = 8;
+const ASSIGNMENT_WRITES_IN_FLIGHT: usize = 4;
 
 /// Keeps one lease per shard that still needs reading, from one ListShards and the round's
 /// scan: creates leases for new shards (parents before children, so children wait), deletes

@@ -25,6 +25,9 @@ use crate::worker::Context;
 /// operator may have repaired its checkpoint meanwhile).
 pub const UNREADABLE_RETRY: Duration = Duration::from_secs(30);
 
+/// Acquire writes a worker keeps in flight at once.
+const ACQUIRES_IN_FLIGHT: usize = 4;
+
 struct Running {
     held: Held,
     stop: CancellationToken,
@@ -347,9 +350,17 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
         }
         let room = (limit as usize).saturating_sub(consumers.len());
         to_acquire.truncate(room);
-        // Acquired together: each is its own conditional write.
-        let acquired =
-            futures::future::join_all(to_acquire.iter().map(|l| store.acquire(l, &me))).await;
+        // A few at a time (each is its own conditional write): a worker given 80 leases must
+        // not queue 80 writes ahead of every other worker's heartbeat.
+        let mut acquired = Vec::with_capacity(to_acquire.len());
+        for chunk in to_acquire.chunks(ACQUIRES_IN_FLIGHT) {
+            if !ctx.state.may_process() {
+                break;
+            }
+            acquired.extend(
+                futures::future::join_all(chunk.iter().map(|l| store.acquire(l, &me))).await,
+            );
+        }
         for (l, result) in to_acquire.iter().zip(acquired) {
             let id = l.shard_id.as_str();
             match result {

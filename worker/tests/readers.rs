@@ -82,6 +82,22 @@ async fn a_join_hands_shards_over_without_double_reads() {
     tokio::time::sleep(HEARTBEAT * 4).await;
     let produced = producer.stop().await;
     assert_exactly_once(&drained(&ledger, &produced).await);
+    // Only the coordinator scans; followers read their own leases through the index.
+    for w in workers.iter().filter(|w| !w.is_coordinator()) {
+        let calls = |operation| {
+            w.state
+                .metrics
+                .api_calls
+                .get_or_create(&kds_worker::metrics::ApiCallLabels {
+                    service: "dynamodb",
+                    operation,
+                    outcome: "ok",
+                })
+                .get()
+        };
+        assert_eq!(calls("Scan"), 0, "{} scanned a table", w.id);
+        assert!(calls("Query") > 0, "{} never queried its leases", w.id);
+    }
     for w in workers {
         w.shutdown().await;
     }

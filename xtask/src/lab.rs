@@ -253,7 +253,12 @@ pub fn wait_until<T>(
     let start = Instant::now();
     let mut last_error = None;
     loop {
-        match check() {
+        let began = Instant::now();
+        let result = check();
+        // A check that reads the tables (a full lease scan) is not repeated faster than it
+        // runs: the lab's own polling must not saturate the DynamoDB emulator it measures.
+        let pause = Duration::from_millis(500).max(began.elapsed());
+        match result {
             Ok(Some(v)) => {
                 spinner.finish_and_clear();
                 return Ok((v, start.elapsed()));
@@ -275,6 +280,31 @@ pub fn wait_until<T>(
             msg.push_str(&format!("\n{}", context()));
             bail!(msg);
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(pause);
+    }
+}
+
+/// Runs `read` (a status read of the lab) again after a transient failure, up to `attempts`
+/// times with growing pauses: a scenario fails on what it checks, never on one slow read.
+pub fn retrying<T>(
+    what: &str,
+    attempts: u32,
+    mut read: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut pause = Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match read() {
+            Ok(v) => return Ok(v),
+            Err(e) if e.downcast_ref::<Fatal>().is_some() || attempt >= attempts => {
+                return Err(e.context(format!("{what} (attempt {attempt} of {attempts})")));
+            }
+            Err(e) => {
+                eprintln!("{what} failed ({e:#}); retrying in {}", secs(pause));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(8));
+                attempt += 1;
+            }
+        }
     }
 }

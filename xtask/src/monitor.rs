@@ -22,7 +22,7 @@ pub struct View {
 pub fn gather(driver: &dyn Driver) -> anyhow::Result<View> {
     Ok(View {
         driver: format!("{:?}", driver.kind()).to_lowercase(),
-        snapshot: driver.snapshot()?,
+        snapshot: crate::lab::retrying("reading the lab's state", 3, || driver.snapshot())?,
         workers: driver.workers()?,
     })
 }
