@@ -48,6 +48,11 @@ async fn bad_configuration_exits_2_naming_the_key_and_writes_nothing() {
         ("KDS_HEARTBEAT_INTERVAL", "0s", "heartbeat_interval"),
         ("KDS_SHARD_POLL_INTERVAL", "0ms", "shard_poll_interval"),
         ("KDS_FAILOVER_TIMEOUT", "1s", "failover_timeout"),
+        // Twice the heartbeat used to be accepted; the fence then rose on every heartbeat.
+        ("KDS_FAILOVER_TIMEOUT", "4s", "failover_timeout"),
+        ("KDS_FAILOVER_TIMEOUT", "7s", "failover_timeout"),
+        ("KDS_HEARTBEAT_INTERVAL", "50ms", "heartbeat_interval"),
+        ("KDS_SHARD_POLL_INTERVAL", "500ms", "shard_poll_interval"),
         ("KDS_HTTP_ADDR", "localhost", "http_addr"),
         ("KDS_LOG_FORMAT", "yaml", "log_format"),
         ("KDS_MAX_LEASE_CAP", "5", "max_lease_cap"),
@@ -68,6 +73,14 @@ async fn bad_configuration_exits_2_naming_the_key_and_writes_nothing() {
         let lines: Vec<_> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{var}={value}: one line expected: {stderr}");
         assert!(lines[0].contains(key), "{var}={value}: {stderr}");
+        if key == "failover_timeout" {
+            // Both keys of the rule, with their values.
+            assert!(
+                lines[0].contains(&format!("failover_timeout = \"{value}\""))
+                    && lines[0].contains("heartbeat_interval = \"2s\""),
+                "{var}={value}: {stderr}"
+            );
+        }
         assert!(
             !table_exists(&aws, &app).await,
             "{var}={value} created a table"
