@@ -171,8 +171,11 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             },
             _ = heartbeat_tick.tick() => match ctx.meta.scan_heartbeats().await {
                 Ok(rows) => {
-                    let judged = liveness.observe(&rows, Instant::now(), s.failover_timeout);
-                    for (id, counter) in &judged.dead {
+                    let judged =
+                        liveness.observe(&rows, std::iter::empty(), Instant::now(), s.failover_timeout);
+                    // Only rows can be deleted (a dead worker without a row has none).
+                    let dead = judged.dead.iter().filter_map(|(id, c)| c.as_ref().map(|c| (id, c)));
+                    for (id, counter) in dead {
                         tracing::info!(worker = %id, "worker's heartbeat stopped; removing it");
                         // Conditional: a worker that came back meanwhile keeps its row.
                         if let Err(e) = ctx.meta.delete_dead_heartbeat(id, *counter).await
@@ -217,7 +220,7 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             cap: s.max_leases_cap,
             capacity_deficit: limit.capacity_deficit,
             epoch,
-            version: published.as_ref().map_or(0, |p| p.version) + 1,
+            version: crate::store::next_version(published.as_ref(), epoch),
             computed_by: me.clone(),
             updated_at: now_iso8601(),
         };

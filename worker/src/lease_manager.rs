@@ -110,7 +110,12 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
                 continue;
             }
         };
-        let judged = liveness.observe(&rows, Instant::now(), s.failover_timeout);
+        let judged = liveness.observe(
+            &rows,
+            std::iter::empty(),
+            Instant::now(),
+            s.failover_timeout,
+        );
         let mut live: BTreeSet<String> = judged.live.into_iter().collect();
         live.insert(me.clone());
 

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub heartbeat_age_seconds: Gauge<f64, AtomicU64>,
     pub unowned_shards: Gauge,
     pub workers_needed: Gauge,
+    /// 1 while another live process holds this worker id (this one stays fenced).
+    pub worker_id_conflict: Gauge,
     pub records_processed: Family<crate::consumer::ShardLabel, Counter>,
     pub bytes_processed: Family<crate::consumer::ShardLabel, Counter>,
 }
@@ -119,6 +121,11 @@ impl Metrics {
             "workers_needed",
             "Workers needed so that nobody exceeds the cap: ceil(readable shards / cap)",
             self.workers_needed.clone(),
+        );
+        r.register(
+            "worker_id_conflict",
+            "1 while another live process holds this worker id's heartbeat (this one processes nothing)",
+            self.worker_id_conflict.clone(),
         );
         r.register(
             "records_processed",

@@ -6,21 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior, interval, sleep_until};
+use tokio::time::{Instant, MissedTickBehavior, interval, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::aws::{AwsClients, AwsError};
 use crate::config::Settings;
 use crate::consumer::{ConsumerTuning, RecordProcessor};
 use crate::coordinator;
-use crate::election::{CoordinatorObserver, Verdict};
+use crate::election::{CoordinatorObserver, Holder, HolderObserver, Verdict, claim_epoch};
 use crate::schema;
 use crate::state::{Role, WorkerState};
-use crate::store::MetaStore;
-
-/// Heartbeat items outlive their worker by this much before DynamoDB's TTL may remove them
-/// (the coordinator removes dead ones much sooner; TTL is the backstop when none runs).
-const HEARTBEAT_TTL: Duration = Duration::from_secs(3600);
+use crate::store::{
+    HeartbeatOwner, HeartbeatRow, LimitReadError, LimitRecord, MetaStore, next_version, now_iso8601,
+};
 
 /// Everything the loops share.
 pub struct Context {
@@ -31,6 +29,18 @@ pub struct Context {
     /// The application's record processor, called after the built-in counting.
     pub processor: Option<Arc<dyn RecordProcessor>>,
     pub consumer_tuning: ConsumerTuning,
+}
+
+impl Context {
+    /// This process as the writer of its heartbeat.
+    pub fn heartbeat_owner(&self) -> HeartbeatOwner {
+        let s = &self.state.settings;
+        HeartbeatOwner {
+            worker_id: s.worker_id.clone(),
+            instance: self.state.instance.clone(),
+            failover: s.failover_timeout,
+        }
+    }
 }
 
 /// Why a worker could not start.
@@ -127,8 +137,12 @@ impl Worker {
             }
         }
         while loops.join_next().await.is_some() {}
-        if let Err(e) = ctx.meta.delete_heartbeat(me).await {
-            tracing::warn!(error = %e, "could not remove the heartbeat item");
+        match ctx.meta.delete_heartbeat(&ctx.heartbeat_owner()).await {
+            Ok(()) => {}
+            Err(e) if e.is_condition_failed() => {
+                tracing::info!("the heartbeat item belongs to another instance; left alone")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not remove the heartbeat item"),
         }
         ctx.state.set_role(Role::Follower, ctx.state.role().1);
         tracing::info!("stopped");
@@ -161,9 +175,17 @@ fn ticker(period: Duration) -> tokio::time::Interval {
     t
 }
 
+/// Renews the heartbeat every interval, each write bounded by one interval (a slower write
+/// counts as failed, so the fence cannot be outrun by one hung call). While another live
+/// process holds this worker id's row, this one stays fenced and watches it; once it has been
+/// silent for the failover timeout on this process's clock, the row is taken over.
 async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let s = &ctx.state.settings;
+    let me = ctx.heartbeat_owner();
     let mut tick = ticker(s.heartbeat_interval);
+    let mut holder = HolderObserver::default();
+    let mut take_over: Option<HeartbeatRow> = None;
+    let mut warned_about: Option<String> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -171,20 +193,105 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
         }
         ctx.state.beat("heartbeat");
         let sent = Instant::now();
-        let result = ctx
-            .meta
-            .heartbeat(&s.worker_id, ctx.state.leases_held(), HEARTBEAT_TTL)
-            .await;
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "heartbeat failed");
+        let write = ctx.meta.heartbeat(
+            &me,
+            ctx.state.leases_held(),
+            s.heartbeat_ttl(),
+            take_over.as_ref(),
+        );
+        let result = match tokio::time::timeout(s.heartbeat_write_timeout(), write).await {
+            Ok(result) => result,
+            Err(_) => Err(AwsError::Unavailable {
+                operation: "UpdateItem",
+                message: format!(
+                    "heartbeat write took longer than heartbeat_interval ({:?})",
+                    s.heartbeat_write_timeout()
+                ),
+            }),
+        };
+        match result {
+            Ok(_) => {
+                if let Some(row) = take_over.take() {
+                    tracing::warn!(
+                        previous = row.instance.as_deref().unwrap_or(""),
+                        instance = %me.instance,
+                        "took worker id {} over from a silent instance", me.worker_id
+                    );
+                }
+                holder.reset();
+                warned_about = None;
+                if ctx.state.set_instance_conflict(None) {
+                    tracing::info!(instance = %me.instance, "this instance now holds worker id {}", me.worker_id);
+                }
+                ctx.state.heartbeat_result(sent, Ok(()));
+            }
+            Err(e) if e.is_condition_failed() => {
+                take_over = None;
+                let why =
+                    other_instance(&ctx, &me, &mut holder, &mut take_over, &mut warned_about).await;
+                ctx.state.heartbeat_result(sent, Err(why));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                ctx.state.heartbeat_result(sent, Err(e.to_string()));
+            }
         }
-        ctx.state
-            .heartbeat_result(sent, result.map(|_| ()).map_err(|e| e.to_string()));
         if let Some(ok) = ctx.state.last_heartbeat_ok() {
             ctx.state
                 .metrics
                 .heartbeat_age_seconds
                 .set(ok.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// The heartbeat write was refused: another instance holds this worker id's row. Judges it
+/// and returns the reason for `/ready`; sets `take_over` once it is silent.
+async fn other_instance(
+    ctx: &Context,
+    me: &HeartbeatOwner,
+    holder: &mut HolderObserver,
+    take_over: &mut Option<HeartbeatRow>,
+    warned_about: &mut Option<String>,
+) -> String {
+    let s = &ctx.state.settings;
+    let read = tokio::time::timeout(
+        s.heartbeat_write_timeout(),
+        ctx.meta.read_heartbeat(&me.worker_id),
+    )
+    .await;
+    let row = match read {
+        Ok(Ok(Some(row))) if row.instance.as_deref() != Some(me.instance.as_str()) => row,
+        // Deleted or ours again meanwhile: the next write decides.
+        Ok(Ok(_)) => return "heartbeat item changed during the write; retrying".to_owned(),
+        Ok(Err(e)) => return format!("cannot read the heartbeat item: {e}"),
+        Err(_) => return "cannot read the heartbeat item: timed out".to_owned(),
+    };
+    match holder.judge(&row, Instant::now(), s.failover_timeout) {
+        Holder::Live { instance, .. } => {
+            if warned_about.as_deref() != Some(instance.as_str()) {
+                tracing::warn!(
+                    other = %instance,
+                    instance = %me.instance,
+                    "worker id {} is held by another live instance {instance}: not processing \
+                     records until it stops or stays silent for the failover timeout",
+                    me.worker_id
+                );
+                *warned_about = Some(instance.clone());
+            }
+            ctx.state.set_instance_conflict(Some(instance.clone()));
+            format!("worker id held by another live instance {instance}")
+        }
+        Holder::Silent { instance } => {
+            tracing::warn!(
+                other = %instance,
+                instance = %me.instance,
+                "instance {instance} holding worker id {} has been silent for the failover \
+                 timeout; taking over", me.worker_id
+            );
+            ctx.state.set_instance_conflict(Some(instance.clone()));
+            *take_over = Some(row);
+            format!("taking worker id over from silent instance {instance}")
         }
     }
 }
@@ -209,6 +316,7 @@ async fn fence_watchdog(ctx: Arc<Context>, stop: CancellationToken) {
 async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let mut tick = ticker(ctx.state.settings.heartbeat_interval);
     let mut last_seen: Option<(u64, u64)> = None;
+    let mut last_problem: Option<String> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -230,9 +338,28 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
                     );
                 }
                 last_seen = record.as_ref().map(|r| (r.epoch, r.version));
+                last_problem = None;
                 ctx.state.limit_read_result(Ok(record));
             }
-            Err(e) => {
+            Err(LimitReadError::Malformed(m)) => {
+                let problem = m.to_string();
+                if last_problem.as_ref() != Some(&problem) {
+                    match ctx.state.limit() {
+                        Some(last) => tracing::warn!(
+                            "{problem}: not obeying it; keeping the last good limit {}",
+                            last.max_leases_per_worker
+                        ),
+                        None => {
+                            tracing::warn!("{problem}: not obeying it; no good limit known yet")
+                        }
+                    }
+                }
+                last_problem = Some(problem.clone());
+                last_seen = None;
+                ctx.state.limit_malformed(problem);
+                replace_malformed_limit(&ctx).await;
+            }
+            Err(LimitReadError::Aws(e)) => {
                 tracing::warn!(error = %e, "cannot read lease_limits");
                 ctx.state.limit_read_result(Err(e.to_string()));
             }
@@ -240,20 +367,67 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
+/// The coordinator replaces a malformed `lease_limits` item with the last good limit it knows
+/// (its own latest publication) at once, whether or not its inputs changed. Without one, its
+/// term publishes as soon as it has inputs.
+async fn replace_malformed_limit(ctx: &Context) {
+    let (role, epoch) = ctx.state.role();
+    if role != Role::Coordinator {
+        return;
+    }
+    let Some(last) = ctx.state.limit() else {
+        return;
+    };
+    let record = LimitRecord {
+        epoch,
+        version: next_version(Some(&last), epoch),
+        computed_by: ctx.state.settings.worker_id.clone(),
+        updated_at: now_iso8601(),
+        ..last
+    };
+    match ctx.meta.publish_limit(&record).await {
+        Ok(()) => {
+            tracing::warn!(
+                epoch,
+                version = record.version,
+                max_leases_per_worker = record.max_leases_per_worker,
+                "replaced the malformed lease_limits item with the last good limit"
+            );
+            ctx.state.metrics.lease_limit_publications.inc();
+            ctx.state.published(record);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot replace the malformed lease_limits item"),
+    }
+}
+
 /// The coordinator's term as the election loop holds it.
 struct Term {
     epoch: u64,
     /// When the last successful claim or renewal was *sent*: others judge our silence from a
-    /// later instant, so stepping down locally `failover_timeout` after this is always before
-    /// anyone can take over.
+    /// later instant, so stopping the duties `term_after` (failover − heartbeat) after this is
+    /// always before anyone can take over.
     renewed_at: Instant,
     stop: CancellationToken,
     duties: JoinSet<()>,
 }
 
 impl Term {
+    /// The instant the duties stop unless a renewal succeeds first.
+    fn deadline(&self, s: &Settings) -> Instant {
+        self.renewed_at + s.term_after()
+    }
+
+    /// Graceful (shutdown): the duties finish their current step.
     async fn end(mut self, ctx: &Context) {
         self.stop.cancel();
+        while self.duties.join_next().await.is_some() {}
+        ctx.state.set_role(Role::Follower, self.epoch);
+    }
+
+    /// At once (deposed, or past the deadline): a duty blocked in an AWS call is aborted.
+    async fn abandon(mut self, ctx: &Context) {
+        self.stop.cancel();
+        self.duties.abort_all();
         while self.duties.join_next().await.is_some() {}
         ctx.state.set_role(Role::Follower, self.epoch);
     }
@@ -269,15 +443,29 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
     let mut recheck_by: Option<Instant> = None;
 
     loop {
-        let wake = match (&term, recheck_by) {
+        let mut wake = match (&term, recheck_by) {
             (None, Some(r)) if r < next_tick => r,
             _ => next_tick,
         };
+        // The watchdog: wake at the term's deadline however the renewals fare.
+        if let Some(t) = &term {
+            wake = wake.min(t.deadline(s));
+        }
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = sleep_until(wake) => {}
         }
-        if Instant::now() >= next_tick {
+        if let Some(t) = &term
+            && Instant::now() >= t.deadline(s)
+        {
+            stop_duties_at_deadline(&ctx, term.take().expect("in a term")).await;
+            continue;
+        }
+        if Instant::now() < next_tick {
+            if term.is_some() {
+                continue;
+            }
+        } else {
             next_tick += s.heartbeat_interval;
             if next_tick < Instant::now() {
                 next_tick = Instant::now() + s.heartbeat_interval;
@@ -286,26 +474,39 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
         ctx.state.beat("election");
 
         if let Some(t) = term.as_mut() {
+            if let Some(other) = ctx.state.instance_conflict() {
+                let epoch = t.epoch;
+                tracing::warn!(
+                    epoch,
+                    other = %other,
+                    "another live instance holds this worker id; stepping down as coordinator"
+                );
+                term.take().expect("in a term").abandon(&ctx).await;
+                if let Err(e) = ctx.meta.step_down(&me, epoch).await {
+                    tracing::warn!(epoch, error = %e, "could not step down");
+                }
+                continue;
+            }
             let sent = Instant::now();
-            match ctx.meta.renew_coordinator(&me, t.epoch).await {
-                Ok(_) => t.renewed_at = sent,
-                Err(e) if e.is_condition_failed() => {
+            let deadline = t.deadline(s);
+            match timeout_at(deadline, ctx.meta.renew_coordinator(&me, t.epoch)).await {
+                Ok(Ok(_)) => {
+                    t.renewed_at = sent;
+                    ctx.state.term_renewed(sent);
+                }
+                Ok(Err(e)) if e.is_condition_failed() => {
                     tracing::warn!(
                         epoch = t.epoch,
                         "deposed: another worker holds the coordinator post"
                     );
-                    term.take().expect("in a term").end(&ctx).await;
+                    term.take().expect("in a term").abandon(&ctx).await;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     let silent = sent.duration_since(t.renewed_at);
                     tracing::warn!(error = %e, silent_s = silent.as_secs_f64(), "cannot renew the coordinator post");
-                    if silent >= s.failover_timeout {
-                        tracing::warn!(
-                            epoch = t.epoch,
-                            "coordinator post not renewed within the failover timeout; stepping down locally"
-                        );
-                        term.take().expect("in a term").end(&ctx).await;
-                    }
+                }
+                Err(_) => {
+                    stop_duties_at_deadline(&ctx, term.take().expect("in a term")).await;
                 }
             }
             continue;
@@ -327,10 +528,28 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
             Verdict::Follow { recheck_by: r, .. } => recheck_by = Some(r),
             Verdict::Claim { seen, next_epoch } => {
                 recheck_by = None;
+                if ctx.state.instance_conflict().is_some() {
+                    // A duplicate of a live worker id never coordinates.
+                    continue;
+                }
+                // The new epoch must be above lease_limits' too, read now: this worker may
+                // not have read any limit yet, and a lower epoch would be refused for ever.
+                let limits_epoch = match ctx.meta.read_limit().await {
+                    Ok(record) => record.map(|r| r.epoch),
+                    Err(LimitReadError::Malformed(m)) => {
+                        tracing::warn!("{m}: a new coordinator replaces it");
+                        Some(m.epoch.unwrap_or(0))
+                    }
+                    Err(LimitReadError::Aws(e)) => {
+                        tracing::warn!(error = %e, "cannot read lease_limits before claiming the coordinator post; not claiming now");
+                        continue;
+                    }
+                };
+                let next_epoch = next_epoch.max(claim_epoch(None, limits_epoch));
                 let sent = Instant::now();
                 match ctx
                     .meta
-                    .claim_coordinator(&me, seen.as_ref(), next_epoch)
+                    .claim_coordinator(&me, seen.as_ref(), next_epoch, s.failover_timeout)
                     .await
                 {
                     Ok(_) => {
@@ -343,6 +562,7 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
                         }
                         observer.reset();
                         ctx.state.metrics.coordinator_takeovers.inc();
+                        ctx.state.term_renewed(sent);
                         ctx.state.set_role(Role::Coordinator, next_epoch);
                         let term_stop = CancellationToken::new();
                         let mut duties = JoinSet::new();
@@ -373,4 +593,18 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
         t.end(&ctx).await;
     }
     epoch
+}
+
+/// The term's deadline passed without a successful renewal (the renewal failed or still
+/// hangs): stop every duty now, before anyone may take the post over.
+async fn stop_duties_at_deadline(ctx: &Context, term: Term) {
+    let s = &ctx.state.settings;
+    tracing::warn!(
+        epoch = term.epoch,
+        silent_s = term.renewed_at.elapsed().as_secs_f64(),
+        "coordinator post not renewed within failover_timeout - heartbeat_interval ({:?}); \
+         stopping the coordinator's duties",
+        s.term_after()
+    );
+    term.abandon(ctx).await;
 }

@@ -396,10 +396,35 @@ impl Proxy {
 
     /// Back on the same port.
     pub async fn restore(&mut self) {
+        self.cut().await;
         let listener = TcpListener::bind(self.addr)
             .await
             .expect("rebind the proxy port");
         self.serve(listener);
+    }
+
+    /// A hung network: open connections are dropped, new ones are accepted and read but never
+    /// answered, so every call hangs until the SDK's own timeouts.
+    pub async fn stall(&mut self) {
+        self.cut().await;
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .expect("rebind the proxy port");
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                conns.spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        self.tasks = Some(tasks);
     }
 }
 
