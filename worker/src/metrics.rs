@@ -40,6 +40,8 @@ pub struct Metrics {
     pub workers_needed: Gauge,
     /// 1 while another live process holds this worker id (this one stays fenced).
     pub worker_id_conflict: Gauge,
+    /// Start-up calls retried after throttling or a transient error.
+    pub start_retries: Counter,
     pub records_processed: Family<crate::consumer::ShardLabel, Counter>,
     pub bytes_processed: Family<crate::consumer::ShardLabel, Counter>,
 }
@@ -126,6 +128,11 @@ impl Metrics {
             "worker_id_conflict",
             "1 while another live process holds this worker id's heartbeat (this one processes nothing)",
             self.worker_id_conflict.clone(),
+        );
+        r.register(
+            "start_retries",
+            "Start-up AWS calls retried after throttling or a transient error",
+            self.start_retries.clone(),
         );
         r.register(
             "records_processed",

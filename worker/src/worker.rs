@@ -2,11 +2,12 @@
 //! reading the published limit. `run` returns after a graceful shutdown: the coordinator steps
 //! down so a successor need not wait for the failover timeout, and the heartbeat is removed.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior, interval, sleep_until, timeout_at};
+use tokio::time::{Instant, MissedTickBehavior, interval, sleep, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::aws::{AwsClients, AwsError};
@@ -20,6 +21,51 @@ use crate::store::{
     HeartbeatOwner, HeartbeatRow, LimitReadError, LimitRecord, MetaStore, next_version, now_iso8601,
 };
 
+/// How start-up calls are retried after throttling or a transient error: every pod of a
+/// StatefulSet restarting at once shares `DescribeStreamSummary`'s 20 calls per second per
+/// account. Bounded: after `attempts` calls the worker gives up (exit 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartRetry {
+    /// Calls in all, the first included (each is itself retried by the SDK).
+    pub attempts: u32,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for StartRetry {
+    /// 8 calls, waits of about 0.5, 1, 2, 4, 8, 16, 20 s: about a minute in all.
+    fn default() -> Self {
+        StartRetry {
+            attempts: 8,
+            first_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(20),
+        }
+    }
+}
+
+impl StartRetry {
+    /// The wait before retry `retry` (1 for the first): exponential up to `max_delay`, of
+    /// which half is fixed and half random (`jitter` in 0..1), so restarting pods spread out.
+    pub fn delay(&self, retry: u32, jitter: f64) -> Duration {
+        let factor = 2u32.saturating_pow(retry.saturating_sub(1));
+        let full = self.first_delay.saturating_mul(factor).min(self.max_delay);
+        full / 2 + (full / 2).mul_f64(jitter.clamp(0.0, 1.0))
+    }
+}
+
+/// A random number in 0..1 (for jitter; not for anything that must be unpredictable).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Everything the loops share.
 pub struct Context {
     pub state: Arc<WorkerState>,
@@ -29,6 +75,7 @@ pub struct Context {
     /// The application's record processor, called after the built-in counting.
     pub processor: Option<Arc<dyn RecordProcessor>>,
     pub consumer_tuning: ConsumerTuning,
+    pub start_retry: StartRetry,
 }
 
 impl Context {
@@ -68,6 +115,7 @@ impl Worker {
                 kube,
                 processor: None,
                 consumer_tuning: ConsumerTuning::default(),
+                start_retry: StartRetry::default(),
             },
         }
     }
@@ -83,15 +131,29 @@ impl Worker {
         self
     }
 
+    /// How start-up calls are retried (tests shorten it).
+    pub fn with_start_retry(mut self, retry: StartRetry) -> Self {
+        self.ctx.start_retry = retry;
+        self
+    }
+
     pub fn state(&self) -> Arc<WorkerState> {
         self.ctx.state.clone()
     }
 
     /// Checks that the stream exists (before anything is written), then creates the tables if
     /// they are missing. The one Kinesis control-plane call a follower makes is this one.
+    /// Throttling and transient errors are retried with bounded exponential backoff; an
+    /// unknown stream is not.
     pub async fn prepare(&self) -> Result<(), StartError> {
         let s = &self.ctx.state.settings;
-        match crate::inputs::open_shard_count(&self.ctx.aws, &s.stream_name).await {
+        let aws = &self.ctx.aws;
+        match self
+            .retrying("DescribeStreamSummary", || {
+                crate::inputs::open_shard_count(aws, &s.stream_name)
+            })
+            .await
+        {
             Ok(_) => {}
             Err(AwsError::NotFound { .. }) => {
                 return Err(StartError::UnknownStream {
@@ -100,8 +162,41 @@ impl Worker {
             }
             Err(e) => return Err(e.into()),
         }
-        schema::ensure_tables(&self.ctx.aws, &s.lease_table(), &s.meta_table()).await?;
+        let (lease_table, meta_table) = (s.lease_table(), s.meta_table());
+        self.retrying("creating the tables", || {
+            schema::ensure_tables(aws, &lease_table, &meta_table)
+        })
+        .await?;
         Ok(())
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or [`StartRetry::attempts`] are spent.
+    async fn retrying<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, AwsError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, AwsError>>,
+    {
+        let policy = self.ctx.start_retry;
+        let mut retry = 0u32;
+        loop {
+            match call().await {
+                Err(e) if e.is_transient() && retry + 1 < policy.attempts => {
+                    retry += 1;
+                    let delay = policy.delay(retry, jitter());
+                    tracing::warn!(
+                        error = %e,
+                        retry,
+                        retries = policy.attempts - 1,
+                        delay_ms = delay.as_millis() as u64,
+                        "{what} failed at start; retrying in {delay:?} ({retry} of {})",
+                        policy.attempts - 1
+                    );
+                    self.ctx.state.metrics.start_retries.inc();
+                    sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Runs until `stop` is cancelled, then shuts down gracefully. Dropping (aborting) the
@@ -607,4 +702,26 @@ async fn stop_duties_at_deadline(ctx: &Context, term: Term) {
         s.term_after()
     );
     term.abandon(ctx).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_backoff_is_exponential_bounded_and_jittered() {
+        let p = StartRetry::default();
+        assert_eq!(p.delay(1, 0.0), Duration::from_millis(250));
+        assert_eq!(p.delay(1, 1.0), Duration::from_millis(500));
+        assert_eq!(p.delay(2, 0.0), Duration::from_millis(500));
+        assert_eq!(p.delay(4, 1.0), Duration::from_secs(4));
+        assert_eq!(p.delay(7, 1.0), Duration::from_secs(20), "capped");
+        assert_eq!(p.delay(60, 0.5), Duration::from_secs(15), "no overflow");
+        let total: Duration = (1..p.attempts).map(|r| p.delay(r, 1.0)).sum();
+        assert!(total <= Duration::from_secs(60), "{total:?}");
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j), "{j}");
+        }
+    }
 }
