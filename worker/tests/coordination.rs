@@ -501,8 +501,10 @@ async fn a_second_process_with_the_same_worker_id_waits_for_the_first() {
             !b.state.not_ready_reasons().is_empty(),
             "the duplicate is ready"
         );
-        assert_eq!(a.state.leases().len(), 4, "the first lost shards");
-        assert!(a.state.may_process());
+        // (The first may fence itself for a moment when DynamoDB is slow; it is never
+        // displaced by the second while it renews.)
+        assert!(a.state.leases().len() <= 4);
+        assert_eq!(a.state.instance_conflict(), None, "the first was displaced");
         if let Some(r) = b
             .state
             .not_ready_reasons()
@@ -523,6 +525,12 @@ async fn a_second_process_with_the_same_worker_id_waits_for_the_first() {
     );
 
     // kill -9 of the first: the second takes over after about the failover timeout.
+    wait_for(
+        Duration::from_secs(10),
+        "the first w0 to read its 4 shards",
+        || async { (a.state.leases().len() == 4).then_some(()) },
+    )
+    .await;
     let a_instance = a.state.instance.clone();
     a.crash().await;
     let (_, took) = wait_for(FAILOVER * 4, "the second w0 to read 4 shards", || async {
