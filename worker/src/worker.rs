@@ -33,7 +33,8 @@ pub struct StartRetry {
 }
 
 impl Default for StartRetry {
-    /// 8 calls, waits of about 0.5, 1, 2, 4, 8, 16, 20 s: about a minute in all.
+    /// 8 calls; waits of at most 0.5, 1, 2, 4, 8, 16, 20 s (each at least half that):
+    /// at most about 50 s of waiting in all.
     fn default() -> Self {
         StartRetry {
             attempts: 8,
