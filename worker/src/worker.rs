@@ -608,7 +608,17 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
             continue;
         }
 
-        let row = match ctx.meta.read_coordinator().await {
+        // A claim needs lease_limits' epoch, read directly. Where a claim is plausible this
+        // round (no live owner followed, or it is due to be judged silent), read both items
+        // at once so a takeover waits for no extra round trip.
+        let claim_plausible = recheck_by.is_none_or(|r| Instant::now() >= r);
+        let (row, limits) = if claim_plausible {
+            let (row, limits) = tokio::join!(ctx.meta.read_coordinator(), ctx.meta.read_limit());
+            (row, Some(limits))
+        } else {
+            (ctx.meta.read_coordinator().await, None)
+        };
+        let row = match row {
             Ok(row) => row,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the coordinator item");
@@ -630,7 +640,11 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
                 }
                 // The new epoch must be above lease_limits' too, read now: this worker may
                 // not have read any limit yet, and a lower epoch would be refused for ever.
-                let limits_epoch = match ctx.meta.read_limit().await {
+                let limits = match limits {
+                    Some(limits) => limits,
+                    None => ctx.meta.read_limit().await,
+                };
+                let limits_epoch = match limits {
                     Ok(record) => record.map(|r| r.epoch),
                     Err(LimitReadError::Malformed(m)) => {
                         tracing::warn!("{m}: a new coordinator replaces it");
