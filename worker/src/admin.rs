@@ -16,7 +16,7 @@ use crate::config::Settings;
 use crate::inputs::open_shard_count;
 use crate::leases::LeaseStore;
 use crate::schema::wait_stream_active;
-use crate::store::{CoordinatorRow, HeartbeatRow, LimitRecord, MetaStore};
+use crate::store::{CoordinatorRow, HeartbeatRow, LimitReadError, LimitRecord, MetaStore};
 
 /// Everything the lab checks and the monitor shows, read in one go.
 #[derive(Debug, Clone, Serialize)]
@@ -24,6 +24,9 @@ pub struct Snapshot {
     pub stream: String,
     pub open_shards: u64,
     pub lease_limits: Option<LimitRecord>,
+    /// Why the `lease_limits` item cannot be obeyed (then `lease_limits` is `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_limits_problem: Option<String>,
     pub coordinator: Option<CoordinatorRow>,
     pub heartbeats: Vec<HeartbeatRow>,
     pub leases: LeaseSummary,
@@ -67,10 +70,16 @@ pub async fn snapshot(aws: &AwsClients, settings: &Settings) -> Result<Snapshot,
             None => summary.unowned_readable += 1,
         }
     }
+    let (lease_limits, lease_limits_problem) = match meta.read_limit().await {
+        Ok(record) => (record, None),
+        Err(LimitReadError::Malformed(m)) => (None, Some(m.to_string())),
+        Err(LimitReadError::Aws(e)) => return Err(e),
+    };
     Ok(Snapshot {
         stream: settings.stream_name.clone(),
         open_shards: open_shard_count(aws, &settings.stream_name).await?,
-        lease_limits: meta.read_limit().await?,
+        lease_limits,
+        lease_limits_problem,
         coordinator: meta.read_coordinator().await?,
         heartbeats: meta.scan_heartbeats().await?,
         leases: summary,

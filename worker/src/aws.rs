@@ -76,9 +76,36 @@ pub enum AwsError {
     },
 }
 
+/// Error codes a retry cannot fix (credentials, permissions, malformed requests).
+const PERMANENT_CODES: &[&str] = &[
+    "AccessDenied",
+    "UnrecognizedClient",
+    "InvalidClientTokenId",
+    "InvalidSignature",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+    "NotAuthorized",
+    "KMSAccessDenied",
+    "ValidationException",
+    "InvalidArgumentException",
+    "SerializationException",
+];
+
 impl AwsError {
     pub fn is_condition_failed(&self) -> bool {
         matches!(self, AwsError::ConditionFailed { .. })
+    }
+
+    /// Worth another try later: throttling (after the SDK's own retries), network and service
+    /// errors. Not a missing or existing resource, a lost condition, or a request the service
+    /// refuses for good (credentials, permissions, validation).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AwsError::Unavailable { message, .. } => {
+                !PERMANENT_CODES.iter().any(|code| message.starts_with(code))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -207,5 +234,32 @@ mod tests {
         );
         assert_eq!(classify(Some("LimitExceededException")), "throttled");
         assert_eq!(classify(None), "error");
+    }
+
+    #[test]
+    fn throttling_and_network_errors_are_transient() {
+        use super::AwsError;
+        let unavailable = |message: &str| AwsError::Unavailable {
+            operation: "DescribeStreamSummary",
+            message: message.to_owned(),
+        };
+        assert!(unavailable("LimitExceededException: Rate exceeded for stream s").is_transient());
+        assert!(unavailable("ThrottlingException: slow down").is_transient());
+        assert!(unavailable("dispatch failure: io error: connection refused").is_transient());
+        assert!(unavailable("InternalFailure: oops").is_transient());
+        assert!(!unavailable("AccessDeniedException: not allowed").is_transient());
+        assert!(!unavailable("UnrecognizedClientException: bad key").is_transient());
+        assert!(!unavailable("ValidationException: bad request").is_transient());
+        let not_found = AwsError::NotFound {
+            operation: "DescribeStreamSummary",
+            message: "no such stream".into(),
+        };
+        assert!(!not_found.is_transient());
+        assert!(
+            !AwsError::ConditionFailed {
+                operation: "UpdateItem"
+            }
+            .is_transient()
+        );
     }
 }

@@ -84,6 +84,124 @@ impl Settings {
     }
 }
 
+/// The shortest accepted `heartbeat_interval`.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// The shortest accepted `shard_poll_interval` (`DescribeStreamSummary` allows 20 calls per
+/// second per account).
+pub const MIN_SHARD_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// `failover_timeout` must be at least this many heartbeat intervals: the fence rises
+/// `failover_timeout - heartbeat_interval` after the last good heartbeat, and that must leave
+/// room for two missed heartbeats plus one more attempt (each bounded by one interval).
+pub const MIN_FAILOVER_HEARTBEATS: u32 = 4;
+/// Heartbeat items outlive their last renewal by at least this much before DynamoDB's TTL may
+/// remove them. TTL is a backstop only: nothing decides from it.
+pub const MIN_HEARTBEAT_TTL: Duration = Duration::from_secs(3600);
+
+/// Durations derived from the configured ones, next to the rules ([`check_timings`]) that make
+/// them meaningful.
+impl Settings {
+    /// The fence rises this long after the last successful heartbeat was *sent*: one heartbeat
+    /// before anyone may judge this worker dead, so every consumer has stopped by then.
+    pub fn fence_after(&self) -> Duration {
+        self.failover_timeout
+            .saturating_sub(self.heartbeat_interval)
+    }
+
+    /// A coordinator's duties stop this long after its last successful claim or renewal was
+    /// sent, even while a renewal is still in flight (same margin as the fence).
+    pub fn term_after(&self) -> Duration {
+        self.fence_after()
+    }
+
+    /// The longest one heartbeat write may take; a slower one counts as failed.
+    pub fn heartbeat_write_timeout(&self) -> Duration {
+        self.heartbeat_interval
+    }
+
+    /// `/ready` reports a heartbeat or a limit read as stale after this (two missed rounds).
+    pub fn stale_after(&self) -> Duration {
+        self.heartbeat_interval * 2 + Duration::from_millis(500)
+    }
+
+    /// `failover_timeout` in milliseconds, as published in heartbeat and coordinator items.
+    pub fn failover_ms(&self) -> u64 {
+        u64::try_from(self.failover_timeout.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long a heartbeat item outlives its last renewal before DynamoDB's TTL may delete
+    /// it: far beyond any liveness decision (which uses the monotonic clock only).
+    pub fn heartbeat_ttl(&self) -> Duration {
+        MIN_HEARTBEAT_TTL.max(self.failover_timeout.saturating_mul(100))
+    }
+
+    /// The timing rules [`Settings::load`] enforces, for settings built in code.
+    pub fn check_timings(&self) -> Result<(), ConfigError> {
+        check_timings(
+            (self.heartbeat_interval, None),
+            (self.failover_timeout, None),
+            (self.shard_poll_interval, None),
+        )
+    }
+}
+
+/// One timing value and where it came from (`None`: built in code or a default).
+type Timed<'a> = (Duration, Option<&'a str>);
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// The rules that keep the fence meaningful. A violation names every key involved and its
+/// value in one line.
+fn check_timings(
+    heartbeat: Timed<'_>,
+    failover: Timed<'_>,
+    shard_poll: Timed<'_>,
+) -> Result<(), ConfigError> {
+    let err = |key: &str, (value, origin): Timed<'_>, allowed: String| ConfigError {
+        key: key.into(),
+        value: Some(fmt_duration(value)),
+        origin: origin.map(str::to_owned),
+        allowed,
+    };
+    if heartbeat.0 < MIN_HEARTBEAT_INTERVAL {
+        return Err(err(
+            "heartbeat_interval",
+            heartbeat,
+            format!("expected at least {}", fmt_duration(MIN_HEARTBEAT_INTERVAL)),
+        ));
+    }
+    if shard_poll.0 < MIN_SHARD_POLL_INTERVAL {
+        return Err(err(
+            "shard_poll_interval",
+            shard_poll,
+            format!(
+                "expected at least {}",
+                fmt_duration(MIN_SHARD_POLL_INTERVAL)
+            ),
+        ));
+    }
+    let min_failover = heartbeat.0.saturating_mul(MIN_FAILOVER_HEARTBEATS);
+    if failover.0 < min_failover {
+        return Err(err(
+            "failover_timeout",
+            failover,
+            format!(
+                "expected at least {MIN_FAILOVER_HEARTBEATS} x heartbeat_interval = {} \
+                 (heartbeat_interval = {:?}{}), so that the fence (failover_timeout - \
+                 heartbeat_interval) leaves room for two missed heartbeats and one more attempt",
+                fmt_duration(min_failover),
+                fmt_duration(heartbeat.0),
+                heartbeat
+                    .1
+                    .map(|o| format!(" from {o}"))
+                    .unwrap_or_default(),
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A configuration mistake: exactly one line for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -291,12 +409,13 @@ impl Settings {
             Some(raw) => raw.dns_label("namespace")?,
             None => default_namespace.0,
         };
-        let shard_poll_interval =
-            match take("shard_poll_interval", Some(("10s".into(), "default")))? {
-                Some(raw) => raw.duration("shard_poll_interval")?,
-                None => Duration::from_secs(10),
-            };
-        let heartbeat_interval = match take("heartbeat_interval", Some(("2s".into(), "default")))? {
+        let poll_raw = take("shard_poll_interval", Some(("10s".into(), "default")))?;
+        let shard_poll_interval = match &poll_raw {
+            Some(raw) => raw.duration("shard_poll_interval")?,
+            None => Duration::from_secs(10),
+        };
+        let heartbeat_raw = take("heartbeat_interval", Some(("2s".into(), "default")))?;
+        let heartbeat_interval = match &heartbeat_raw {
             Some(raw) => raw.duration("heartbeat_interval")?,
             None => Duration::from_secs(2),
         };
@@ -305,19 +424,22 @@ impl Settings {
             Some(raw) => raw.duration("failover_timeout")?,
             None => Duration::from_secs(10),
         };
-        // A worker renews every heartbeat; the timeout must leave room for at least two
-        // renewals or a single slow call would look like a death.
-        if failover_timeout < heartbeat_interval * 2 {
-            return Err(ConfigError {
-                key: "failover_timeout".into(),
-                value: Some(humantime::format_duration(failover_timeout).to_string()),
-                origin: failover_raw.map(|r| r.origin),
-                allowed: format!(
-                    "expected at least twice heartbeat_interval ({})",
-                    humantime::format_duration(heartbeat_interval)
-                ),
-            });
-        }
+        let origin = |raw: &Option<Raw>| -> Option<String> {
+            Some(
+                raw.as_ref()
+                    .map_or("default".to_owned(), |r| r.origin.clone()),
+            )
+        };
+        let (hb_origin, fo_origin, poll_origin) = (
+            origin(&heartbeat_raw),
+            origin(&failover_raw),
+            origin(&poll_raw),
+        );
+        check_timings(
+            (heartbeat_interval, hb_origin.as_deref()),
+            (failover_timeout, fo_origin.as_deref()),
+            (shard_poll_interval, poll_origin.as_deref()),
+        )?;
         let http_addr = match take("http_addr", Some(("0.0.0.0:8080".into(), "default")))? {
             Some(raw) => raw.text.parse::<SocketAddr>().map_err(|_| {
                 raw.invalid(
@@ -714,19 +836,105 @@ mod tests {
     }
 
     #[test]
-    fn failover_must_be_at_least_two_heartbeats() {
+    fn failover_must_be_at_least_four_heartbeats() {
         Jail::expect_with(|jail| {
             jail.clear_env();
             jail.set_env("KDS_STREAM_NAME", "s");
             jail.set_env("KDS_HEARTBEAT_INTERVAL", "2s");
-            jail.set_env("KDS_FAILOVER_TIMEOUT", "4s");
-            assert!(load_in_jail(jail).is_ok());
-            jail.set_env("KDS_FAILOVER_TIMEOUT", "3s");
+            jail.set_env("KDS_FAILOVER_TIMEOUT", "8s");
+            let (s, _) = load_in_jail(jail).unwrap();
+            assert_eq!(s.fence_after(), Duration::from_secs(6));
+            jail.set_env("KDS_FAILOVER_TIMEOUT", "7999ms");
             let err = load_in_jail(jail).unwrap_err();
+            assert_eq!(err.key, "failover_timeout");
+            let line = err.to_string();
+            assert!(!line.contains('\n'), "{line}");
+            // Both keys, both values, both origins.
+            for part in [
+                "failover_timeout = \"7s 999ms\"",
+                "KDS_FAILOVER_TIMEOUT",
+                "heartbeat_interval = \"2s\"",
+                "KDS_HEARTBEAT_INTERVAL",
+                "4 x heartbeat_interval = 8s",
+            ] {
+                assert!(line.contains(part), "{part:?} missing from: {line}");
+            }
+            // Twice the heartbeat, accepted before, would raise the fence on every heartbeat.
+            jail.set_env("KDS_FAILOVER_TIMEOUT", "4s");
+            assert_eq!(load_in_jail(jail).unwrap_err().key, "failover_timeout");
+            // The default failover (10s) against a long heartbeat names the default.
+            jail.clear_env();
+            jail.set_env("KDS_STREAM_NAME", "s");
+            jail.set_env("KDS_HEARTBEAT_INTERVAL", "3s");
+            let line = load_in_jail(jail).unwrap_err().to_string();
             assert!(
-                err.to_string().contains("twice heartbeat_interval"),
-                "{err}"
+                line.contains("failover_timeout = \"10s\" (from default)"),
+                "{line}"
             );
+            assert!(
+                line.contains("heartbeat_interval = \"3s\" from KDS_HEARTBEAT_INTERVAL"),
+                "{line}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn heartbeat_and_shard_poll_have_floors() {
+        let cases: &[(&str, &str, &str, bool)] = &[
+            (
+                "KDS_HEARTBEAT_INTERVAL",
+                "99ms",
+                "heartbeat_interval",
+                false,
+            ),
+            (
+                "KDS_HEARTBEAT_INTERVAL",
+                "100ms",
+                "heartbeat_interval",
+                true,
+            ),
+            (
+                "KDS_SHARD_POLL_INTERVAL",
+                "999ms",
+                "shard_poll_interval",
+                false,
+            ),
+            ("KDS_SHARD_POLL_INTERVAL", "1s", "shard_poll_interval", true),
+        ];
+        for &(var, value, key, ok) in cases {
+            Jail::expect_with(|jail| {
+                jail.clear_env();
+                jail.set_env("KDS_STREAM_NAME", "s");
+                jail.set_env(var, value);
+                match load_in_jail(jail) {
+                    Ok(_) => assert!(ok, "{var}={value} accepted"),
+                    Err(e) => {
+                        assert!(!ok, "{var}={value} refused: {e}");
+                        assert_eq!(e.key, key);
+                        assert!(e.to_string().contains("expected at least"), "{e}");
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn derived_durations() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("KDS_STREAM_NAME", "s");
+            let (s, _) = load_in_jail(jail).unwrap();
+            assert_eq!(s.fence_after(), Duration::from_secs(8));
+            assert_eq!(s.term_after(), Duration::from_secs(8));
+            assert_eq!(s.heartbeat_write_timeout(), Duration::from_secs(2));
+            assert_eq!(s.failover_ms(), 10_000);
+            assert_eq!(s.heartbeat_ttl(), Duration::from_secs(3600));
+            assert!(s.check_timings().is_ok());
+            let mut bad = s.clone();
+            bad.failover_timeout = bad.heartbeat_interval * 2;
+            assert_eq!(bad.check_timings().unwrap_err().key, "failover_timeout");
             Ok(())
         });
     }

@@ -210,7 +210,10 @@ async fn lease_round(
     let (Some(limit), Some(listed)) = (ctx.state.limit(), listed.as_ref()) else {
         return Ok(());
     };
-    let judged = liveness.observe(&rows, Instant::now(), s.failover_timeout);
+    // Lease owners without a heartbeat row are expected too: they count as dead only after
+    // `failover_timeout` of absence on this coordinator's clock, row or no row.
+    let owners: BTreeSet<&str> = leases.iter().filter_map(|l| l.owner.as_deref()).collect();
+    let judged = liveness.observe(&rows, owners, Instant::now(), s.failover_timeout);
     let mut live: BTreeSet<String> = judged.live.into_iter().collect();
     live.insert(me.to_owned());
     let view = FleetView {
@@ -329,8 +332,11 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             },
             _ = heartbeat_tick.tick() => match ctx.meta.scan_heartbeats().await {
                 Ok(rows) => {
-                    let judged = liveness.observe(&rows, Instant::now(), s.failover_timeout);
-                    for (id, counter) in &judged.dead {
+                    let judged =
+                        liveness.observe(&rows, std::iter::empty(), Instant::now(), s.failover_timeout);
+                    // Only rows can be deleted (a dead worker without a row has none).
+                    let dead = judged.dead.iter().filter_map(|(id, c)| c.as_ref().map(|c| (id, c)));
+                    for (id, counter) in dead {
                         tracing::info!(worker = %id, "worker's heartbeat stopped; removing it");
                         // Conditional: a worker that came back meanwhile keeps its row.
                         if let Err(e) = ctx.meta.delete_dead_heartbeat(id, *counter).await
@@ -375,7 +381,7 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             cap: s.max_leases_cap,
             capacity_deficit: limit.capacity_deficit,
             epoch,
-            version: published.as_ref().map_or(0, |p| p.version) + 1,
+            version: crate::store::next_version(published.as_ref(), epoch),
             computed_by: me.clone(),
             updated_at: now_iso8601(),
         };

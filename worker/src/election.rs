@@ -1,8 +1,10 @@
 //! Pure judgement of the coordinator post and of worker liveness.
 //!
 //! Both are judged on the observer's monotonic clock: a row is dead when its `counter` has not
-//! changed for `failover_timeout` *as measured by the observer*. Wall-clock timestamps in the
-//! rows are for humans only, so skew between pods cannot make two owners.
+//! changed for `failover_timeout` *as measured by the observer*, and never sooner than the
+//! writer's own published timeout (`failover_ms`), so a worker configured with a longer
+//! timeout than its observers is not taken over early. Wall-clock timestamps in the rows are
+//! for humans only, so skew between pods cannot make two owners.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,6 +13,21 @@ use tokio::time::Instant;
 
 use crate::store::{CoordinatorRow, HeartbeatRow};
 
+/// The epoch a claimant takes: above both the coordinator item's epoch and the epoch of the
+/// `lease_limits` item (a coordinator item deleted by hand must not make epochs go backwards,
+/// or the claimant's publications would be refused for ever). Saturates at `u64::MAX`.
+pub fn claim_epoch(coordinator_epoch: Option<u64>, limits_epoch: Option<u64>) -> u64 {
+    coordinator_epoch
+        .unwrap_or(0)
+        .max(limits_epoch.unwrap_or(0))
+        .saturating_add(1)
+}
+
+/// How long an observer with `timeout` waits on a row whose writer published `published`.
+fn effective_timeout(timeout: Duration, published: Option<Duration>) -> Duration {
+    timeout.max(published.unwrap_or_default())
+}
+
 /// What a follower should do after reading the coordinator row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -18,6 +35,8 @@ pub enum Verdict {
     /// the instant the current owner would become stale.
     Follow { owner: String, recheck_by: Instant },
     /// Try to claim the post with `next_epoch`, conditional on the row still being `seen`.
+    /// `next_epoch` is above the row's epoch and `min_epoch`; the caller must also go above
+    /// the `lease_limits` item's epoch ([`claim_epoch`]).
     Claim {
         seen: Option<CoordinatorRow>,
         next_epoch: u64,
@@ -32,7 +51,9 @@ pub struct CoordinatorObserver {
 
 impl CoordinatorObserver {
     /// `min_epoch`: the highest epoch known from elsewhere (the `lease_limits` item), so a
-    /// coordinator row that was deleted by hand cannot make epochs go backwards.
+    /// coordinator row that was deleted by hand cannot make epochs go backwards. A live owner
+    /// is taken over only after max(`timeout`, the row's published `failover_ms`) without a
+    /// change, on this observer's clock.
     pub fn judge(
         &mut self,
         row: Option<CoordinatorRow>,
@@ -44,10 +65,10 @@ impl CoordinatorObserver {
             self.last = None;
             return Verdict::Claim {
                 seen: None,
-                next_epoch: min_epoch + 1,
+                next_epoch: claim_epoch(None, Some(min_epoch)),
             };
         };
-        let next_epoch = row.epoch.max(min_epoch) + 1;
+        let next_epoch = claim_epoch(Some(row.epoch), Some(min_epoch));
         if row.is_vacant() {
             self.last = None;
             return Verdict::Claim {
@@ -55,6 +76,7 @@ impl CoordinatorObserver {
                 next_epoch,
             };
         }
+        let timeout = effective_timeout(timeout, row.failover());
         let since = match &self.last {
             Some((last, since)) if *last == row => *since,
             _ => now,
@@ -79,44 +101,150 @@ impl CoordinatorObserver {
     }
 }
 
-/// The coordinator's view of which workers are alive, from repeated heartbeat scans.
+/// What one worker id looked like in the previous scans.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// `None`: expected (a lease owner) but without a heartbeat row.
+    counter: Option<u64>,
+    /// Last change (counter moved, row appeared or vanished) on the observer's clock.
+    since: Instant,
+    /// The writer's published timeout, remembered after its row vanished.
+    failover: Option<Duration>,
+}
+
+/// The coordinator's and the lease loop's view of which workers are alive, from repeated
+/// heartbeat scans.
 #[derive(Debug, Default)]
 pub struct LivenessTracker {
-    seen: HashMap<String, (u64, Instant)>,
+    seen: HashMap<String, Seen>,
 }
 
 /// One scan's judgement.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Liveness {
-    /// Worker ids with a heartbeat counter that moved within the timeout, sorted.
+    /// Worker ids that made progress within their timeout, sorted.
     pub live: Vec<String>,
-    /// `(worker_id, counter)` of rows unchanged for the timeout.
-    pub dead: Vec<(String, u64)>,
+    /// `(worker_id, counter)` of workers without progress for their timeout, sorted; the
+    /// counter is `None` for an expected worker without a heartbeat row.
+    pub dead: Vec<(String, Option<u64>)>,
 }
 
 impl LivenessTracker {
-    /// A row seen for the first time counts as live: it was written recently enough to exist
-    /// (graceful shutdown deletes rows, TTL removes old ones), and counting a new worker at once
-    /// is what makes scale-ups visible within one heartbeat.
-    pub fn observe(&mut self, rows: &[HeartbeatRow], now: Instant, timeout: Duration) -> Liveness {
-        let mut next = HashMap::with_capacity(rows.len());
+    /// Judges `rows` (every heartbeat item) and `expected` (worker ids known from elsewhere,
+    /// such as lease owners). A worker is dead only after `timeout` (or the longer timeout its
+    /// row publishes) without progress on this observer's clock, row or no row: a counter
+    /// change is progress, and so is a row appearing or vanishing (an expected worker without
+    /// a row is live until it has been absent for the timeout).
+    ///
+    /// Everything seen for the first time counts as live: a row was written recently enough
+    /// to exist (graceful shutdown deletes rows, the coordinator removes dead ones), and
+    /// counting a new worker at once is what makes scale-ups visible within one heartbeat.
+    /// Ids neither in `rows` nor in `expected` are forgotten.
+    pub fn observe<'a>(
+        &mut self,
+        rows: &[HeartbeatRow],
+        expected: impl IntoIterator<Item = &'a str>,
+        now: Instant,
+        timeout: Duration,
+    ) -> Liveness {
+        let mut next: HashMap<String, Seen> = HashMap::with_capacity(rows.len());
         let mut out = Liveness::default();
+        let mut judge = |id: &str, seen: Seen, out: &mut Liveness| {
+            if now.duration_since(seen.since) >= effective_timeout(timeout, seen.failover) {
+                out.dead.push((id.to_owned(), seen.counter));
+            } else {
+                out.live.push(id.to_owned());
+            }
+            next.insert(id.to_owned(), seen);
+        };
         for row in rows {
             let since = match self.seen.get(&row.worker_id) {
-                Some((counter, since)) if *counter == row.counter => *since,
+                Some(prev) if prev.counter == Some(row.counter) => prev.since,
                 _ => now,
             };
-            if now.duration_since(since) >= timeout {
-                out.dead.push((row.worker_id.clone(), row.counter));
-            } else {
-                out.live.push(row.worker_id.clone());
+            let seen = Seen {
+                counter: Some(row.counter),
+                since,
+                failover: row.failover(),
+            };
+            judge(&row.worker_id, seen, &mut out);
+        }
+        let with_rows: std::collections::HashSet<&str> =
+            rows.iter().map(|r| r.worker_id.as_str()).collect();
+        let mut done = std::collections::HashSet::new();
+        for id in expected {
+            if with_rows.contains(id) || !done.insert(id) {
+                continue;
             }
-            next.insert(row.worker_id.clone(), (row.counter, since));
+            let seen = match self.seen.get(id) {
+                // Still absent: the absence clock keeps running.
+                Some(prev) if prev.counter.is_none() => prev.clone(),
+                // The row vanished (the coordinator removed a silent worker's, or an operator
+                // deleted it): silent since its counter last moved. A live worker writes it
+                // again within a heartbeat, which restarts the clock.
+                Some(prev) => Seen {
+                    counter: None,
+                    since: prev.since,
+                    failover: prev.failover,
+                },
+                // Never seen: absent from now.
+                None => Seen {
+                    counter: None,
+                    since: now,
+                    failover: None,
+                },
+            };
+            judge(id, seen, &mut out);
         }
         self.seen = next;
         out.live.sort();
         out.dead.sort();
         out
+    }
+}
+
+/// This worker id's own heartbeat row while another process (instance) holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// The other instance made progress within the timeout: stay fenced, look again.
+    /// `silent_since` is when its row last changed on this observer's clock.
+    Live {
+        instance: String,
+        silent_since: Instant,
+    },
+    /// Silent for the timeout: take the row over, conditional on it being unchanged.
+    Silent { instance: String },
+}
+
+/// Judges the other instance holding this worker's heartbeat row, on this process's clock:
+/// it is silent once its counter stood still for max(own timeout, its published timeout).
+#[derive(Debug, Default)]
+pub struct HolderObserver {
+    last: Option<(Option<String>, u64, Instant)>,
+}
+
+impl HolderObserver {
+    pub fn judge(&mut self, row: &HeartbeatRow, now: Instant, timeout: Duration) -> Holder {
+        let key = (row.instance.clone(), row.counter);
+        let since = match &self.last {
+            Some((instance, counter, since)) if (instance, counter) == (&key.0, &key.1) => *since,
+            _ => now,
+        };
+        self.last = Some((key.0, key.1, since));
+        let instance = row.instance.clone().unwrap_or_default();
+        if now.duration_since(since) >= effective_timeout(timeout, row.failover()) {
+            Holder::Silent { instance }
+        } else {
+            Holder::Live {
+                instance,
+                silent_since: since,
+            }
+        }
+    }
+
+    /// Forget the row (after this instance wrote it).
+    pub fn reset(&mut self) {
+        self.last = None;
     }
 }
 
@@ -132,6 +260,7 @@ mod tests {
             epoch,
             counter,
             renewed_at: String::new(),
+            failover_ms: None,
         }
     }
 
@@ -141,7 +270,13 @@ mod tests {
             counter,
             leases_held: 0,
             renewed_at: String::new(),
+            instance: None,
+            failover_ms: None,
         }
+    }
+
+    fn none() -> std::iter::Empty<&'static str> {
+        std::iter::empty()
     }
 
     #[test]
@@ -241,17 +376,193 @@ mod tests {
     fn liveness_counts_new_rows_and_drops_silent_ones() {
         let mut l = LivenessTracker::default();
         let t0 = Instant::now();
-        let out = l.observe(&[hb("a", 1), hb("b", 1)], t0, T);
+        let out = l.observe(&[hb("a", 1), hb("b", 1)], none(), t0, T);
         assert_eq!(out.live, vec!["a", "b"]);
-        let out = l.observe(&[hb("a", 2), hb("b", 1)], t0 + T, T);
+        let out = l.observe(&[hb("a", 2), hb("b", 1)], none(), t0 + T, T);
         assert_eq!(out.live, vec!["a"]);
-        assert_eq!(out.dead, vec![("b".to_owned(), 1)]);
+        assert_eq!(out.dead, vec![("b".to_owned(), Some(1))]);
         // b comes back to life.
-        let out = l.observe(&[hb("a", 3), hb("b", 2)], t0 + T * 2, T);
+        let out = l.observe(&[hb("a", 3), hb("b", 2)], none(), t0 + T * 2, T);
         assert_eq!(out.live, vec!["a", "b"]);
         // A deleted row is forgotten.
-        let out = l.observe(&[hb("a", 4)], t0 + T * 3, T);
+        let out = l.observe(&[hb("a", 4)], none(), t0 + T * 3, T);
         assert_eq!(out.live, vec!["a"]);
         assert!(out.dead.is_empty());
+    }
+
+    #[test]
+    fn a_row_publishing_a_longer_timeout_is_waited_for() {
+        let mut l = LivenessTracker::default();
+        let t0 = Instant::now();
+        let mut slow = hb("slow", 1);
+        slow.failover_ms = Some(30_000);
+        let mut fast = hb("fast", 1);
+        fast.failover_ms = Some(1_000);
+        l.observe(&[slow.clone(), fast.clone()], none(), t0, T);
+        // The observer's own (longer) timeout applies to "fast"; "slow" publishes 30 s.
+        let out = l.observe(&[slow.clone(), fast.clone()], none(), t0 + T, T);
+        assert_eq!(out.live, vec!["slow"]);
+        assert_eq!(out.dead, vec![("fast".to_owned(), Some(1))]);
+        let out = l.observe(&[slow.clone()], none(), t0 + Duration::from_secs(29), T);
+        assert_eq!(out.live, vec!["slow"]);
+        let out = l.observe(&[slow], none(), t0 + Duration::from_secs(30), T);
+        assert_eq!(out.dead, vec![("slow".to_owned(), Some(1))]);
+    }
+
+    #[test]
+    fn an_expected_worker_without_a_row_is_live_until_absent_for_the_timeout() {
+        let mut l = LivenessTracker::default();
+        let t0 = Instant::now();
+        // A fresh tracker: a lease owner without a row is live at first sight.
+        let out = l.observe(&[], ["owner"], t0, T);
+        assert_eq!(out.live, vec!["owner"]);
+        let out = l.observe(
+            &[],
+            ["owner", "owner"],
+            t0 + T - Duration::from_millis(1),
+            T,
+        );
+        assert_eq!(out.live, vec!["owner"]);
+        assert!(out.dead.is_empty());
+        let out = l.observe(&[], ["owner"], t0 + T, T);
+        assert!(out.live.is_empty());
+        assert_eq!(out.dead, vec![("owner".to_owned(), None)]);
+        // Its row appears: progress.
+        let out = l.observe(&[hb("owner", 1)], ["owner"], t0 + T * 2, T);
+        assert_eq!(out.live, vec!["owner"]);
+    }
+
+    #[test]
+    fn a_vanished_row_keeps_its_silence_clock_and_its_timeout() {
+        let mut l = LivenessTracker::default();
+        let t0 = Instant::now();
+        let mut r = hb("w", 5);
+        r.failover_ms = Some(20_000);
+        l.observe(std::slice::from_ref(&r), ["w"], t0, T);
+        // Unchanged for a while, then the row vanishes (the coordinator removed it, or an
+        // operator deleted it): still silent since t0, judged with the timeout it published.
+        l.observe(
+            std::slice::from_ref(&r),
+            ["w"],
+            t0 + Duration::from_secs(5),
+            T,
+        );
+        let gone = t0 + Duration::from_secs(6);
+        assert_eq!(l.observe(&[], ["w"], gone, T).live, vec!["w"]);
+        let out = l.observe(&[], ["w"], t0 + Duration::from_secs(19), T);
+        assert_eq!(out.live, vec!["w"]);
+        let out = l.observe(&[], ["w"], t0 + Duration::from_secs(20), T);
+        assert_eq!(out.dead, vec![("w".to_owned(), None)]);
+        // A live worker writes its row again: alive from then on.
+        let out = l.observe(&[hb("w", 1)], ["w"], t0 + Duration::from_secs(21), T);
+        assert_eq!(out.live, vec!["w"]);
+        // Not expected any more and no row: forgotten.
+        let out = l.observe(&[], none(), t0 + Duration::from_secs(22), T);
+        assert_eq!(out, Liveness::default());
+    }
+
+    #[test]
+    fn an_owner_never_seen_is_live_for_a_whole_timeout() {
+        let mut l = LivenessTracker::default();
+        let t0 = Instant::now();
+        assert_eq!(l.observe(&[], ["x"], t0, T).live, vec!["x"]);
+        assert_eq!(
+            l.observe(&[], ["x"], t0 + T - Duration::from_millis(1), T)
+                .live,
+            vec!["x"]
+        );
+        assert_eq!(
+            l.observe(&[], ["x"], t0 + T, T).dead,
+            vec![("x".to_owned(), None)]
+        );
+    }
+
+    #[test]
+    fn the_coordinator_rows_published_timeout_delays_a_takeover() {
+        let mut o = CoordinatorObserver::default();
+        let t0 = Instant::now();
+        let mut r = row("a", 3, 42);
+        r.failover_ms = Some(25_000);
+        match o.judge(Some(r.clone()), t0, T, 0) {
+            Verdict::Follow { recheck_by, .. } => {
+                assert_eq!(recheck_by, t0 + Duration::from_secs(25))
+            }
+            v => panic!("{v:?}"),
+        }
+        assert!(matches!(
+            o.judge(Some(r.clone()), t0 + Duration::from_secs(24), T, 0),
+            Verdict::Follow { .. }
+        ));
+        assert!(matches!(
+            o.judge(Some(r.clone()), t0 + Duration::from_secs(25), T, 0),
+            Verdict::Claim { next_epoch: 4, .. }
+        ));
+        // A shorter published timeout never shortens the observer's own.
+        let mut o = CoordinatorObserver::default();
+        r.failover_ms = Some(1);
+        o.judge(Some(r.clone()), t0, T, 0);
+        assert!(matches!(
+            o.judge(Some(r), t0 + T - Duration::from_millis(1), T, 0),
+            Verdict::Follow { .. }
+        ));
+    }
+
+    #[test]
+    fn claim_epochs_go_above_both_items_and_saturate() {
+        assert_eq!(claim_epoch(None, None), 1);
+        assert_eq!(claim_epoch(None, Some(7)), 8);
+        assert_eq!(claim_epoch(Some(3), Some(7)), 8);
+        assert_eq!(claim_epoch(Some(9), Some(7)), 10);
+        assert_eq!(claim_epoch(Some(u64::MAX), None), u64::MAX);
+        let mut o = CoordinatorObserver::default();
+        assert_eq!(
+            o.judge(Some(row("", u64::MAX, 0)), Instant::now(), T, 0),
+            Verdict::Claim {
+                seen: Some(row("", u64::MAX, 0)),
+                next_epoch: u64::MAX
+            }
+        );
+    }
+
+    #[test]
+    fn another_instance_is_silent_after_the_timeout_without_progress() {
+        let mut h = HolderObserver::default();
+        let t0 = Instant::now();
+        let mut r = hb("w0", 7);
+        r.instance = Some("other".into());
+        assert_eq!(
+            h.judge(&r, t0, T),
+            Holder::Live {
+                instance: "other".into(),
+                silent_since: t0
+            }
+        );
+        // It renews: the clock restarts.
+        r.counter = 8;
+        let t1 = t0 + Duration::from_secs(9);
+        assert!(
+            matches!(h.judge(&r, t1, T), Holder::Live { silent_since, .. } if silent_since == t1)
+        );
+        assert!(matches!(
+            h.judge(&r, t1 + T - Duration::from_millis(1), T),
+            Holder::Live { .. }
+        ));
+        assert_eq!(
+            h.judge(&r, t1 + T, T),
+            Holder::Silent {
+                instance: "other".into()
+            }
+        );
+        // Another instance appearing in the row is a change.
+        r.instance = Some("third".into());
+        assert!(matches!(h.judge(&r, t1 + T * 2, T), Holder::Live { .. }));
+        // Its published timeout counts when it is longer.
+        r.failover_ms = Some(15_000);
+        let t2 = t1 + T * 2;
+        assert!(matches!(h.judge(&r, t2 + T, T), Holder::Live { .. }));
+        assert!(matches!(
+            h.judge(&r, t2 + Duration::from_secs(15), T),
+            Holder::Silent { .. }
+        ));
     }
 }

@@ -213,7 +213,10 @@ fn print_snapshot(s: &kds_worker::admin::Snapshot) {
             l.worker_count,
             l.capacity_deficit
         ),
-        None => println!("lease_limits: none yet"),
+        None => match &s.lease_limits_problem {
+            Some(problem) => println!("lease_limits: {problem}"),
+            None => println!("lease_limits: none yet"),
+        },
     }
     match &s.coordinator {
         Some(c) if !c.owner.is_empty() => println!(

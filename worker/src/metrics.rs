@@ -46,6 +46,10 @@ pub struct Metrics {
     pub unreadable_leases: Family<ReasonLabels, Gauge>,
     pub lease_limit_overrun: Gauge,
     pub lease_hand_offs: Family<OperationLabels, Counter>,
+    /// 1 while another live process holds this worker id (this one stays fenced).
+    pub worker_id_conflict: Gauge,
+    /// Start-up calls retried after throttling or a transient error.
+    pub start_retries: Counter,
     pub records_processed: Family<crate::consumer::ShardLabel, Counter>,
     pub bytes_processed: Family<crate::consumer::ShardLabel, Counter>,
 }
@@ -142,6 +146,16 @@ impl Metrics {
             "lease_hand_offs",
             "Leases handed over or given up by this worker, by kind (transfer, release, excess, shard_end)",
             self.lease_hand_offs.clone(),
+        );
+        r.register(
+            "worker_id_conflict",
+            "1 while another live process holds this worker id's heartbeat (this one processes nothing)",
+            self.worker_id_conflict.clone(),
+        );
+        r.register(
+            "start_retries",
+            "Start-up AWS calls retried after throttling or a transient error",
+            self.start_retries.clone(),
         );
         r.register(
             "records_processed",

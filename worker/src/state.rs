@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
@@ -47,12 +46,42 @@ struct Inner {
     last_heartbeat_error: Option<String>,
     last_limit_read_ok: Option<Instant>,
     last_limit_read_error: Option<String>,
+    /// Why the last `lease_limits` read could not be obeyed (a malformed item).
+    limit_problem: Option<String>,
+    /// Another live instance holding this worker id's heartbeat row.
+    instance_conflict: Option<String>,
+    /// When the last successful coordinator claim or renewal was sent.
+    term_renewed: Option<Instant>,
     loop_beats: BTreeMap<&'static str, Instant>,
+}
+
+/// A random 128-bit instance id (32 hex digits) for this process. Two processes started with
+/// one worker id tell their heartbeats apart by it. Seeded from the standard library's
+/// per-process random hash keys, the clock and the process id.
+pub fn new_instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let half = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(salt);
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        h.write_u64(n);
+        h.finish()
+    };
+    format!("{:016x}{:016x}", half(1), half(2))
 }
 
 /// Shared, lock-protected worker state. Locks are held only to copy values in or out.
 pub struct WorkerState {
     pub settings: Settings,
+    /// This process's random instance id ([`new_instance_id`]), written into its heartbeat.
+    pub instance: String,
     pub metrics: Metrics,
     /// Records and bytes per shard (the default record processor), for `/status`.
     pub counting: crate::consumer::CountingProcessor,
@@ -69,6 +98,8 @@ pub struct WorkerState {
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusReport {
     pub worker_id: String,
+    /// This process's instance id (see [`new_instance_id`]).
+    pub instance: String,
     pub role: Role,
     pub epoch: u64,
     pub coordinator: Option<String>,
@@ -93,6 +124,7 @@ impl WorkerState {
         );
         WorkerState {
             settings,
+            instance: new_instance_id(),
             metrics,
             counting,
             started: Instant::now(),
@@ -112,6 +144,9 @@ impl WorkerState {
                 last_heartbeat_error: None,
                 last_limit_read_ok: None,
                 last_limit_read_error: None,
+                limit_problem: None,
+                instance_conflict: None,
+                term_renewed: None,
                 loop_beats: BTreeMap::new(),
             }),
         }
@@ -170,9 +205,50 @@ impl WorkerState {
 
     /// The instant [`WorkerState::may_process`] turns false unless a heartbeat succeeds first.
     pub fn fence_deadline(&self) -> Option<Instant> {
-        let s = &self.settings;
-        let fence_after = s.failover_timeout.saturating_sub(s.heartbeat_interval);
+        let fence_after = self.settings.fence_after();
         self.lock().last_heartbeat_ok.map(|t| t + fence_after)
+    }
+
+    /// Another live process holds this worker id's heartbeat row (`Some(its instance id)`):
+    /// this one stays fenced and not ready until that one goes silent. Returns whether the
+    /// conflict began or ended with this call.
+    pub fn set_instance_conflict(&self, other: Option<String>) -> bool {
+        let changed = {
+            let mut g = self.lock();
+            let changed = g.instance_conflict.is_some() != other.is_some();
+            g.instance_conflict = other;
+            changed
+        };
+        self.metrics
+            .worker_id_conflict
+            .set(i64::from(self.instance_conflict().is_some()));
+        self.update_fence();
+        changed
+    }
+
+    /// The other instance holding this worker id, if any.
+    pub fn instance_conflict(&self) -> Option<String> {
+        self.lock().instance_conflict.clone()
+    }
+
+    /// The election loop records when each successful claim or renewal was sent.
+    pub fn term_renewed(&self, sent: Instant) {
+        self.lock().term_renewed = Some(sent);
+    }
+
+    /// When the last successful coordinator claim or renewal was sent (kept after the term
+    /// ended, for reports and tests).
+    pub fn last_term_renewal(&self) -> Option<Instant> {
+        self.lock().term_renewed
+    }
+
+    /// The instant the coordinator's duties stop unless a renewal succeeds first.
+    pub fn term_deadline(&self) -> Option<Instant> {
+        let g = self.lock();
+        (g.role == Role::Coordinator)
+            .then_some(g.term_renewed)
+            .flatten()
+            .map(|t| t + self.settings.term_after())
     }
 
     /// Re-evaluates the fence and tells consumers and the lease loop when it changes.
@@ -208,6 +284,7 @@ impl WorkerState {
             Ok(record) => {
                 g.last_limit_read_ok = Some(Instant::now());
                 g.last_limit_read_error = None;
+                g.limit_problem = None;
                 if let Some(r) = record {
                     self.set_limit_locked(&mut g, r);
                 }
@@ -216,9 +293,24 @@ impl WorkerState {
         }
     }
 
+    /// The `lease_limits` item was read but cannot be obeyed: keep the last good limit and
+    /// report why in `/ready`.
+    pub fn limit_malformed(&self, problem: String) {
+        let mut g = self.lock();
+        g.last_limit_read_ok = Some(Instant::now());
+        g.last_limit_read_error = None;
+        g.limit_problem = Some(problem);
+    }
+
+    /// Why the last read `lease_limits` item could not be obeyed, if it could not.
+    pub fn limit_problem(&self) -> Option<String> {
+        self.lock().limit_problem.clone()
+    }
+
     /// The coordinator installs what it just published without waiting for a read.
     pub fn published(&self, record: LimitRecord) {
         let mut g = self.lock();
+        g.limit_problem = None;
         self.set_limit_locked(&mut g, record);
     }
 
@@ -295,29 +387,41 @@ impl WorkerState {
     /// False once the last successful heartbeat is so old that others may soon judge this
     /// worker dead: one heartbeat before `failover_timeout`, so every consumer has stopped
     /// (they check before each batch, the lease loop each round) before anyone can take its
-    /// leases (DESIGN.md safety rules).
+    /// leases. Also false while another live process holds this worker id.
     pub fn may_process(&self) -> bool {
-        let s = &self.settings;
-        let fence_after = s.failover_timeout.saturating_sub(s.heartbeat_interval);
-        self.lock()
-            .last_heartbeat_ok
-            .is_some_and(|t| t.elapsed() < fence_after)
+        let fence_after = self.settings.fence_after();
+        let g = self.lock();
+        g.instance_conflict.is_none()
+            && g.last_heartbeat_ok
+                .is_some_and(|t| t.elapsed() < fence_after)
     }
 
     /// Why this worker is not ready; empty when it is.
     pub fn not_ready_reasons(&self) -> Vec<String> {
         let g = self.lock();
         let now = Instant::now();
-        let s = &self.settings;
         let mut reasons = Vec::new();
-        if g.limit.is_none() {
-            reasons.push("no lease_limits item read yet".to_owned());
+        if let Some(other) = &g.instance_conflict {
+            reasons.push(format!(
+                "worker id {:?} is held by another live instance {other} (this is instance {}); \
+                 not processing records until it stops or stays silent for the failover timeout",
+                self.settings.worker_id, self.instance
+            ));
+        }
+        match (&g.limit_problem, &g.limit) {
+            (Some(problem), Some(last)) => reasons.push(format!(
+                "{problem}; obeying the last good limit {} (epoch {}, version {})",
+                last.max_leases_per_worker, last.epoch, last.version
+            )),
+            (Some(problem), None) => reasons.push(format!("{problem}; no good limit known yet")),
+            (None, None) => reasons.push("no lease_limits item read yet".to_owned()),
+            (None, Some(_)) => {}
         }
         if g.lease_rounds == 0 {
             reasons.push("lease loop has not completed a round yet".to_owned());
         }
         // Two missed renewals: the worker can no longer show it is alive.
-        let stale_after = s.heartbeat_interval * 2 + Duration::from_millis(500);
+        let stale_after = self.settings.stale_after();
         match g.last_heartbeat_ok {
             None => reasons.push("no heartbeat written yet".to_owned()),
             Some(t) if now.duration_since(t) > stale_after => reasons.push(format!(
@@ -364,6 +468,7 @@ impl WorkerState {
         let g = self.lock();
         StatusReport {
             worker_id: self.settings.worker_id.clone(),
+            instance: self.instance.clone(),
             role: g.role,
             epoch: g.epoch,
             coordinator: g.coordinator.clone(),
@@ -390,5 +495,128 @@ impl WorkerState {
             lease_limits: g.limit.clone(),
             uptime_seconds: self.started.elapsed().as_secs(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LogFormat, WorkerCountSource};
+    use std::time::Duration;
+
+    fn state() -> WorkerState {
+        let settings = Settings {
+            app_name: "app".into(),
+            stream_name: "s".into(),
+            max_leases_cap: 80,
+            worker_id: "w0".into(),
+            worker_count_source: WorkerCountSource::Heartbeats,
+            statefulset_name: "kds-consumer".into(),
+            namespace: "lab".into(),
+            shard_poll_interval: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(2),
+            failover_timeout: Duration::from_secs(10),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            log_format: LogFormat::Pretty,
+        };
+        WorkerState::new(settings, Metrics::new())
+    }
+
+    fn record(limit: u64, epoch: u64, version: u64) -> LimitRecord {
+        LimitRecord {
+            max_leases_per_worker: limit,
+            shard_count: 30,
+            worker_count: 3,
+            desired_workers: None,
+            live_workers: 3,
+            cap: 80,
+            capacity_deficit: 0,
+            epoch,
+            version,
+            computed_by: "w1".into(),
+            updated_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn instance_ids_are_random_128_bit_hex() {
+        let a = new_instance_id();
+        let b = new_instance_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        assert_ne!(state().instance, state().instance);
+    }
+
+    #[tokio::test]
+    async fn another_live_instance_fences_and_names_itself_in_ready() {
+        let st = state();
+        st.heartbeat_result(Instant::now(), Ok(()));
+        assert!(st.may_process());
+        let fence = st.fence();
+        assert!(st.set_instance_conflict(Some("feedbeef".into())));
+        assert!(!st.may_process());
+        assert!(*fence.borrow(), "the fence rises at once");
+        let reasons = st.not_ready_reasons();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("feedbeef") && r.contains(&st.instance)),
+            "{reasons:?}"
+        );
+        assert!(st.metrics.encode().contains("kds_worker_id_conflict 1"));
+        assert!(
+            !st.set_instance_conflict(Some("feedbeef".into())),
+            "no change"
+        );
+        assert!(st.set_instance_conflict(None));
+        assert!(st.may_process());
+        assert!(!*st.fence().borrow());
+        assert!(st.metrics.encode().contains("kds_worker_id_conflict 0"));
+    }
+
+    #[test]
+    fn a_malformed_item_keeps_the_last_good_limit_and_says_why() {
+        let st = state();
+        st.limit_malformed("lease_limits item is malformed: version is missing".into());
+        assert_eq!(st.limit(), None);
+        let reasons = st.not_ready_reasons();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("version is missing") && r.contains("no good limit")),
+            "{reasons:?}"
+        );
+        st.limit_read_result(Ok(Some(record(10, 2, 5))));
+        assert!(st.limit_problem().is_none());
+        st.limit_malformed(
+            "lease_limits item is malformed: max_leases_per_worker is missing".into(),
+        );
+        assert_eq!(st.limit().unwrap().max_leases_per_worker, 10);
+        let reasons = st.not_ready_reasons();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("max_leases_per_worker is missing")
+                    && r.contains("last good limit 10")),
+            "{reasons:?}"
+        );
+        // A good read (or the coordinator's own publication) clears it.
+        st.published(record(12, 3, 1));
+        assert!(st.limit_problem().is_none());
+        assert_eq!(st.limit().unwrap().max_leases_per_worker, 12);
+    }
+
+    #[test]
+    fn fence_and_term_deadlines_use_the_derived_margin() {
+        let st = state();
+        let sent = Instant::now();
+        st.heartbeat_result(sent, Ok(()));
+        assert_eq!(st.fence_deadline(), Some(sent + Duration::from_secs(8)));
+        st.term_renewed(sent);
+        assert_eq!(st.term_deadline(), None, "only while coordinating");
+        st.set_role(Role::Coordinator, 3);
+        assert_eq!(st.term_deadline(), Some(sent + Duration::from_secs(8)));
+        assert_eq!(st.last_term_renewal(), Some(sent));
     }
 }

@@ -26,11 +26,19 @@ pub struct CoordinatorRow {
     pub epoch: u64,
     pub counter: u64,
     pub renewed_at: String,
+    /// The claimant's `failover_timeout` in milliseconds (`None` in items written before it
+    /// was published): followers wait at least this long before taking over.
+    pub failover_ms: Option<u64>,
 }
 
 impl CoordinatorRow {
     pub fn is_vacant(&self) -> bool {
         self.owner.is_empty()
+    }
+
+    /// The owner's published `failover_timeout`.
+    pub fn failover(&self) -> Option<Duration> {
+        self.failover_ms.map(Duration::from_millis)
     }
 }
 
@@ -41,6 +49,35 @@ pub struct HeartbeatRow {
     pub counter: u64,
     pub leases_held: u64,
     pub renewed_at: String,
+    /// The process (instance id) that writes this row; `None` in items written before
+    /// instances were recorded.
+    pub instance: Option<String>,
+    /// The writer's `failover_timeout` in milliseconds: observers judge this row dead only
+    /// after max(their own timeout, this).
+    pub failover_ms: Option<u64>,
+}
+
+impl HeartbeatRow {
+    /// The writer's published `failover_timeout`.
+    pub fn failover(&self) -> Option<Duration> {
+        self.failover_ms.map(Duration::from_millis)
+    }
+}
+
+/// Who writes a heartbeat: the configured worker id, this process's random instance id (two
+/// processes started with one worker id must not both process records) and the failover
+/// timeout published with every heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatOwner {
+    pub worker_id: String,
+    pub instance: String,
+    pub failover: Duration,
+}
+
+impl HeartbeatOwner {
+    fn failover_ms(&self) -> u64 {
+        u64::try_from(self.failover.as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// The `lease_limits` item.
@@ -57,6 +94,173 @@ pub struct LimitRecord {
     pub version: u64,
     pub computed_by: String,
     pub updated_at: String,
+}
+
+/// A `lease_limits` item that cannot be obeyed: what was wrong with it, and the epoch and
+/// version it carries where they can be read (a claimant must go above that epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("lease_limits item is malformed: {}", .problems.join("; "))]
+pub struct MalformedLimit {
+    /// One entry per bad attribute, e.g. `max_leases_per_worker is missing`.
+    pub problems: Vec<String>,
+    /// The item's epoch: exact when it is a u64, `u64::MAX` for a larger number.
+    pub epoch: Option<u64>,
+    /// The item's version when it is a u64.
+    pub version: Option<u64>,
+}
+
+/// Why `lease_limits` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitReadError {
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    /// The item exists but is not a complete record: never obey it (it would read as zeros),
+    /// keep the last good limit; the coordinator replaces it.
+    #[error(transparent)]
+    Malformed(MalformedLimit),
+}
+
+impl LimitReadError {
+    /// The item's epoch as far as it is known (`None`: the read failed).
+    pub fn malformed_epoch(&self) -> Option<u64> {
+        match self {
+            LimitReadError::Malformed(m) => Some(m.epoch.unwrap_or(0)),
+            LimitReadError::Aws(_) => None,
+        }
+    }
+}
+
+/// Publications are ordered by `(epoch, version)`. A new epoch continues the previous version
+/// unless that would pass this bound, then it starts again at 1: a term always has room.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+
+/// The version of the next publication by the coordinator of `epoch`, after `previous` (the
+/// last record it knows). Never overflows.
+pub fn next_version(previous: Option<&LimitRecord>, epoch: u64) -> u64 {
+    match previous {
+        None => 1,
+        Some(p) if p.epoch < epoch => match p.version.checked_add(1) {
+            Some(v) if v <= MAX_VERSION => v,
+            _ => 1,
+        },
+        Some(p) => p.version.saturating_add(1),
+    }
+}
+
+/// Describes an attribute for a problem report: its type and value.
+fn describe(v: &AttributeValue) -> String {
+    match v {
+        AttributeValue::S(s) => format!("the string {s:?}"),
+        AttributeValue::N(n) => format!("the number {n}"),
+        AttributeValue::Bool(b) => format!("the boolean {b}"),
+        AttributeValue::Null(_) => "NULL".to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A numeric attribute as u64, saturating: a larger number reads as `u64::MAX`, a negative or
+/// fractional one below 1 as 0. `None` when it is missing or not a number.
+fn n_saturating(item: &Item, name: &str) -> Option<u64> {
+    let text = item.get(name)?.as_n().ok()?;
+    if let Ok(v) = text.trim().parse::<u64>() {
+        return Some(v);
+    }
+    let f: f64 = text.trim().parse().ok()?;
+    Some(if f >= u64::MAX as f64 {
+        u64::MAX
+    } else if f > 0.0 {
+        f as u64
+    } else {
+        0
+    })
+}
+
+/// Parses a `lease_limits` item. Every numeric attribute must be a u64 (`desired_workers` may
+/// be absent); nothing is invented for a missing one.
+pub fn parse_limit(item: &HashMap<String, AttributeValue>) -> Result<LimitRecord, MalformedLimit> {
+    let mut problems = Vec::new();
+    let mut num = |name: &str, required: bool| -> Option<u64> {
+        match item.get(name) {
+            None if required => {
+                problems.push(format!("{name} is missing"));
+                None
+            }
+            None => None,
+            Some(v) => match v.as_n().ok().map(|n| n.trim().parse::<u64>()) {
+                Some(Ok(n)) => Some(n),
+                Some(Err(_)) => {
+                    problems.push(format!(
+                        "{name} is {}, not an integer 0..=18446744073709551615",
+                        describe(v)
+                    ));
+                    None
+                }
+                None => {
+                    problems.push(format!("{name} is {}, not a number", describe(v)));
+                    None
+                }
+            },
+        }
+    };
+    let max_leases_per_worker = num("max_leases_per_worker", true);
+    let shard_count = num("shard_count", true);
+    let worker_count = num("worker_count", true);
+    let desired_workers = num("desired_workers", false);
+    let live_workers = num("live_workers", true);
+    let cap = num("cap", true);
+    let capacity_deficit = num("capacity_deficit", true);
+    let epoch = num("epoch", true);
+    let version = num("version", true);
+    let mut text = |name: &str| -> String {
+        match item.get(name) {
+            None => String::new(),
+            Some(AttributeValue::S(s)) => s.clone(),
+            Some(v) => {
+                problems.push(format!("{name} is {}, not a string", describe(v)));
+                String::new()
+            }
+        }
+    };
+    let computed_by = text("computed_by");
+    let updated_at = text("updated_at");
+    match (
+        max_leases_per_worker,
+        shard_count,
+        worker_count,
+        live_workers,
+        cap,
+        capacity_deficit,
+        epoch,
+        version,
+    ) {
+        (
+            Some(max_leases_per_worker),
+            Some(shard_count),
+            Some(worker_count),
+            Some(live_workers),
+            Some(cap),
+            Some(capacity_deficit),
+            Some(epoch),
+            Some(version),
+        ) if problems.is_empty() => Ok(LimitRecord {
+            max_leases_per_worker,
+            shard_count,
+            worker_count,
+            desired_workers,
+            live_workers,
+            cap,
+            capacity_deficit,
+            epoch,
+            version,
+            computed_by,
+            updated_at,
+        }),
+        _ => Err(MalformedLimit {
+            problems,
+            epoch: n_saturating(item, "epoch"),
+            version,
+        }),
+    }
 }
 
 /// ISO-8601 UTC timestamp with milliseconds (informational only: decisions use monotonic time).
@@ -83,6 +287,21 @@ fn get_n(item: &Item, name: &str) -> Option<u64> {
     item.get(name)
         .and_then(|v| v.as_n().ok())
         .and_then(|n| n.parse().ok())
+}
+
+fn heartbeat_row(worker_id: &str, item: &Item) -> HeartbeatRow {
+    HeartbeatRow {
+        worker_id: worker_id.to_owned(),
+        counter: get_n(item, "counter").unwrap_or(0),
+        leases_held: get_n(item, "leases_held").unwrap_or(0),
+        renewed_at: get_s(item, "renewed_at"),
+        instance: item
+            .get("instance")
+            .and_then(|v| v.as_s().ok())
+            .filter(|i| !i.is_empty())
+            .cloned(),
+        failover_ms: get_n(item, "failover_ms"),
+    }
 }
 
 /// Handle on one application's metadata table.
@@ -123,12 +342,19 @@ impl MetaStore {
 
     // ---- heartbeats -------------------------------------------------------------------
 
-    /// Renews this worker's heartbeat: `counter + 1`. Returns the new counter.
+    /// Renews this worker's heartbeat: `counter + 1`, publishing the instance and the failover
+    /// timeout. Returns the new counter.
+    ///
+    /// The write is conditional on the row being this instance's (or having none): while
+    /// another process with the same worker id holds it, this fails with `ConditionFailed`.
+    /// `take_over`: the row as last read, held by an instance judged silent; the write then
+    /// succeeds only if that row is still exactly as read (instance and counter).
     pub async fn heartbeat(
         &self,
-        worker_id: &str,
+        me: &HeartbeatOwner,
         leases_held: u64,
         ttl: Duration,
+        take_over: Option<&HeartbeatRow>,
     ) -> Result<u64, AwsError> {
         let now = now_iso8601();
         let expires = SystemTime::now()
@@ -136,30 +362,37 @@ impl MetaStore {
             .unwrap_or_default()
             .saturating_add(ttl)
             .as_secs();
-        let out = call(
-            &self.aws.metrics,
-            "dynamodb",
-            "UpdateItem",
-            self.aws
-                .dynamodb
-                .update_item()
-                .table_name(&self.table)
-                .key(META_KEY, s(worker_item_key(worker_id)))
-                .update_expression(
-                    "SET #c = if_not_exists(#c, :zero) + :one, started_at = if_not_exists(started_at, :now), \
-                     renewed_at = :now, leases_held = :held, #ttl = :ttl",
+        let mut req = self
+            .aws
+            .dynamodb
+            .update_item()
+            .table_name(&self.table)
+            .key(META_KEY, s(worker_item_key(&me.worker_id)))
+            .update_expression(
+                "SET #c = if_not_exists(#c, :zero) + :one, started_at = if_not_exists(started_at, :now), \
+                 renewed_at = :now, leases_held = :held, #ttl = :ttl, #i = :mine, failover_ms = :f",
+            )
+            .expression_attribute_names("#c", "counter")
+            .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+            .expression_attribute_names("#i", "instance")
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", s(now))
+            .expression_attribute_values(":held", n(leases_held))
+            .expression_attribute_values(":ttl", n(expires))
+            .expression_attribute_values(":mine", s(me.instance.clone()))
+            .expression_attribute_values(":f", n(me.failover_ms()))
+            .return_values(ReturnValue::UpdatedNew);
+        req = match take_over.and_then(|row| row.instance.as_ref().map(|i| (i, row.counter))) {
+            Some((seen, counter)) => req
+                .condition_expression(
+                    "attribute_not_exists(#i) OR #i = :mine OR (#i = :seen AND #c = :seen_counter)",
                 )
-                .expression_attribute_names("#c", "counter")
-                .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
-                .expression_attribute_values(":zero", n(0))
-                .expression_attribute_values(":one", n(1))
-                .expression_attribute_values(":now", s(now))
-                .expression_attribute_values(":held", n(leases_held))
-                .expression_attribute_values(":ttl", n(expires))
-                .return_values(ReturnValue::UpdatedNew)
-                .send(),
-        )
-        .await?;
+                .expression_attribute_values(":seen", s(seen.clone()))
+                .expression_attribute_values(":seen_counter", n(counter)),
+            None => req.condition_expression("attribute_not_exists(#i) OR #i = :mine"),
+        };
+        let out = call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
         Ok(out
             .attributes
             .as_ref()
@@ -167,8 +400,18 @@ impl MetaStore {
             .unwrap_or(0))
     }
 
-    /// Removes this worker's heartbeat (graceful shutdown, or a dead worker's row).
-    pub async fn delete_heartbeat(&self, worker_id: &str) -> Result<(), AwsError> {
+    /// One worker's heartbeat item (strongly consistent).
+    pub async fn read_heartbeat(&self, worker_id: &str) -> Result<Option<HeartbeatRow>, AwsError> {
+        Ok(self
+            .get(&worker_item_key(worker_id))
+            .await?
+            .map(|item| heartbeat_row(worker_id, &item)))
+    }
+
+    /// Removes this instance's heartbeat (graceful shutdown), so a successor with the same
+    /// worker id starts at once. A row another instance holds is left alone
+    /// (`ConditionFailed`).
+    pub async fn delete_heartbeat(&self, me: &HeartbeatOwner) -> Result<(), AwsError> {
         call(
             &self.aws.metrics,
             "dynamodb",
@@ -177,7 +420,10 @@ impl MetaStore {
                 .dynamodb
                 .delete_item()
                 .table_name(&self.table)
-                .key(META_KEY, s(worker_item_key(worker_id)))
+                .key(META_KEY, s(worker_item_key(&me.worker_id)))
+                .condition_expression("attribute_not_exists(#i) OR #i = :mine")
+                .expression_attribute_names("#i", "instance")
+                .expression_attribute_values(":mine", s(me.instance.clone()))
                 .send(),
         )
         .await?;
@@ -221,12 +467,7 @@ impl MetaStore {
             .filter_map(|item| {
                 let key = get_s(item, META_KEY);
                 let worker_id = key.strip_prefix(WORKER_ITEM_PREFIX)?;
-                Some(HeartbeatRow {
-                    worker_id: worker_id.to_owned(),
-                    counter: get_n(item, "counter").unwrap_or(0),
-                    leases_held: get_n(item, "leases_held").unwrap_or(0),
-                    renewed_at: get_s(item, "renewed_at"),
-                })
+                Some(heartbeat_row(worker_id, item))
             })
             .collect();
         rows.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
@@ -241,35 +482,42 @@ impl MetaStore {
             .await?
             .map(|item| CoordinatorRow {
                 owner: get_s(&item, "owner"),
-                epoch: get_n(&item, "epoch").unwrap_or(0),
+                epoch: n_saturating(&item, "epoch").unwrap_or(0),
                 counter: get_n(&item, "counter").unwrap_or(0),
                 renewed_at: get_s(&item, "renewed_at"),
+                failover_ms: get_n(&item, "failover_ms"),
             }))
     }
 
     /// Claims the coordinator post with epoch `next_epoch`. `seen` is the row the caller judged
     /// vacant or dead (`None`: no row existed); the write succeeds only if the row is still
-    /// exactly that, so of many simultaneous claimants exactly one wins.
+    /// exactly that, so of many simultaneous claimants exactly one wins. `failover` is the
+    /// claimant's `failover_timeout`, published so that followers wait at least that long.
     pub async fn claim_coordinator(
         &self,
         me: &str,
         seen: Option<&CoordinatorRow>,
         next_epoch: u64,
+        failover: Duration,
     ) -> Result<CoordinatorRow, AwsError> {
         let now = now_iso8601();
+        let failover_ms = u64::try_from(failover.as_millis()).unwrap_or(u64::MAX);
         let mut req = self
             .aws
             .dynamodb
             .update_item()
             .table_name(&self.table)
             .key(META_KEY, s(COORDINATOR_ITEM))
-            .update_expression("SET #o = :me, epoch = :next, #c = :zero, renewed_at = :now")
+            .update_expression(
+                "SET #o = :me, epoch = :next, #c = :zero, renewed_at = :now, failover_ms = :f",
+            )
             .expression_attribute_names("#o", "owner")
             .expression_attribute_names("#c", "counter")
             .expression_attribute_values(":me", s(me))
             .expression_attribute_values(":next", n(next_epoch))
             .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":now", s(now.clone()));
+            .expression_attribute_values(":now", s(now.clone()))
+            .expression_attribute_values(":f", n(failover_ms));
         req = match seen {
             None => req
                 .condition_expression("attribute_not_exists(#k)")
@@ -288,6 +536,7 @@ impl MetaStore {
             epoch: next_epoch,
             counter: 0,
             renewed_at: now,
+            failover_ms: Some(failover_ms),
         })
     }
 
@@ -349,27 +598,71 @@ impl MetaStore {
 
     // ---- lease_limits -----------------------------------------------------------------
 
-    pub async fn read_limit(&self) -> Result<Option<LimitRecord>, AwsError> {
-        Ok(self.get(LEASE_LIMITS_ITEM).await?.map(|item| LimitRecord {
-            max_leases_per_worker: get_n(&item, "max_leases_per_worker").unwrap_or(0),
-            shard_count: get_n(&item, "shard_count").unwrap_or(0),
-            worker_count: get_n(&item, "worker_count").unwrap_or(0),
-            desired_workers: get_n(&item, "desired_workers"),
-            live_workers: get_n(&item, "live_workers").unwrap_or(0),
-            cap: get_n(&item, "cap").unwrap_or(0),
-            capacity_deficit: get_n(&item, "capacity_deficit").unwrap_or(0),
-            epoch: get_n(&item, "epoch").unwrap_or(0),
-            version: get_n(&item, "version").unwrap_or(0),
-            computed_by: get_s(&item, "computed_by"),
-            updated_at: get_s(&item, "updated_at"),
-        }))
+    /// The published limit. A malformed item (a missing or non-integer attribute) is an error
+    /// naming what is wrong, never a record of zeros.
+    pub async fn read_limit(&self) -> Result<Option<LimitRecord>, LimitReadError> {
+        match self.get(LEASE_LIMITS_ITEM).await? {
+            None => Ok(None),
+            Some(item) => parse_limit(&item)
+                .map(Some)
+                .map_err(LimitReadError::Malformed),
+        }
     }
 
     /// Writes `lease_limits` as coordinator of `record.epoch`, atomically with a check that the
     /// caller still owns the coordinator item at that epoch. A deposed coordinator's write
     /// fails with `ConditionFailed`, even before its successor has published anything.
-    /// `record.version` must be the previous version + 1.
+    /// `record.version` should be [`next_version`] of the last record the caller knows.
+    ///
+    /// The item itself must not be newer: a missing item, one without a numeric epoch or
+    /// version, an older epoch, or this epoch at a lower version is overwritten. When the write
+    /// is refused although the caller still owns the post, the item is what blocks it: a
+    /// malformed one, or one claiming a later epoch than the coordinator item allows, is then
+    /// replaced (logged with what was wrong), still under the coordinator check. A well-formed
+    /// item of this epoch at a version not below `record.version` refuses the write
+    /// (`ConditionFailed`): re-read it and publish with the next version.
     pub async fn publish_limit(&self, record: &LimitRecord) -> Result<(), AwsError> {
+        match self.transact_limit(record, true).await {
+            Err(e) if e.is_condition_failed() => {}
+            other => return other,
+        }
+        let refused = || AwsError::ConditionFailed {
+            operation: "TransactWriteItems",
+        };
+        let still_mine = self
+            .read_coordinator()
+            .await?
+            .is_some_and(|row| row.owner == record.computed_by && row.epoch == record.epoch);
+        if !still_mine {
+            return Err(refused());
+        }
+        let problem = match self.read_limit().await {
+            Err(LimitReadError::Malformed(m)) => m.to_string(),
+            Err(LimitReadError::Aws(e)) => return Err(e),
+            Ok(Some(current)) if current.epoch > record.epoch => format!(
+                "lease_limits carries epoch {} (version {}, by {:?}) above the coordinator item's epoch {}",
+                current.epoch, current.version, current.computed_by, record.epoch
+            ),
+            Ok(Some(current))
+                if current.epoch == record.epoch
+                    && current.version == u64::MAX
+                    && record.version == u64::MAX =>
+            {
+                "lease_limits version is at its maximum".to_owned()
+            }
+            Ok(_) => return Err(refused()),
+        };
+        tracing::warn!(
+            epoch = record.epoch,
+            version = record.version,
+            "replacing the lease_limits item: {problem}"
+        );
+        self.transact_limit(record, false).await
+    }
+
+    /// The publication transaction: the coordinator check plus the update, `guarded` by the
+    /// condition that the item is not newer than `record`.
+    async fn transact_limit(&self, record: &LimitRecord, guarded: bool) -> Result<(), AwsError> {
         let check = ConditionCheck::builder()
             .table_name(&self.table)
             .key(META_KEY, s(COORDINATOR_ITEM))
@@ -394,8 +687,6 @@ impl MetaStore {
         let mut update = Update::builder()
             .table_name(&self.table)
             .key(META_KEY, s(LEASE_LIMITS_ITEM))
-            .condition_expression("attribute_not_exists(#k) OR (epoch <= :e AND version < :v)")
-            .expression_attribute_names("#k", META_KEY)
             .expression_attribute_values(":limit", n(record.max_leases_per_worker))
             .expression_attribute_values(":shards", n(record.shard_count))
             .expression_attribute_values(":workers", n(record.worker_count))
@@ -406,6 +697,17 @@ impl MetaStore {
             .expression_attribute_values(":v", n(record.version))
             .expression_attribute_values(":me", s(record.computed_by.clone()))
             .expression_attribute_values(":now", s(record.updated_at.clone()));
+        if guarded {
+            // Comparisons only where the attribute is a number (a missing or mistyped one must
+            // not block the coordinator for ever).
+            update = update
+                .condition_expression(
+                    "attribute_not_exists(#k) OR NOT attribute_type(epoch, :num) OR epoch < :e \
+                     OR (epoch = :e AND (NOT attribute_type(version, :num) OR version < :v))",
+                )
+                .expression_attribute_names("#k", META_KEY)
+                .expression_attribute_values(":num", s("N"));
+        }
         let expression = match record.desired_workers {
             Some(desired) => {
                 set.push("desired_workers = :desired");
@@ -431,5 +733,117 @@ impl MetaStore {
         )
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good_item() -> Item {
+        let mut item = Item::new();
+        for (k, v) in [
+            ("max_leases_per_worker", 10),
+            ("shard_count", 30),
+            ("worker_count", 3),
+            ("live_workers", 3),
+            ("cap", 80),
+            ("capacity_deficit", 0),
+            ("epoch", 7),
+            ("version", 12),
+        ] {
+            item.insert(k.to_owned(), n(v));
+        }
+        item.insert("computed_by".into(), s("w1"));
+        item.insert("updated_at".into(), s("2026-01-01T00:00:00.000Z"));
+        item.insert(META_KEY.into(), s(LEASE_LIMITS_ITEM));
+        item
+    }
+
+    #[test]
+    fn a_complete_item_parses() {
+        let r = parse_limit(&good_item()).unwrap();
+        assert_eq!(r.max_leases_per_worker, 10);
+        assert_eq!((r.epoch, r.version), (7, 12));
+        assert_eq!(r.desired_workers, None);
+        assert_eq!(r.computed_by, "w1");
+        let mut item = good_item();
+        item.insert("desired_workers".into(), n(4));
+        assert_eq!(parse_limit(&item).unwrap().desired_workers, Some(4));
+        // A limit of 0 (no open shards) is a legitimate decision.
+        item.insert("max_leases_per_worker".into(), n(0));
+        assert_eq!(parse_limit(&item).unwrap().max_leases_per_worker, 0);
+    }
+
+    #[test]
+    fn a_missing_or_mistyped_attribute_is_reported_not_zeroed() {
+        let mut item = good_item();
+        item.remove("max_leases_per_worker");
+        let err = parse_limit(&item).unwrap_err();
+        assert_eq!(err.problems, vec!["max_leases_per_worker is missing"]);
+        assert_eq!((err.epoch, err.version), (Some(7), Some(12)));
+
+        let mut item = good_item();
+        item.remove("version");
+        item.insert("cap".into(), s("eighty"));
+        let err = parse_limit(&item).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(
+            err.to_string()
+                .contains("cap is the string \"eighty\", not a number"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("version is missing"), "{err}");
+        assert_eq!(err.version, None);
+
+        let mut item = good_item();
+        item.insert("epoch".into(), AttributeValue::N("1e30".into()));
+        item.insert("worker_count".into(), AttributeValue::N("-1".into()));
+        item.insert("desired_workers".into(), AttributeValue::N("2.5".into()));
+        let err = parse_limit(&item).unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
+        // An epoch beyond u64 still tells a claimant to go as high as it can.
+        assert_eq!(err.epoch, Some(u64::MAX));
+
+        let mut item = good_item();
+        item.insert("computed_by".into(), n(3));
+        assert!(parse_limit(&item).is_err());
+    }
+
+    #[test]
+    fn u64_max_parses_and_the_next_version_never_overflows() {
+        let mut item = good_item();
+        item.insert("version".into(), n(u64::MAX));
+        let r = parse_limit(&item).unwrap();
+        assert_eq!(r.version, u64::MAX);
+        // A new epoch starts again at 1 once the version is beyond MAX_VERSION.
+        assert_eq!(next_version(Some(&r), 8), 1);
+        // Within its own epoch it saturates (publish_limit replaces an item stuck there).
+        assert_eq!(next_version(Some(&r), 7), u64::MAX);
+        let mut r2 = r.clone();
+        r2.version = 41;
+        assert_eq!(next_version(Some(&r2), 8), 42);
+        assert_eq!(next_version(Some(&r2), 7), 42);
+        r2.version = MAX_VERSION;
+        assert_eq!(next_version(Some(&r2), 8), 1);
+        r2.version = MAX_VERSION - 1;
+        assert_eq!(next_version(Some(&r2), 8), MAX_VERSION);
+        assert_eq!(next_version(None, 3), 1);
+    }
+
+    #[test]
+    fn heartbeat_rows_carry_instance_and_failover() {
+        let mut item = Item::new();
+        item.insert("counter".into(), n(5));
+        item.insert("instance".into(), s("abc"));
+        item.insert("failover_ms".into(), n(1500));
+        let row = heartbeat_row("w0", &item);
+        assert_eq!(row.instance.as_deref(), Some("abc"));
+        assert_eq!(row.failover(), Some(Duration::from_millis(1500)));
+        let row = heartbeat_row("w0", &Item::new());
+        assert_eq!(
+            (row.instance, row.failover_ms, row.counter),
+            (None, None, 0)
+        );
     }
 }

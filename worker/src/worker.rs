@@ -2,11 +2,12 @@
 //! reading the published limit. `run` returns after a graceful shutdown: the coordinator steps
 //! down so a successor need not wait for the failover timeout, and the heartbeat is removed.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior, interval, sleep_until};
+use tokio::time::{Instant, MissedTickBehavior, interval, sleep, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -14,14 +15,58 @@ use crate::aws::{AwsClients, AwsError};
 use crate::config::Settings;
 use crate::consumer::{ConsumerTuning, RecordProcessor};
 use crate::coordinator;
-use crate::election::{CoordinatorObserver, Verdict};
+use crate::election::{CoordinatorObserver, Holder, HolderObserver, Verdict, claim_epoch};
 use crate::schema;
 use crate::state::{Role, WorkerState};
-use crate::store::MetaStore;
+use crate::store::{
+    HeartbeatOwner, HeartbeatRow, LimitReadError, LimitRecord, MetaStore, next_version, now_iso8601,
+};
 
-/// Heartbeat items outlive their worker by this much before DynamoDB's TTL may remove them
-/// (the coordinator removes dead ones much sooner; TTL is the backstop when none runs).
-const HEARTBEAT_TTL: Duration = Duration::from_secs(3600);
+/// How start-up calls are retried after throttling or a transient error: every pod of a
+/// StatefulSet restarting at once shares `DescribeStreamSummary`'s 20 calls per second per
+/// account. Bounded: after `attempts` calls the worker gives up (exit 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartRetry {
+    /// Calls in all, the first included (each is itself retried by the SDK).
+    pub attempts: u32,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for StartRetry {
+    /// 8 calls; waits of at most 0.5, 1, 2, 4, 8, 16, 20 s (each at least half that):
+    /// at most about 50 s of waiting in all.
+    fn default() -> Self {
+        StartRetry {
+            attempts: 8,
+            first_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(20),
+        }
+    }
+}
+
+impl StartRetry {
+    /// The wait before retry `retry` (1 for the first): exponential up to `max_delay`, of
+    /// which half is fixed and half random (`jitter` in 0..1), so restarting pods spread out.
+    pub fn delay(&self, retry: u32, jitter: f64) -> Duration {
+        let factor = 2u32.saturating_pow(retry.saturating_sub(1));
+        let full = self.first_delay.saturating_mul(factor).min(self.max_delay);
+        full / 2 + (full / 2).mul_f64(jitter.clamp(0.0, 1.0))
+    }
+}
+
+/// A random number in 0..1 (for jitter; not for anything that must be unpredictable).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// Everything the loops share.
 pub struct Context {
@@ -32,6 +77,19 @@ pub struct Context {
     /// The application's record processor, called after the built-in counting.
     pub processor: Option<Arc<dyn RecordProcessor>>,
     pub consumer_tuning: ConsumerTuning,
+    pub start_retry: StartRetry,
+}
+
+impl Context {
+    /// This process as the writer of its heartbeat.
+    pub fn heartbeat_owner(&self) -> HeartbeatOwner {
+        let s = &self.state.settings;
+        HeartbeatOwner {
+            worker_id: s.worker_id.clone(),
+            instance: self.state.instance.clone(),
+            failover: s.failover_timeout,
+        }
+    }
 }
 
 /// Why a worker could not start.
@@ -59,6 +117,7 @@ impl Worker {
                 kube,
                 processor: None,
                 consumer_tuning: ConsumerTuning::default(),
+                start_retry: StartRetry::default(),
             },
         }
     }
@@ -74,15 +133,29 @@ impl Worker {
         self
     }
 
+    /// How start-up calls are retried (tests shorten it).
+    pub fn with_start_retry(mut self, retry: StartRetry) -> Self {
+        self.ctx.start_retry = retry;
+        self
+    }
+
     pub fn state(&self) -> Arc<WorkerState> {
         self.ctx.state.clone()
     }
 
     /// Checks that the stream exists (before anything is written), then creates the tables if
     /// they are missing. The one Kinesis control-plane call a follower makes is this one.
+    /// Throttling and transient errors are retried with bounded exponential backoff; an
+    /// unknown stream is not.
     pub async fn prepare(&self) -> Result<(), StartError> {
         let s = &self.ctx.state.settings;
-        match crate::inputs::open_shard_count(&self.ctx.aws, &s.stream_name).await {
+        let aws = &self.ctx.aws;
+        match self
+            .retrying("DescribeStreamSummary", || {
+                crate::inputs::open_shard_count(aws, &s.stream_name)
+            })
+            .await
+        {
             Ok(_) => {}
             Err(AwsError::NotFound { .. }) => {
                 return Err(StartError::UnknownStream {
@@ -91,8 +164,41 @@ impl Worker {
             }
             Err(e) => return Err(e.into()),
         }
-        schema::ensure_tables(&self.ctx.aws, &s.lease_table(), &s.meta_table()).await?;
+        let (lease_table, meta_table) = (s.lease_table(), s.meta_table());
+        self.retrying("creating the tables", || {
+            schema::ensure_tables(aws, &lease_table, &meta_table)
+        })
+        .await?;
         Ok(())
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or [`StartRetry::attempts`] are spent.
+    async fn retrying<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, AwsError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, AwsError>>,
+    {
+        let policy = self.ctx.start_retry;
+        let mut retry = 0u32;
+        loop {
+            match call().await {
+                Err(e) if e.is_transient() && retry + 1 < policy.attempts => {
+                    retry += 1;
+                    let delay = policy.delay(retry, jitter());
+                    tracing::warn!(
+                        error = %e,
+                        retry,
+                        retries = policy.attempts - 1,
+                        delay_ms = delay.as_millis() as u64,
+                        "{what} failed at start; retrying in {delay:?} ({retry} of {})",
+                        policy.attempts - 1
+                    );
+                    self.ctx.state.metrics.start_retries.inc();
+                    sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Runs until `stop` is cancelled, then shuts down gracefully. Dropping (aborting) the
@@ -128,8 +234,12 @@ impl Worker {
             }
         }
         while loops.join_next().await.is_some() {}
-        if let Err(e) = ctx.meta.delete_heartbeat(me).await {
-            tracing::warn!(error = %e, "could not remove the heartbeat item");
+        match ctx.meta.delete_heartbeat(&ctx.heartbeat_owner()).await {
+            Ok(()) => {}
+            Err(e) if e.is_condition_failed() => {
+                tracing::info!("the heartbeat item belongs to another instance; left alone")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not remove the heartbeat item"),
         }
         ctx.state.set_role(Role::Follower, ctx.state.role().1);
         tracing::info!("stopped");
@@ -162,9 +272,17 @@ fn ticker(period: Duration) -> tokio::time::Interval {
     t
 }
 
+/// Renews the heartbeat every interval, each write bounded by one interval (a slower write
+/// counts as failed, so the fence cannot be outrun by one hung call). While another live
+/// process holds this worker id's row, this one stays fenced and watches it; once it has been
+/// silent for the failover timeout on this process's clock, the row is taken over.
 async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let s = &ctx.state.settings;
+    let me = ctx.heartbeat_owner();
     let mut tick = ticker(s.heartbeat_interval);
+    let mut holder = HolderObserver::default();
+    let mut take_over: Option<HeartbeatRow> = None;
+    let mut warned_about: Option<String> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -172,20 +290,105 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
         }
         ctx.state.beat("heartbeat");
         let sent = Instant::now();
-        let result = ctx
-            .meta
-            .heartbeat(&s.worker_id, ctx.state.leases_held(), HEARTBEAT_TTL)
-            .await;
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "heartbeat failed");
+        let write = ctx.meta.heartbeat(
+            &me,
+            ctx.state.leases_held(),
+            s.heartbeat_ttl(),
+            take_over.as_ref(),
+        );
+        let result = match tokio::time::timeout(s.heartbeat_write_timeout(), write).await {
+            Ok(result) => result,
+            Err(_) => Err(AwsError::Unavailable {
+                operation: "UpdateItem",
+                message: format!(
+                    "heartbeat write took longer than heartbeat_interval ({:?})",
+                    s.heartbeat_write_timeout()
+                ),
+            }),
+        };
+        match result {
+            Ok(_) => {
+                if let Some(row) = take_over.take() {
+                    tracing::warn!(
+                        previous = row.instance.as_deref().unwrap_or(""),
+                        instance = %me.instance,
+                        "took worker id {} over from a silent instance", me.worker_id
+                    );
+                }
+                holder.reset();
+                warned_about = None;
+                if ctx.state.set_instance_conflict(None) {
+                    tracing::info!(instance = %me.instance, "this instance now holds worker id {}", me.worker_id);
+                }
+                ctx.state.heartbeat_result(sent, Ok(()));
+            }
+            Err(e) if e.is_condition_failed() => {
+                take_over = None;
+                let why =
+                    other_instance(&ctx, &me, &mut holder, &mut take_over, &mut warned_about).await;
+                ctx.state.heartbeat_result(sent, Err(why));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                ctx.state.heartbeat_result(sent, Err(e.to_string()));
+            }
         }
-        ctx.state
-            .heartbeat_result(sent, result.map(|_| ()).map_err(|e| e.to_string()));
         if let Some(ok) = ctx.state.last_heartbeat_ok() {
             ctx.state
                 .metrics
                 .heartbeat_age_seconds
                 .set(ok.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// The heartbeat write was refused: another instance holds this worker id's row. Judges it
+/// and returns the reason for `/ready`; sets `take_over` once it is silent.
+async fn other_instance(
+    ctx: &Context,
+    me: &HeartbeatOwner,
+    holder: &mut HolderObserver,
+    take_over: &mut Option<HeartbeatRow>,
+    warned_about: &mut Option<String>,
+) -> String {
+    let s = &ctx.state.settings;
+    let read = tokio::time::timeout(
+        s.heartbeat_write_timeout(),
+        ctx.meta.read_heartbeat(&me.worker_id),
+    )
+    .await;
+    let row = match read {
+        Ok(Ok(Some(row))) if row.instance.as_deref() != Some(me.instance.as_str()) => row,
+        // Deleted or ours again meanwhile: the next write decides.
+        Ok(Ok(_)) => return "heartbeat item changed during the write; retrying".to_owned(),
+        Ok(Err(e)) => return format!("cannot read the heartbeat item: {e}"),
+        Err(_) => return "cannot read the heartbeat item: timed out".to_owned(),
+    };
+    match holder.judge(&row, Instant::now(), s.failover_timeout) {
+        Holder::Live { instance, .. } => {
+            if warned_about.as_deref() != Some(instance.as_str()) {
+                tracing::warn!(
+                    other = %instance,
+                    instance = %me.instance,
+                    "worker id {} is held by another live instance {instance}: not processing \
+                     records until it stops or stays silent for the failover timeout",
+                    me.worker_id
+                );
+                *warned_about = Some(instance.clone());
+            }
+            ctx.state.set_instance_conflict(Some(instance.clone()));
+            format!("worker id held by another live instance {instance}")
+        }
+        Holder::Silent { instance } => {
+            tracing::warn!(
+                other = %instance,
+                instance = %me.instance,
+                "instance {instance} holding worker id {} has been silent for the failover \
+                 timeout; taking over", me.worker_id
+            );
+            ctx.state.set_instance_conflict(Some(instance.clone()));
+            *take_over = Some(row);
+            format!("taking worker id over from silent instance {instance}")
         }
     }
 }
@@ -210,6 +413,7 @@ async fn fence_watchdog(ctx: Arc<Context>, stop: CancellationToken) {
 async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let mut tick = ticker(ctx.state.settings.heartbeat_interval);
     let mut last_seen: Option<(u64, u64)> = None;
+    let mut last_problem: Option<String> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -231,9 +435,28 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
                     );
                 }
                 last_seen = record.as_ref().map(|r| (r.epoch, r.version));
+                last_problem = None;
                 ctx.state.limit_read_result(Ok(record));
             }
-            Err(e) => {
+            Err(LimitReadError::Malformed(m)) => {
+                let problem = m.to_string();
+                if last_problem.as_ref() != Some(&problem) {
+                    match ctx.state.limit() {
+                        Some(last) => tracing::warn!(
+                            "{problem}: not obeying it; keeping the last good limit {}",
+                            last.max_leases_per_worker
+                        ),
+                        None => {
+                            tracing::warn!("{problem}: not obeying it; no good limit known yet")
+                        }
+                    }
+                }
+                last_problem = Some(problem.clone());
+                last_seen = None;
+                ctx.state.limit_malformed(problem);
+                replace_malformed_limit(&ctx).await;
+            }
+            Err(LimitReadError::Aws(e)) => {
                 tracing::warn!(error = %e, "cannot read lease_limits");
                 ctx.state.limit_read_result(Err(e.to_string()));
             }
@@ -241,20 +464,67 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
+/// The coordinator replaces a malformed `lease_limits` item with the last good limit it knows
+/// (its own latest publication) at once, whether or not its inputs changed. Without one, its
+/// term publishes as soon as it has inputs.
+async fn replace_malformed_limit(ctx: &Context) {
+    let (role, epoch) = ctx.state.role();
+    if role != Role::Coordinator {
+        return;
+    }
+    let Some(last) = ctx.state.limit() else {
+        return;
+    };
+    let record = LimitRecord {
+        epoch,
+        version: next_version(Some(&last), epoch),
+        computed_by: ctx.state.settings.worker_id.clone(),
+        updated_at: now_iso8601(),
+        ..last
+    };
+    match ctx.meta.publish_limit(&record).await {
+        Ok(()) => {
+            tracing::warn!(
+                epoch,
+                version = record.version,
+                max_leases_per_worker = record.max_leases_per_worker,
+                "replaced the malformed lease_limits item with the last good limit"
+            );
+            ctx.state.metrics.lease_limit_publications.inc();
+            ctx.state.published(record);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot replace the malformed lease_limits item"),
+    }
+}
+
 /// The coordinator's term as the election loop holds it.
 struct Term {
     epoch: u64,
     /// When the last successful claim or renewal was *sent*: others judge our silence from a
-    /// later instant, so stepping down locally `failover_timeout` after this is always before
-    /// anyone can take over.
+    /// later instant, so stopping the duties `term_after` (failover − heartbeat) after this is
+    /// always before anyone can take over.
     renewed_at: Instant,
     stop: CancellationToken,
     duties: JoinSet<()>,
 }
 
 impl Term {
+    /// The instant the duties stop unless a renewal succeeds first.
+    fn deadline(&self, s: &Settings) -> Instant {
+        self.renewed_at + s.term_after()
+    }
+
+    /// Graceful (shutdown): the duties finish their current step.
     async fn end(mut self, ctx: &Context) {
         self.stop.cancel();
+        while self.duties.join_next().await.is_some() {}
+        ctx.state.set_role(Role::Follower, self.epoch);
+    }
+
+    /// At once (deposed, or past the deadline): a duty blocked in an AWS call is aborted.
+    async fn abandon(mut self, ctx: &Context) {
+        self.stop.cancel();
+        self.duties.abort_all();
         while self.duties.join_next().await.is_some() {}
         ctx.state.set_role(Role::Follower, self.epoch);
     }
@@ -270,15 +540,29 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
     let mut recheck_by: Option<Instant> = None;
 
     loop {
-        let wake = match (&term, recheck_by) {
+        let mut wake = match (&term, recheck_by) {
             (None, Some(r)) if r < next_tick => r,
             _ => next_tick,
         };
+        // The watchdog: wake at the term's deadline however the renewals fare.
+        if let Some(t) = &term {
+            wake = wake.min(t.deadline(s));
+        }
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = sleep_until(wake) => {}
         }
-        if Instant::now() >= next_tick {
+        if let Some(t) = &term
+            && Instant::now() >= t.deadline(s)
+        {
+            stop_duties_at_deadline(&ctx, term.take().expect("in a term")).await;
+            continue;
+        }
+        if Instant::now() < next_tick {
+            if term.is_some() {
+                continue;
+            }
+        } else {
             next_tick += s.heartbeat_interval;
             if next_tick < Instant::now() {
                 next_tick = Instant::now() + s.heartbeat_interval;
@@ -287,32 +571,55 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
         ctx.state.beat("election");
 
         if let Some(t) = term.as_mut() {
+            if let Some(other) = ctx.state.instance_conflict() {
+                let epoch = t.epoch;
+                tracing::warn!(
+                    epoch,
+                    other = %other,
+                    "another live instance holds this worker id; stepping down as coordinator"
+                );
+                term.take().expect("in a term").abandon(&ctx).await;
+                if let Err(e) = ctx.meta.step_down(&me, epoch).await {
+                    tracing::warn!(epoch, error = %e, "could not step down");
+                }
+                continue;
+            }
             let sent = Instant::now();
-            match ctx.meta.renew_coordinator(&me, t.epoch).await {
-                Ok(_) => t.renewed_at = sent,
-                Err(e) if e.is_condition_failed() => {
+            let deadline = t.deadline(s);
+            match timeout_at(deadline, ctx.meta.renew_coordinator(&me, t.epoch)).await {
+                Ok(Ok(_)) => {
+                    t.renewed_at = sent;
+                    ctx.state.term_renewed(sent);
+                }
+                Ok(Err(e)) if e.is_condition_failed() => {
                     tracing::warn!(
                         epoch = t.epoch,
                         "deposed: another worker holds the coordinator post"
                     );
-                    term.take().expect("in a term").end(&ctx).await;
+                    term.take().expect("in a term").abandon(&ctx).await;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     let silent = sent.duration_since(t.renewed_at);
                     tracing::warn!(error = %e, silent_s = silent.as_secs_f64(), "cannot renew the coordinator post");
-                    if silent >= s.failover_timeout {
-                        tracing::warn!(
-                            epoch = t.epoch,
-                            "coordinator post not renewed within the failover timeout; stepping down locally"
-                        );
-                        term.take().expect("in a term").end(&ctx).await;
-                    }
+                }
+                Err(_) => {
+                    stop_duties_at_deadline(&ctx, term.take().expect("in a term")).await;
                 }
             }
             continue;
         }
 
-        let row = match ctx.meta.read_coordinator().await {
+        // A claim needs lease_limits' epoch, read directly. Where a claim is plausible this
+        // round (no live owner followed, or it is due to be judged silent), read both items
+        // at once so a takeover waits for no extra round trip.
+        let claim_plausible = recheck_by.is_none_or(|r| Instant::now() >= r);
+        let (row, limits) = if claim_plausible {
+            let (row, limits) = tokio::join!(ctx.meta.read_coordinator(), ctx.meta.read_limit());
+            (row, Some(limits))
+        } else {
+            (ctx.meta.read_coordinator().await, None)
+        };
+        let row = match row {
             Ok(row) => row,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the coordinator item");
@@ -328,10 +635,32 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
             Verdict::Follow { recheck_by: r, .. } => recheck_by = Some(r),
             Verdict::Claim { seen, next_epoch } => {
                 recheck_by = None;
+                if ctx.state.instance_conflict().is_some() {
+                    // A duplicate of a live worker id never coordinates.
+                    continue;
+                }
+                // The new epoch must be above lease_limits' too, read now: this worker may
+                // not have read any limit yet, and a lower epoch would be refused for ever.
+                let limits = match limits {
+                    Some(limits) => limits,
+                    None => ctx.meta.read_limit().await,
+                };
+                let limits_epoch = match limits {
+                    Ok(record) => record.map(|r| r.epoch),
+                    Err(LimitReadError::Malformed(m)) => {
+                        tracing::warn!("{m}: a new coordinator replaces it");
+                        Some(m.epoch.unwrap_or(0))
+                    }
+                    Err(LimitReadError::Aws(e)) => {
+                        tracing::warn!(error = %e, "cannot read lease_limits before claiming the coordinator post; not claiming now");
+                        continue;
+                    }
+                };
+                let next_epoch = next_epoch.max(claim_epoch(None, limits_epoch));
                 let sent = Instant::now();
                 match ctx
                     .meta
-                    .claim_coordinator(&me, seen.as_ref(), next_epoch)
+                    .claim_coordinator(&me, seen.as_ref(), next_epoch, s.failover_timeout)
                     .await
                 {
                     Ok(_) => {
@@ -344,6 +673,7 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
                         }
                         observer.reset();
                         ctx.state.metrics.coordinator_takeovers.inc();
+                        ctx.state.term_renewed(sent);
                         ctx.state.set_role(Role::Coordinator, next_epoch);
                         let term_stop = CancellationToken::new();
                         let mut duties = JoinSet::new();
@@ -373,4 +703,40 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
         t.end(&ctx).await;
     }
     epoch
+}
+
+/// The term's deadline passed without a successful renewal (the renewal failed or still
+/// hangs): stop every duty now, before anyone may take the post over.
+async fn stop_duties_at_deadline(ctx: &Context, term: Term) {
+    let s = &ctx.state.settings;
+    tracing::warn!(
+        epoch = term.epoch,
+        silent_s = term.renewed_at.elapsed().as_secs_f64(),
+        "coordinator post not renewed within failover_timeout - heartbeat_interval ({:?}); \
+         stopping the coordinator's duties",
+        s.term_after()
+    );
+    term.abandon(ctx).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_backoff_is_exponential_bounded_and_jittered() {
+        let p = StartRetry::default();
+        assert_eq!(p.delay(1, 0.0), Duration::from_millis(250));
+        assert_eq!(p.delay(1, 1.0), Duration::from_millis(500));
+        assert_eq!(p.delay(2, 0.0), Duration::from_millis(500));
+        assert_eq!(p.delay(4, 1.0), Duration::from_secs(4));
+        assert_eq!(p.delay(7, 1.0), Duration::from_secs(20), "capped");
+        assert_eq!(p.delay(60, 0.5), Duration::from_secs(15), "no overflow");
+        let total: Duration = (1..p.attempts).map(|r| p.delay(r, 1.0)).sum();
+        assert!(total <= Duration::from_secs(60), "{total:?}");
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j), "{j}");
+        }
+    }
 }

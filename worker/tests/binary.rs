@@ -48,6 +48,11 @@ async fn bad_configuration_exits_2_naming_the_key_and_writes_nothing() {
         ("KDS_HEARTBEAT_INTERVAL", "0s", "heartbeat_interval"),
         ("KDS_SHARD_POLL_INTERVAL", "0ms", "shard_poll_interval"),
         ("KDS_FAILOVER_TIMEOUT", "1s", "failover_timeout"),
+        // Twice the heartbeat used to be accepted; the fence then rose on every heartbeat.
+        ("KDS_FAILOVER_TIMEOUT", "4s", "failover_timeout"),
+        ("KDS_FAILOVER_TIMEOUT", "7s", "failover_timeout"),
+        ("KDS_HEARTBEAT_INTERVAL", "50ms", "heartbeat_interval"),
+        ("KDS_SHARD_POLL_INTERVAL", "500ms", "shard_poll_interval"),
         ("KDS_HTTP_ADDR", "localhost", "http_addr"),
         ("KDS_LOG_FORMAT", "yaml", "log_format"),
         ("KDS_MAX_LEASE_CAP", "5", "max_lease_cap"),
@@ -68,6 +73,14 @@ async fn bad_configuration_exits_2_naming_the_key_and_writes_nothing() {
         let lines: Vec<_> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{var}={value}: one line expected: {stderr}");
         assert!(lines[0].contains(key), "{var}={value}: {stderr}");
+        if key == "failover_timeout" {
+            // Both keys of the rule, with their values.
+            assert!(
+                lines[0].contains(&format!("failover_timeout = \"{value}\""))
+                    && lines[0].contains("heartbeat_interval = \"2s\""),
+                "{var}={value}: {stderr}"
+            );
+        }
         assert!(
             !table_exists(&aws, &app).await,
             "{var}={value} created a table"
@@ -231,4 +244,85 @@ async fn init_then_run_serves_endpoints_and_exits_0_on_sigterm() {
     let row = store.read_coordinator().await.unwrap().unwrap();
     assert!(row.is_vacant(), "stepped down: {row:?}");
     assert!(store.scan_heartbeats().await.unwrap().is_empty());
+}
+
+/// Every pod restarting at once: the start-up `DescribeStreamSummary` is throttled
+/// (LimitExceededException) beyond the SDK's own retries. The worker retries with backoff,
+/// logging each retry, and runs; it does not exit 1.
+#[tokio::test]
+async fn a_throttled_start_is_retried_not_fatal() {
+    let aws = aws().await;
+    let (app, stream) = (unique("throttled"), unique("throttled"));
+    create_stream(&aws, &stream, 2).await;
+    // The SDK makes 3 attempts per call: 7 refusals need two retries of the worker's own.
+    let proxy =
+        ThrottlingProxy::start(&std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap(), 7).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let log = std::env::temp_dir().join(format!("{}.log", unique("throttled")));
+    let mut child = worker_bin()
+        .env("KDS_APP_NAME", &app)
+        .env("KDS_STREAM_NAME", &stream)
+        .env("KDS_WORKER_ID", "throttled-0")
+        .env("KDS_WORKER_COUNT_SOURCE", "heartbeats")
+        .env("KDS_HEARTBEAT_INTERVAL", "300ms")
+        .env("KDS_FAILOVER_TIMEOUT", "2s")
+        .env("KDS_HTTP_ADDR", addr.to_string())
+        .env("AWS_ENDPOINT_URL_KINESIS", proxy.url())
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (_, took) = wait_for(
+        Duration::from_secs(90),
+        "the throttled worker to be ready",
+        || {
+            let exited = child.try_wait().unwrap();
+            let log = log.clone();
+            async move {
+                if let Some(status) = exited {
+                    panic!(
+                        "the worker exited with {status}: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(_) => (http_get(addr, "/ready").await.0 == 200).then_some(()),
+                    Err(_) => None,
+                }
+            }
+        },
+    )
+    .await;
+    eprintln!("ready {took:?} after start despite 7 throttled calls");
+    assert_eq!(proxy.answered.load(std::sync::atomic::Ordering::SeqCst), 7);
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    assert!(metrics.contains("kds_start_retries_total 2"), "{metrics}");
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (status, _) = wait_for(Duration::from_secs(10), "exit after SIGTERM", || {
+        let s = child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let retries = text
+        .lines()
+        .filter(|l| l.contains("failed at start; retrying"))
+        .count();
+    assert_eq!(retries, 2, "one log line per retry expected:\n{text}");
+    assert!(text.contains("LimitExceededException"), "{text}");
+    let _ = std::fs::remove_file(&log);
 }

@@ -72,12 +72,15 @@ async fn phase_table() {
 }
 
 /// 20 workers start at the same instant on empty tables: one coordinator, one epoch, one limit.
+/// Relaxed timings: 20 workers at a 300 ms heartbeat ask more of one moto process on a 2-core
+/// machine than a heartbeat write bounded by the interval allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn race_of_twenty_workers_elects_exactly_one() {
     let aws = aws().await;
     let (app, stream) = (unique("race"), unique("race"));
     create_stream(&aws, &stream, 40).await;
-    let workers = start_workers(&app, &stream, (0..20).map(|i| format!("w{i:02}")), &aws).await;
+    let ids = (0..20).map(|i| format!("w{i:02}"));
+    let workers = start_workers_custom(&app, &stream, ids, &aws, None, relaxed).await;
     wait_limit(&workers, 2, Duration::from_secs(30)).await;
     // Every worker reads the same published version.
     let (version, _) = wait_for(
@@ -213,4 +216,373 @@ async fn graceful_step_down_hands_over_quickly() {
     for w in workers {
         w.shutdown().await;
     }
+}
+
+type Item = std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>;
+
+fn n(v: impl ToString) -> aws_sdk_dynamodb::types::AttributeValue {
+    aws_sdk_dynamodb::types::AttributeValue::N(v.to_string())
+}
+
+fn st(v: &str) -> aws_sdk_dynamodb::types::AttributeValue {
+    aws_sdk_dynamodb::types::AttributeValue::S(v.to_owned())
+}
+
+/// A complete `lease_limits` item as an earlier coordinator left it.
+fn limits_item(limit: u64, epoch: u64, version: u64) -> Item {
+    let mut item = Item::new();
+    item.insert("key".into(), st("lease_limits"));
+    for (k, v) in [
+        ("max_leases_per_worker", limit),
+        ("shard_count", 99),
+        ("worker_count", 1),
+        ("live_workers", 1),
+        ("cap", 80),
+        ("capacity_deficit", 0),
+        ("epoch", epoch),
+        ("version", version),
+    ] {
+        item.insert(k.into(), n(v));
+    }
+    item.insert("computed_by".into(), st("gone"));
+    item.insert("updated_at".into(), st("2020-01-01T00:00:00.000Z"));
+    item
+}
+
+async fn put_meta_item(aws: &kds_worker::aws::AwsClients, app: &str, item: Item) {
+    aws.dynamodb
+        .put_item()
+        .table_name(format!("{app}_meta"))
+        .set_item(Some(item))
+        .send()
+        .await
+        .expect("PutItem");
+}
+
+/// The coordinator item is gone but `lease_limits` carries epoch 7, or `lease_limits` is
+/// malformed in any of the ways that used to stop publication for ever: a new coordinator
+/// claims above every readable epoch, replaces the item, and nobody obeys a limit of 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_coordinator_goes_above_lease_limits_and_replaces_malformed_items() {
+    let aws = aws().await;
+    let stream = unique("limits");
+    create_stream(&aws, &stream, 6).await;
+    let cases: Vec<(&str, Item, Option<u64>)> = vec![
+        ("well-formed at epoch 7", limits_item(99, 7, 3), Some(7)),
+        (
+            "no version",
+            {
+                let mut i = limits_item(99, 7, 3);
+                i.remove("version");
+                i
+            },
+            Some(7),
+        ),
+        (
+            "no max_leases_per_worker",
+            {
+                let mut i = limits_item(99, 7, 3);
+                i.remove("max_leases_per_worker");
+                i
+            },
+            Some(7),
+        ),
+        ("version u64::MAX", limits_item(99, 7, u64::MAX), Some(7)),
+        (
+            "epoch beyond u64",
+            {
+                let mut i = limits_item(99, 7, 3);
+                i.insert("epoch".into(), n("100000000000000000000000000000"));
+                i
+            },
+            Some(u64::MAX - 1),
+        ),
+        (
+            "epoch a string",
+            {
+                let mut i = limits_item(99, 7, 3);
+                i.insert("epoch".into(), st("seven"));
+                i
+            },
+            None,
+        ),
+    ];
+    for (case, item, old_epoch) in cases {
+        let app = unique("limits");
+        kds_worker::schema::ensure_tables(&aws, &app, &format!("{app}_meta"))
+            .await
+            .unwrap();
+        put_meta_item(&aws, &app, item).await;
+        let w = TestWorker::start(settings(&app, &stream, "w0"), aws.clone(), None).await;
+        let store = meta(&aws, &app);
+        let (stored, took) = wait_for(Duration::from_secs(15), case, || async {
+            assert_ne!(w.limit(), Some(0), "{case}: obeyed a limit of 0");
+            let stored = store.read_limit().await.ok().flatten()?;
+            (stored.computed_by == "w0" && stored.max_leases_per_worker == 6).then_some(stored)
+        })
+        .await;
+        let row = store.read_coordinator().await.unwrap().unwrap();
+        eprintln!(
+            "{case}: published after {took:?} at epoch {} version {}",
+            row.epoch, stored.version
+        );
+        assert_eq!(stored.epoch, row.epoch, "{case}");
+        if let Some(old) = old_epoch {
+            assert!(
+                row.epoch > old,
+                "{case}: epoch {} not above {old}",
+                row.epoch
+            );
+        }
+        assert_eq!(row.failover_ms, Some(FAILOVER.as_millis() as u64));
+        wait_limit(std::slice::from_ref(&w), 6, Duration::from_secs(5)).await;
+        w.shutdown().await;
+    }
+}
+
+/// A follower that reads a malformed `lease_limits` item keeps its last good limit and says
+/// why in `/ready` (a live coordinator that does not fix it is simulated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_keeps_its_last_good_limit_when_the_item_is_malformed() {
+    let aws = aws().await;
+    let (app, stream) = (unique("malformed"), unique("malformed"));
+    create_stream(&aws, &stream, 6).await;
+    kds_worker::schema::ensure_tables(&aws, &app, &format!("{app}_meta"))
+        .await
+        .unwrap();
+    let store = meta(&aws, &app);
+    // A live coordinator "ghost" at epoch 5 that never fixes anything.
+    store
+        .claim_coordinator("ghost", None, 5, FAILOVER)
+        .await
+        .unwrap();
+    let renewing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = store.renew_coordinator("ghost", 5).await;
+                tokio::time::sleep(HEARTBEAT).await;
+            }
+        })
+    };
+    let mut broken = limits_item(4, 5, 1);
+    broken.remove("max_leases_per_worker");
+    put_meta_item(&aws, &app, broken.clone()).await;
+
+    let w = TestWorker::start(settings(&app, &stream, "w0"), aws.clone(), None).await;
+    let (reasons, _) = wait_for(
+        Duration::from_secs(10),
+        "the malformed item reported",
+        || async {
+            let reasons = w.state.not_ready_reasons();
+            reasons
+                .iter()
+                .any(|r| r.contains("max_leases_per_worker is missing"))
+                .then_some(reasons)
+        },
+    )
+    .await;
+    eprintln!("/ready reasons: {reasons:?}");
+    assert_eq!(w.limit(), None, "a malformed item is never obeyed");
+    assert!(!w.is_coordinator());
+
+    // The ghost publishes a good record: obeyed.
+    store
+        .publish_limit(&LimitRecord {
+            computed_by: "ghost".into(),
+            ..kds_worker::store::parse_limit(&limits_item(4, 5, 2)).unwrap()
+        })
+        .await
+        .unwrap();
+    wait_limit(std::slice::from_ref(&w), 4, Duration::from_secs(5)).await;
+    assert!(w.state.limit_problem().is_none());
+
+    // Broken again: the last good limit stays in force, and /ready says why.
+    broken.insert("version".into(), n(3));
+    put_meta_item(&aws, &app, broken).await;
+    let (reasons, _) = wait_for(
+        Duration::from_secs(5),
+        "the malformed item reported again",
+        || async {
+            let reasons = w.state.not_ready_reasons();
+            reasons
+                .iter()
+                .any(|r| r.contains("max_leases_per_worker is missing"))
+                .then_some(reasons)
+        },
+    )
+    .await;
+    assert!(
+        reasons.iter().any(|r| r.contains("last good limit 4")),
+        "{reasons:?}"
+    );
+    tokio::time::sleep(HEARTBEAT * 3).await;
+    assert_eq!(w.limit(), Some(4));
+    renewing.abort();
+    w.shutdown().await;
+}
+
+/// Each worker publishes its own failover timeout: a coordinator configured with a longer one
+/// than its followers is not taken over (nor its leases taken) before that longer timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_published_failover_timeout_is_waited_for() {
+    const SLOW: Duration = Duration::from_millis(4500);
+    let aws = aws().await;
+    let (app, stream) = (unique("slowfo"), unique("slowfo"));
+    create_stream(&aws, &stream, 4).await;
+    let mut s = settings(&app, &stream, "w-slow");
+    s.failover_timeout = SLOW;
+    let slow = TestWorker::start(s, aws.clone(), None).await;
+    wait_for(Duration::from_secs(10), "w-slow to coordinate", || async {
+        slow.is_coordinator().then_some(())
+    })
+    .await;
+    let fast = TestWorker::start(settings(&app, &stream, "w-fast"), aws.clone(), None).await;
+    let both = [slow, fast];
+    wait_spread(&aws, &app, &both, 2, 2, Duration::from_secs(20)).await;
+    let [slow, fast] = both;
+    let row = meta(&aws, &app)
+        .scan_heartbeats()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.worker_id == "w-slow")
+        .unwrap();
+    assert_eq!(row.failover_ms, Some(4500));
+
+    slow.crash().await;
+    let (_, took) = wait_for(SLOW * 3, "w-fast to coordinate", || async {
+        fast.is_coordinator().then_some(())
+    })
+    .await;
+    eprintln!(
+        "coordinator taken over {took:?} after the crash (published failover {SLOW:?}, own {FAILOVER:?})"
+    );
+    assert!(
+        took >= SLOW - HEARTBEAT * 2,
+        "taken over after {took:?}, before the published {SLOW:?}"
+    );
+    let (_, took) = wait_for(SLOW * 3, "w-fast to hold all 4 leases", || async {
+        (fast.state.leases().len() == 4).then_some(())
+    })
+    .await;
+    eprintln!("leases taken {took:?} after the crash");
+    assert!(took >= SLOW - HEARTBEAT * 2, "leases taken after {took:?}");
+    fast.shutdown().await;
+}
+
+/// Two processes started with one worker id: the second stays fenced (never ready, never
+/// reading) while the first lives; it takes over about failover_timeout after the first
+/// crashed, and at once after a graceful stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_the_same_worker_id_waits_for_the_first() {
+    let aws = aws().await;
+    let (app, stream) = (unique("dupid"), unique("dupid"));
+    create_stream(&aws, &stream, 4).await;
+    let a = TestWorker::start(settings(&app, &stream, "w0"), aws.clone(), None).await;
+    wait_for(
+        Duration::from_secs(20),
+        "the first w0 to read 4 shards",
+        || async {
+            (a.state.leases().len() == 4 && a.state.not_ready_reasons().is_empty()).then_some(())
+        },
+    )
+    .await;
+
+    let b = TestWorker::start(settings(&app, &stream, "w0"), aws.clone(), None).await;
+    assert_ne!(a.state.instance, b.state.instance);
+    let until = tokio::time::Instant::now() + FAILOVER * 3;
+    let mut reason = None;
+    while tokio::time::Instant::now() < until {
+        assert!(!b.state.may_process(), "the duplicate may process records");
+        assert!(b.state.leases().is_empty(), "the duplicate reads shards");
+        assert!(!b.is_coordinator(), "the duplicate coordinates");
+        assert!(
+            !b.state.not_ready_reasons().is_empty(),
+            "the duplicate is ready"
+        );
+        // (The first may fence itself for a moment when DynamoDB is slow; it is never
+        // displaced by the second while it renews.)
+        assert!(a.state.leases().len() <= 4);
+        assert_eq!(a.state.instance_conflict(), None, "the first was displaced");
+        if let Some(r) = b
+            .state
+            .not_ready_reasons()
+            .into_iter()
+            .find(|r| r.contains(&a.state.instance))
+        {
+            reason = Some(r);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    eprintln!("duplicate's /ready reason: {reason:?}");
+    assert!(reason.is_some(), "no reason names the other instance");
+    assert!(
+        b.state
+            .metrics
+            .encode()
+            .contains("kds_worker_id_conflict 1")
+    );
+
+    // kill -9 of the first: the second takes over after about the failover timeout.
+    wait_for(
+        Duration::from_secs(10),
+        "the first w0 to read its 4 shards",
+        || async { (a.state.leases().len() == 4).then_some(()) },
+    )
+    .await;
+    let a_instance = a.state.instance.clone();
+    a.crash().await;
+    let (_, took) = wait_for(FAILOVER * 4, "the second w0 to read 4 shards", || async {
+        (b.state.leases().len() == 4).then_some(())
+    })
+    .await;
+    eprintln!("second instance took over {took:?} after the crash (failover_timeout {FAILOVER:?})");
+    assert!(
+        took >= FAILOVER - HEARTBEAT,
+        "took over after only {took:?}"
+    );
+    assert!(took <= FAILOVER * 3, "took over after {took:?}");
+    assert_eq!(b.state.instance_conflict(), None);
+    let row = meta(&aws, &app)
+        .read_heartbeat("w0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.instance.as_deref(), Some(b.state.instance.as_str()));
+    assert_ne!(row.instance.as_deref(), Some(a_instance.as_str()));
+    wait_for(FAILOVER * 3, "the second w0 to coordinate", || async {
+        b.is_coordinator().then_some(())
+    })
+    .await;
+
+    // A third one waits for the second; a graceful stop lets it start at once.
+    let c = TestWorker::start(settings(&app, &stream, "w0"), aws.clone(), None).await;
+    wait_for(
+        Duration::from_secs(5),
+        "the third to see the second",
+        || async {
+            (c.state.instance_conflict().as_deref() == Some(b.state.instance.as_str()))
+                .then_some(())
+        },
+    )
+    .await;
+    let stopping = tokio::time::Instant::now();
+    b.shutdown().await;
+    let stopped = tokio::time::Instant::now();
+    wait_for(FAILOVER * 2, "the third w0 to read 4 shards", || async {
+        (c.state.leases().len() == 4).then_some(())
+    })
+    .await;
+    eprintln!(
+        "after a graceful stop ({:?}) the next instance read its shards after {:?}",
+        stopped - stopping,
+        stopped.elapsed()
+    );
+    assert!(
+        stopped.elapsed() < FAILOVER,
+        "graceful hand-over took {:?}",
+        stopped.elapsed()
+    );
+    c.shutdown().await;
 }

@@ -406,11 +406,148 @@ impl Proxy {
 
     /// Back on the same port.
     pub async fn restore(&mut self) {
+        self.cut().await;
         let listener = TcpListener::bind(self.addr)
             .await
             .expect("rebind the proxy port");
         self.serve(listener);
     }
+
+    /// A hung network: open connections are dropped, new ones are accepted and read but never
+    /// answered, so every call hangs until the SDK's own timeouts.
+    pub async fn stall(&mut self) {
+        self.cut().await;
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .expect("rebind the proxy port");
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                conns.spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+}
+
+/// AWS clients whose Kinesis calls go to `kinesis_endpoint` instead (a proxy).
+pub async fn aws_with_kinesis(kinesis_endpoint: &str) -> AwsClients {
+    let base = aws().await;
+    let conf = base
+        .kinesis
+        .config()
+        .to_builder()
+        .endpoint_url(kinesis_endpoint)
+        .build();
+    AwsClients {
+        kinesis: aws_sdk_kinesis::Client::from_conf(conf),
+        ..base
+    }
+}
+
+/// A proxy in front of kinesis-mock that answers the first `throttled` requests itself with
+/// Kinesis' `LimitExceededException` (as `DescribeStreamSummary` does beyond 20 calls per
+/// second per account), then forwards everything.
+pub struct ThrottlingProxy {
+    pub addr: SocketAddr,
+    pub answered: Arc<AtomicU64>,
+    _task: JoinHandle<()>,
+}
+
+impl ThrottlingProxy {
+    pub async fn start(upstream_url: &str, throttled: u64) -> ThrottlingProxy {
+        let upstream: SocketAddr = upstream_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("emulator endpoint is http://IP:PORT");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answered = Arc::new(AtomicU64::new(0));
+        let count = answered.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let count = count.clone();
+                tokio::spawn(async move {
+                    if count.load(Ordering::SeqCst) < throttled {
+                        // One request per connection: read it, refuse it, close.
+                        if read_request(&mut client).await.is_some()
+                            && count.fetch_add(1, Ordering::SeqCst) < throttled
+                        {
+                            let body = r#"{"__type":"LimitExceededException","message":"Rate exceeded for stream (test throttling)"}"#;
+                            let response = format!(
+                                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\n\
+                                 x-amzn-RequestId: throttled\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                body.len()
+                            );
+                            let _ = client.write_all(response.as_bytes()).await;
+                            let _ = client.shutdown().await;
+                        }
+                        return;
+                    }
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        ThrottlingProxy {
+            addr,
+            answered,
+            _task: task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for ThrottlingProxy {
+    fn drop(&mut self) {
+        self._task.abort();
+    }
+}
+
+/// Reads one HTTP/1.1 request (headers and a Content-Length body).
+async fn read_request(s: &mut TcpStream) -> Option<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let header_end = loop {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < header_end + length {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(())
 }
 
 /// Every record a test's workers processed, in processing order.
