@@ -113,9 +113,13 @@ impl Settings {
         self.fence_after()
     }
 
-    /// The longest one heartbeat write may take; a slower one counts as failed.
+    /// The longest one heartbeat write may take; a slower one counts as failed. A write that
+    /// succeeds late still proves liveness as of when it was *sent* (the fence counts from
+    /// there), so it may take until one heartbeat before the fence: the next write then still
+    /// has a whole interval. With `failover_timeout ≥ 4 × heartbeat_interval` that is at
+    /// least two intervals.
     pub fn heartbeat_write_timeout(&self) -> Duration {
-        self.heartbeat_interval
+        self.fence_after().saturating_sub(self.heartbeat_interval)
     }
 
     /// `/ready` reports a heartbeat or a limit read as stale after this (two missed rounds).
@@ -928,7 +932,7 @@ mod tests {
             let (s, _) = load_in_jail(jail).unwrap();
             assert_eq!(s.fence_after(), Duration::from_secs(8));
             assert_eq!(s.term_after(), Duration::from_secs(8));
-            assert_eq!(s.heartbeat_write_timeout(), Duration::from_secs(2));
+            assert_eq!(s.heartbeat_write_timeout(), Duration::from_secs(6));
             assert_eq!(s.failover_ms(), 10_000);
             assert_eq!(s.heartbeat_ttl(), Duration::from_secs(3600));
             assert!(s.check_timings().is_ok());

@@ -301,7 +301,7 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
             Err(_) => Err(AwsError::Unavailable {
                 operation: "UpdateItem",
                 message: format!(
-                    "heartbeat write took longer than heartbeat_interval ({:?})",
+                    "heartbeat write took longer than {:?} (one heartbeat before the fence)",
                     s.heartbeat_write_timeout()
                 ),
             }),

@@ -21,31 +21,26 @@ async fn phase_table() {
     // Scale workers 3 -> 5.
     let extra = start_workers(&app, &stream, ["w3".to_owned(), "w4".to_owned()], &aws).await;
     workers.extend(extra);
-    let t = wait_limit(&workers, 6, HEARTBEAT * 4 + Duration::from_secs(2)).await;
+    let t = wait_limit(&workers, 6, HEARTBEAT * 4 + MARGIN).await;
     eprintln!("30 shards / 5 workers -> 6 after {t:?}");
 
     // Back to 3 (graceful: heartbeats are removed, no failover wait).
     for w in workers.split_off(3) {
         w.shutdown().await;
     }
-    let t = wait_limit(&workers, 10, HEARTBEAT * 4 + Duration::from_secs(2)).await;
+    let t = wait_limit(&workers, 10, HEARTBEAT * 4 + MARGIN).await;
     eprintln!("back to 3 workers -> 10 after {t:?}");
 
     // Reshard 30 -> 60: the new limit must arrive within one shard poll (plus a read).
     reshard(&aws, &stream, 60).await;
-    let t = wait_limit(
-        &workers,
-        20,
-        SHARD_POLL + HEARTBEAT * 2 + Duration::from_millis(500),
-    )
-    .await;
+    let t = wait_limit(&workers, 20, SHARD_POLL + HEARTBEAT * 2 + MARGIN).await;
     eprintln!("60 shards / 3 workers -> 20 after {t:?}");
 
     // 60 -> 120 -> 240 -> 300: the cap binds.
     reshard(&aws, &stream, 300).await;
     // (240 shards already give 80: wait for the 300-shard publication itself.)
     let (limit, _) = wait_for(
-        SHARD_POLL + HEARTBEAT * 2 + Duration::from_millis(500),
+        SHARD_POLL + HEARTBEAT * 2 + MARGIN,
         "every worker to read the 300-shard limit",
         || async {
             let limits: Vec<_> = workers.iter().filter_map(|w| w.state.limit()).collect();
@@ -140,7 +135,7 @@ async fn failover_after_a_crash() {
     let (_, old_epoch) = old.state.role();
     old.crash().await;
 
-    let budget = FAILOVER + HEARTBEAT + Duration::from_millis(400);
+    let budget = FAILOVER + HEARTBEAT + MARGIN;
     let (new_epoch, took) = wait_for(budget * 2, "a new coordinator", || async {
         workers
             .iter()

@@ -76,6 +76,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let extra = &args.cargo_test_args;
         step("tests", &mut || {
             let mut c = cmd!(sh, "cargo test --workspace --locked -- {extra...}");
+            // One test at a time: every test shares the two emulators, and moto serves one
+            // request at a time; two tests' fleets at once would measure the queue, not the
+            // worker. RUST_TEST_THREADS in the environment overrides this.
+            if std::env::var_os("RUST_TEST_THREADS").is_none() {
+                c = c.env("RUST_TEST_THREADS", "1");
+            }
             for (k, v) in emu.aws_env() {
                 c = c.env(k, v);
             }

@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Test timings: fast enough for quick tests, with room for a loaded 2-core machine where one
 /// slow emulator request must not raise a worker's fence (at failover − heartbeat).
+/// Added to every deadline that follows from the settings: room for a loaded 2-core machine
+/// (a debug build, both emulators and a test's workers sharing it), never for a slow design.
+pub const MARGIN: Duration = Duration::from_secs(3);
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 pub const FAILOVER: Duration = Duration::from_millis(2500);
 pub const SHARD_POLL: Duration = Duration::from_millis(1000);
