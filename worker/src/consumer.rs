@@ -20,6 +20,10 @@ use crate::worker::Context;
 
 /// What a worker does with records. Called in order, once per GetRecords batch; a batch is
 /// checkpointed only after `process` returned (at-least-once).
+///
+/// `process` must return well within `heartbeat_interval`: the fence is checked right before
+/// each batch, and another worker may take the lease one heartbeat after the fence, so a batch
+/// still running then could overlap its successor's first one. Hand slow work to a queue.
 pub trait RecordProcessor: Send + Sync + 'static {
     fn process(&self, worker_id: &str, shard_id: &str, records: &[Record]);
 }
@@ -196,7 +200,7 @@ pub async fn consume(
         if stop.is_cancelled() {
             return ConsumerExit::Stopped { last_processed };
         }
-        if !ctx.state.may_process() {
+        if !ctx.state.may_process_in(held.fence_epoch) {
             return ConsumerExit::Fenced { last_processed };
         }
         let it = match iterator.take() {
@@ -259,7 +263,7 @@ pub async fn consume(
         if !records.is_empty() {
             // The fence and a stop are checked right before the side effect: a batch that
             // arrives after either is not processed (a successor may already read it).
-            if !ctx.state.may_process() {
+            if !ctx.state.may_process_in(held.fence_epoch) {
                 return ConsumerExit::Fenced { last_processed };
             }
             if stop.is_cancelled() {
@@ -332,7 +336,7 @@ async fn finish(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut fence = ctx.state.fence();
     loop {
-        if !ctx.state.may_process() {
+        if !ctx.state.may_process_in(held.fence_epoch) {
             return ConsumerExit::Fenced { last_processed };
         }
         match store

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 
@@ -145,9 +146,9 @@ async fn sync_leases(
 /// lease table synced with the stream when `shard_poll_interval` is due (from the same scan),
 /// a plan for the whole fleet, and its writes (each conditional on the lease as scanned).
 ///
-/// Rounds start every `heartbeat_interval`, but never sooner than one round's own duration
-/// after the last one ended: on a large table the scan dominates, and the DynamoDB it shares
-/// with every heartbeat must not be kept busy by it.
+/// Rounds start every `heartbeat_interval`, but never sooner than one scan's duration after
+/// the last round ended: on a large table the scan dominates, and the DynamoDB it shares with
+/// every heartbeat must not be kept busy by it.
 async fn lease_rounds(ctx: Arc<Context>, stop: CancellationToken) {
     let s = &ctx.state.settings;
     let me = s.worker_id.clone();
@@ -174,11 +175,14 @@ async fn lease_rounds(ctx: Arc<Context>, stop: CancellationToken) {
             &stop,
         )
         .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "lease round failed; retrying next round");
-        }
-        let took = began.elapsed();
-        next_round = (began + s.heartbeat_interval).max(Instant::now() + took);
+        let scan_took = match result {
+            Ok(took) => took,
+            Err(e) => {
+                tracing::warn!(error = %e, "lease round failed; retrying next round");
+                began.elapsed()
+            }
+        };
+        next_round = (began + s.heartbeat_interval).max(Instant::now() + scan_took);
     }
     ctx.state.set_coverage(None);
 }
@@ -193,10 +197,10 @@ async fn lease_round(
     next_sync: &mut Instant,
     last_deficit_report: &mut Option<(u64, u64)>,
     stop: &CancellationToken,
-) -> Result<(), crate::aws::AwsError> {
+) -> Result<Duration, crate::aws::AwsError> {
     let s = &ctx.state.settings;
     let began = Instant::now();
-    let (leases, rows) = tokio::try_join!(store.scan(), ctx.meta.scan_heartbeats())?;
+    let leases = store.scan().await?;
     let scanned = began.elapsed();
     if Instant::now() >= *next_sync {
         match sync_leases(ctx, store, &leases).await {
@@ -208,14 +212,25 @@ async fn lease_round(
         *next_sync = Instant::now() + s.shard_poll_interval;
     }
     let (Some(limit), Some(listed)) = (ctx.state.limit(), listed.as_ref()) else {
-        return Ok(());
+        return Ok(scanned);
     };
-    // Lease owners without a heartbeat row are expected too: they count as dead only after
-    // `failover_timeout` of absence on this coordinator's clock, row or no row.
+    // Heartbeats are read after the lease scan (and the sync): an owner that acquired a lease
+    // the scan saw had its heartbeat land before, so it is seen alive. Lease owners without a
+    // heartbeat row are expected too: dead only after `failover_timeout` of absence on this
+    // coordinator's clock, row or no row.
+    let issued = Instant::now();
+    let rows = ctx.meta.scan_heartbeats().await?;
+    let answered = Instant::now();
     let owners: BTreeSet<&str> = leases.iter().filter_map(|l| l.owner.as_deref()).collect();
-    let judged = liveness.observe(&rows, owners, Instant::now(), s.failover_timeout);
+    let judged = liveness.observe_read(&rows, owners, issued, answered, s.failover_timeout);
+    // This worker is judged by its own row like anyone (a coordinator that cannot write its
+    // heartbeat loses its leases like anyone); before its first row is read it counts while
+    // it may read.
+    let self_judged = judged.dead.iter().any(|(id, _)| id == me);
     let mut live: BTreeSet<String> = judged.live.into_iter().collect();
-    live.insert(me.to_owned());
+    if !self_judged && ctx.state.may_process() {
+        live.insert(me.to_owned());
+    }
     let view = FleetView {
         leases: &leases,
         live: &live,
@@ -284,7 +299,7 @@ async fn lease_round(
         .buffer_unordered(ASSIGNMENT_WRITES_IN_FLIGHT)
         .collect::<()>()
         .await;
-    Ok(())
+    Ok(scanned)
 }
 
 /// Runs the coordinator's duties for `epoch` until `stop` is cancelled.

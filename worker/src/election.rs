@@ -147,10 +147,28 @@ impl LivenessTracker {
         now: Instant,
         timeout: Duration,
     ) -> Liveness {
+        self.observe_read(rows, expected, now, now, timeout)
+    }
+
+    /// [`LivenessTracker::observe`] for rows read by a request sent at `issued` and answered
+    /// at `answered`: progress is dated `answered` (the latest the heartbeat can have landed),
+    /// silence is judged at `issued` (nothing after it is known). Both err towards "alive", so
+    /// a slow scan or a slow round can never make a live worker look dead.
+    pub fn observe_read<'a>(
+        &mut self,
+        rows: &[HeartbeatRow],
+        expected: impl IntoIterator<Item = &'a str>,
+        issued: Instant,
+        answered: Instant,
+        timeout: Duration,
+    ) -> Liveness {
+        let now = answered;
         let mut next: HashMap<String, Seen> = HashMap::with_capacity(rows.len());
         let mut out = Liveness::default();
         let mut judge = |id: &str, seen: Seen, out: &mut Liveness| {
-            if now.duration_since(seen.since) >= effective_timeout(timeout, seen.failover) {
+            if issued.saturating_duration_since(seen.since)
+                >= effective_timeout(timeout, seen.failover)
+            {
                 out.dead.push((id.to_owned(), seen.counter));
             } else {
                 out.live.push(id.to_owned());

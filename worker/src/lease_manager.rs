@@ -129,9 +129,10 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             .collect();
         for id in ended {
             if let Some(r) = consumers.remove(&id) {
-                let (_, exit) = r.stop().await;
+                let (held, exit) = r.stop().await;
                 tracing::debug!(shard = %id, ?exit, "consumer ended");
                 note_exit(&ctx, &id, &exit, &mut unreadable);
+                park_fenced(&mut parked, &held, &exit);
             }
         }
 
@@ -225,6 +226,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
                 shard_id: id.clone(),
                 counter: p.counter,
                 checkpoint: p.checkpoint.clone(),
+                fence_epoch: 0,
             };
             match store.checkpoint(&held, &me, &p.checkpoint).await {
                 Ok(()) => {}
@@ -244,7 +246,10 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
                 r.stop.cancel();
             }
         }
-        for l in owned.iter().filter(|l| !stuck.contains(&l.shard_id)) {
+        for l in owned
+            .iter()
+            .filter(|l| !stuck.contains(&l.shard_id) && !draining.contains_key(&l.shard_id))
+        {
             let Some(pending) = &l.pending else { continue };
             let (to, kind) = match pending {
                 Pending::HandOff(to) => (Some(to.as_str()), "transfer"),
@@ -292,7 +297,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
                 let Some(l) = owned.iter().find(|l| &l.shard_id == id) else {
                     continue;
                 };
-                if stuck.contains(id) {
+                if stuck.contains(id) || draining.contains_key(id) {
                     continue;
                 }
                 tracing::info!(shard = %id, limit, "above the published limit: giving a lease up");
@@ -353,19 +358,25 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
         // A few at a time (each is its own conditional write): a worker given 80 leases must
         // not queue 80 writes ahead of every other worker's heartbeat.
         let mut acquired = Vec::with_capacity(to_acquire.len());
-        for chunk in to_acquire.chunks(ACQUIRES_IN_FLIGHT) {
-            if !ctx.state.may_process() {
-                break;
+        // Captured before any acquire is sent: a fence in between invalidates them all.
+        let epoch = ctx.state.reading_epoch();
+        if let Some(epoch) = epoch {
+            for chunk in to_acquire.chunks(ACQUIRES_IN_FLIGHT) {
+                if !ctx.state.may_process_in(epoch) {
+                    break;
+                }
+                acquired.extend(
+                    futures::future::join_all(chunk.iter().map(|l| store.acquire(l, &me, epoch)))
+                        .await,
+                );
             }
-            acquired.extend(
-                futures::future::join_all(chunk.iter().map(|l| store.acquire(l, &me))).await,
-            );
         }
         for (l, result) in to_acquire.iter().zip(acquired) {
             let id = l.shard_id.as_str();
             match result {
-                // Fenced while acquiring: the lease stays ours, read after the fence drops.
-                Ok(_) if !ctx.state.may_process() => {}
+                // Fenced since the acquires were sent: the lease stays ours, acquired again
+                // (and read) after the fence drops.
+                Ok(held) if !ctx.state.may_process_in(held.fence_epoch) => {}
                 Ok(held) => {
                     tracing::info!(shard = %id, counter = held.counter, "acquired lease; reading");
                     start(&ctx, &store, held, &mut consumers);
@@ -433,6 +444,24 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     ctx.state.set_leases(Vec::new());
 }
 
+/// A consumer that stopped at the fence keeps what it processed: its checkpoint is written
+/// (conditional on its acquired counter) at the next round, before the lease is acquired or
+/// handed on.
+fn park_fenced(parked: &mut BTreeMap<String, Parked>, held: &Held, exit: &ConsumerExit) {
+    if let ConsumerExit::Fenced {
+        last_processed: Some(cp),
+    } = exit
+    {
+        parked.insert(
+            held.shard_id.clone(),
+            Parked {
+                counter: held.counter,
+                checkpoint: cp.clone(),
+            },
+        );
+    }
+}
+
 fn note_exit(
     ctx: &Context,
     id: &str,
@@ -494,8 +523,13 @@ async fn give_up(
                     checkpoint: None,
                     kind,
                 },
-                // Lost, fenced, or finished (SHARD_END already gave it up): nothing to write.
-                ConsumerExit::Lost | ConsumerExit::Fenced { .. } | ConsumerExit::ShardEnd => return,
+                // Fenced: its progress is written (conditionally) before the lease is touched
+                // again; lost, or finished (SHARD_END already gave it up): nothing to write.
+                exit @ ConsumerExit::Fenced { .. } => {
+                    park_fenced(parked, &held, &exit);
+                    return;
+                }
+                ConsumerExit::Lost | ConsumerExit::ShardEnd => return,
             }
         }
         None => GiveUp {

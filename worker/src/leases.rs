@@ -73,6 +73,9 @@ pub struct Held {
     pub shard_id: String,
     pub counter: u64,
     pub checkpoint: String,
+    /// The worker's fence epoch when the acquire was sent: reading stops for good once the
+    /// fence has been up since (see `WorkerState::may_process_in`).
+    pub fence_epoch: u64,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -346,11 +349,17 @@ impl LeaseStore {
     /// The owner claims a lease it was given (or still has after a restart or a fence) before
     /// reading it: `leaseCounter + 1` if the item is still as seen. Whoever else wanted it from
     /// the same state (a coordinator judging this worker dead) now fails.
-    pub async fn acquire(&self, seen: &Lease, me: &str) -> Result<Held, AwsError> {
+    pub async fn acquire(
+        &self,
+        seen: &Lease,
+        me: &str,
+        fence_epoch: u64,
+    ) -> Result<Held, AwsError> {
         let next = seen.next_counter();
         let req = self
             .update(&seen.shard_id)
-            .update_expression("SET leaseCounter = :next")
+            // A lease acquired again is tried afresh: its unreadable mark is cleared.
+            .update_expression("SET leaseCounter = :next REMOVE unreadable")
             .expression_attribute_values(":next", n(next))
             // The checkpoint as of this write: the index read may lag behind the last one.
             .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew);
@@ -374,6 +383,7 @@ impl LeaseStore {
             shard_id: seen.shard_id.clone(),
             counter: next,
             checkpoint,
+            fence_epoch,
         })
     }
 

@@ -50,6 +50,10 @@ struct Inner {
     limit_problem: Option<String>,
     /// Another live instance holding this worker id's heartbeat row.
     instance_conflict: Option<String>,
+    /// Changes every time the fence is up (raised by the watchdog, seen up when a heartbeat
+    /// lands, or a second instance of this worker id): a consumer acquired before a change
+    /// must not read after it, even if the fence has dropped again meanwhile.
+    fence_epoch: u64,
     /// When the last successful coordinator claim or renewal was sent.
     term_renewed: Option<Instant>,
     loop_beats: BTreeMap<&'static str, Instant>,
@@ -146,6 +150,7 @@ impl WorkerState {
                 last_limit_read_error: None,
                 limit_problem: None,
                 instance_conflict: None,
+                fence_epoch: 0,
                 term_renewed: None,
                 loop_beats: BTreeMap::new(),
             }),
@@ -194,6 +199,13 @@ impl WorkerState {
             let mut g = self.lock();
             match result {
                 Ok(()) => {
+                    let fence_after = self.settings.fence_after();
+                    if g.last_heartbeat_ok
+                        .is_none_or(|t| t.elapsed() >= fence_after)
+                    {
+                        // The fence was up until this heartbeat, seen or not.
+                        g.fence_epoch += 1;
+                    }
                     g.last_heartbeat_ok = Some(sent);
                     g.last_heartbeat_error = None;
                 }
@@ -216,6 +228,9 @@ impl WorkerState {
         let changed = {
             let mut g = self.lock();
             let changed = g.instance_conflict.is_some() != other.is_some();
+            if other.is_some() {
+                g.fence_epoch += 1;
+            }
             g.instance_conflict = other;
             changed
         };
@@ -263,6 +278,7 @@ impl WorkerState {
             // Every consumer stops at this signal (before its next batch), whatever the lease
             // loop is busy with: report that at once.
             let mut g = self.lock();
+            g.fence_epoch += 1;
             g.leases.clear();
             self.metrics.leases_held.set(0);
         }
@@ -394,6 +410,23 @@ impl WorkerState {
         g.instance_conflict.is_none()
             && g.last_heartbeat_ok
                 .is_some_and(|t| t.elapsed() < fence_after)
+    }
+
+    /// The current fence epoch while this worker may process (`None` while fenced): captured
+    /// before a lease is acquired, and checked with [`WorkerState::may_process_in`].
+    pub fn reading_epoch(&self) -> Option<u64> {
+        let fence_after = self.settings.fence_after();
+        let g = self.lock();
+        (g.instance_conflict.is_none()
+            && g.last_heartbeat_ok
+                .is_some_and(|t| t.elapsed() < fence_after))
+        .then_some(g.fence_epoch)
+    }
+
+    /// Whether a consumer acquired in fence epoch `epoch` may process now: the fence is down
+    /// and has not been up since.
+    pub fn may_process_in(&self, epoch: u64) -> bool {
+        self.reading_epoch() == Some(epoch)
     }
 
     /// Why this worker is not ready; empty when it is.

@@ -206,13 +206,17 @@ impl Worker {
     pub async fn run(self, stop: CancellationToken) {
         let ctx = Arc::new(self.ctx);
         let loops_stop = CancellationToken::new();
+        // The heartbeat (and its fence watchdog) outlive the lease loop at shutdown: a slow
+        // hand-back must not fence itself and skip its final checkpoints.
+        let heartbeat_stop = CancellationToken::new();
         let mut loops = JoinSet::new();
-        loops.spawn(heartbeat_loop(ctx.clone(), loops_stop.clone()).in_current_span());
+        let mut heartbeat = JoinSet::new();
+        heartbeat.spawn(heartbeat_loop(ctx.clone(), heartbeat_stop.clone()).in_current_span());
+        heartbeat.spawn(fence_watchdog(ctx.clone(), heartbeat_stop.clone()).in_current_span());
         loops.spawn(limit_loop(ctx.clone(), loops_stop.clone()).in_current_span());
         loops.spawn(
             crate::lease_manager::lease_loop(ctx.clone(), loops_stop.clone()).in_current_span(),
         );
-        loops.spawn(fence_watchdog(ctx.clone(), loops_stop.clone()).in_current_span());
         let election =
             tokio::spawn(election_loop(ctx.clone(), loops_stop.clone()).in_current_span());
         // Aborting `run` must abort the election loop too (it owns the coordinator's term).
@@ -234,6 +238,8 @@ impl Worker {
             }
         }
         while loops.join_next().await.is_some() {}
+        heartbeat_stop.cancel();
+        while heartbeat.join_next().await.is_some() {}
         match ctx.meta.delete_heartbeat(&ctx.heartbeat_owner()).await {
             Ok(()) => {}
             Err(e) if e.is_condition_failed() => {
@@ -623,6 +629,9 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
             Ok(row) => row,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the coordinator item");
+                // Try again at the next tick, not at a recheck instant already past (which
+                // would spin while reads fail).
+                recheck_by = None;
                 continue;
             }
         };

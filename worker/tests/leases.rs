@@ -84,7 +84,9 @@ async fn leases_follow_the_limit_through_every_phase() {
 
     // Reshard to 300 (60 -> 120 -> 240 -> 300): the cap binds, 60 shards stay unowned.
     reshard(&aws, &stream, 300).await;
-    let t = wait_spread(&aws, &app, &workers, 80, 80, Duration::from_secs(60)).await;
+    // 570 lease items to create, 240 to assign and acquire, one at a time on the serial
+    // emulator, with 240 consumers polling kinesis-mock: 90 s.
+    let t = wait_spread(&aws, &app, &workers, 80, 80, Duration::from_secs(90)).await;
     // Closed parents are read first (swapped in at the cap), so all 300 children become
     // readable; 240 of them are leased.
     let store = lease_store(&aws, &app);
@@ -108,13 +110,15 @@ async fn leases_follow_the_limit_through_every_phase() {
     );
     check_lease_invariants(&aws, &app, &workers, 80).await;
     // The deficit is visible in /status (coverage) and the published record.
+    // Coverage is the coordinator's view (it alone scans the lease table).
     let (coverage, _) = wait_for(
-        Duration::from_secs(5),
-        "coverage to report 60 unowned",
+        HEARTBEAT * 4 + MARGIN,
+        "the coordinator's coverage to report 60 unowned",
         || async {
-            workers[0]
-                .state
-                .coverage()
+            workers
+                .iter()
+                .find(|w| w.is_coordinator())
+                .and_then(|w| w.state.coverage())
                 .filter(|c| c.unowned_shards == 60)
         },
     )
