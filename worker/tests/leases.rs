@@ -111,18 +111,30 @@ async fn leases_follow_the_limit_through_every_phase() {
     check_lease_invariants(&aws, &app, &workers, 80).await;
     // The deficit is visible in /status (coverage) and the published record.
     // Coverage is the coordinator's view (it alone scans the lease table).
-    let (coverage, _) = wait_for(
-        HEARTBEAT * 4 + MARGIN,
-        "the coordinator's coverage to report 60 unowned",
-        || async {
-            workers
-                .iter()
-                .find(|w| w.is_coordinator())
-                .and_then(|w| w.state.coverage())
-                .filter(|c| c.unowned_shards == 60)
+    let last_seen = std::sync::Mutex::new(None);
+    let coverage = tokio::time::timeout(
+        relaxed(settings(&app, &stream, "x")).heartbeat_interval * 4 + MARGIN,
+        async {
+            loop {
+                let c = workers
+                    .iter()
+                    .find(|w| w.is_coordinator())
+                    .and_then(|w| w.state.coverage());
+                *last_seen.lock().unwrap() = c;
+                if let Some(c) = c.filter(|c| c.unowned_shards == 60) {
+                    return c;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
         },
     )
-    .await;
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the coordinator's coverage did not report 60 unowned; last seen {:?}",
+            last_seen.lock().unwrap()
+        )
+    });
     assert_eq!(coverage.workers_needed, 4);
     assert_eq!(workers[0].state.limit().unwrap().capacity_deficit, 60);
     let ready = workers[0].state.not_ready_reasons();
