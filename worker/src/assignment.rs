@@ -288,9 +288,9 @@ pub fn plan(view: &FleetView, max_balance_moves: usize) -> Vec<Action> {
         }
     }
 
-    // At the cap with parents nobody reads: one child is swapped for each such parent, spread
-    // over the workers at their target (round robin, highest child ids first); the freed room
-    // takes the parents next round (parents first). Releases already asked for count.
+    // At the cap with parents nobody reads: a child is swapped for each such parent, at most
+    // one per worker at its target and round (highest child ids first); the freed room takes
+    // the parents next round (parents first). Releases already asked for count.
     let orphan_parents = supply
         .filter(|l| parents.contains(l.shard_id.as_str()))
         .count();
@@ -315,23 +315,18 @@ pub fn plan(view: &FleetView, max_balance_moves: usize) -> Vec<Action> {
                 (*w, c)
             })
             .collect();
-        while swaps > 0 {
-            let mut released = false;
-            for (w, c) in children.iter_mut() {
-                if swaps == 0 {
-                    break;
-                }
-                if let Some(child) = c.pop() {
-                    actions.push(Action::Release {
-                        shard: child.shard_id.clone(),
-                        from: (*w).to_owned(),
-                    });
-                    swaps -= 1;
-                    released = true;
-                }
-            }
-            if !released {
+        // One child per worker and round: each swap restarts two consumers, and a burst of
+        // them would flood Kinesis with GetShardIterator calls.
+        for (w, c) in children.iter_mut() {
+            if swaps == 0 {
                 break;
+            }
+            if let Some(child) = c.pop() {
+                actions.push(Action::Release {
+                    shard: child.shard_id.clone(),
+                    from: (*w).to_owned(),
+                });
+                swaps -= 1;
             }
         }
     }

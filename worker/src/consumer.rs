@@ -127,6 +127,9 @@ pub enum ConsumerExit {
 /// Latest-position checkpoint some KCL versions write: reading starts at the tip.
 pub const LATEST: &str = "LATEST";
 
+/// An idle shard's poll interval grows to this many idle waits.
+const IDLE_BACKOFF_STEPS: u32 = 5;
+
 /// Attempts of a GetShardIterator refused as invalid before the shard counts as unreadable.
 const INVALID_ATTEMPTS: u32 = 3;
 
@@ -188,8 +191,11 @@ pub async fn consume(
     let mut last_processed: Option<String> = None;
     let mut since_checkpoint: u64 = 0;
     let mut last_checkpoint_at = Instant::now();
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    // Failed Kinesis calls back off from 1 s to 10 s (with jitter): hundreds of consumers of
+    // one worker must not hammer a throttled or overloaded endpoint together.
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
     let mut invalid_attempts = 0;
+    let mut idle_streak: u32 = 0;
     let mut iterator: Option<String> = None;
     let mut fence = ctx.state.fence();
 
@@ -261,6 +267,7 @@ pub async fn consume(
         };
         let records = out.records();
         if !records.is_empty() {
+            idle_streak = 0;
             // The fence and a stop are checked right before the side effect: a batch that
             // arrives after either is not processed (a successor may already read it).
             if !ctx.state.may_process_in(held.fence_epoch) {
@@ -302,7 +309,10 @@ pub async fn consume(
         }
         let behind = out.millis_behind_latest().unwrap_or(0);
         let wait = if records.is_empty() {
-            tuning.idle_wait
+            // An idle shard is polled less often the longer it stays idle (up to five idle
+            // waits): hundreds of idle shards must not keep Kinesis busy.
+            idle_streak = (idle_streak + 1).min(IDLE_BACKOFF_STEPS);
+            tuning.idle_wait * idle_streak
         } else if behind > 0 {
             Duration::from_millis(200)
         } else {

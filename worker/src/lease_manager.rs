@@ -28,6 +28,11 @@ pub const UNREADABLE_RETRY: Duration = Duration::from_secs(30);
 /// Acquire writes a worker keeps in flight at once.
 const ACQUIRES_IN_FLIGHT: usize = 4;
 
+/// Leases a worker starts reading per round: a worker given 80 leases at once starts them over
+/// a few rounds instead of opening 80 shard iterators in the same instant (the KCL, too,
+/// takes a bounded number of leases per cycle).
+pub const MAX_ACQUIRES_PER_ROUND: usize = 16;
+
 struct Running {
     held: Held,
     stop: CancellationToken,
@@ -354,7 +359,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             to_acquire.push(l);
         }
         let room = (limit as usize).saturating_sub(consumers.len());
-        to_acquire.truncate(room);
+        to_acquire.truncate(room.min(MAX_ACQUIRES_PER_ROUND));
         // A few at a time (each is its own conditional write): a worker given 80 leases must
         // not queue 80 writes ahead of every other worker's heartbeat.
         let mut acquired = Vec::with_capacity(to_acquire.len());
