@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn design_phase_table() {
-        // (shards, workers, expected limit, expected deficit) from DESIGN.md's scenario table.
+        // (shards, workers, expected limit, expected deficit) from the lab's phases (lab/scenarios.toml).
         for (shards, workers, expected, deficit) in [
             (30, 3, 10, 0),
             (60, 3, 20, 0),

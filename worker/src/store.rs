@@ -1,7 +1,7 @@
 //! The metadata table `<app_name>_meta`: coordinator lease, published limit, heartbeats.
 //!
 //! Every write that decides something is conditional; the conditions are the safety rules of
-//! DESIGN.md. All reads are strongly consistent.
+//! README's "How it works". All reads are strongly consistent.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kds_worker::store::LimitRecord;
 use support::*;
 
-/// DESIGN.md's phase table: 30/3 → 10, 30/5 → 6, 60/3 → 20, 300/3 → 80 with deficit 60.
+/// The lab's phase table (lab/scenarios.toml): 30/3 → 10, 30/5 → 6, 60/3 → 20, 300/3 → 80 with deficit 60.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phase_table() {
     let aws = aws().await;

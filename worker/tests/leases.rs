@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 const SPREAD_DEADLINE: Duration = Duration::from_secs(20);
 
-/// The phases of DESIGN.md, now with real leases: 30/3 → 10 each; 5 workers → 6 each with no
+/// The lab's phases (lab/scenarios.toml), with real leases: 30/3 → 10 each; 5 workers → 6 each with no
 /// coverage gap longer than a heartbeat; 60 shards → parents drained, 20 children each;
 /// 300 shards → 80 each, 240 leased, deficit 60 visible.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
