@@ -31,6 +31,7 @@ pub const KEYS: &[&str] = &[
     "shard_poll_interval",
     "heartbeat_interval",
     "failover_timeout",
+    "idle_poll_max",
     "http_addr",
     "log_format",
 ];
@@ -68,6 +69,9 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub failover_timeout: Duration,
+    /// The longest wait between two reads of a shard that keeps returning nothing.
+    #[serde(with = "humantime_serde")]
+    pub idle_poll_max: Duration,
     pub http_addr: SocketAddr,
     pub log_format: LogFormat,
 }
@@ -89,6 +93,8 @@ pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// The shortest accepted `shard_poll_interval` (`DescribeStreamSummary` allows 20 calls per
 /// second per account).
 pub const MIN_SHARD_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest accepted `idle_poll_max`: the first wait after an empty read.
+pub const MIN_IDLE_POLL_MAX: Duration = Duration::from_secs(1);
 /// `failover_timeout` must be at least this many heartbeat intervals: the fence rises
 /// `failover_timeout - heartbeat_interval` after the last good heartbeat, and that must leave
 /// room for two missed heartbeats plus one more attempt (each bounded by one interval).
@@ -444,6 +450,20 @@ impl Settings {
             (failover_timeout, fo_origin.as_deref()),
             (shard_poll_interval, poll_origin.as_deref()),
         )?;
+        let idle_raw = take("idle_poll_max", Some(("5s".into(), "default")))?;
+        let idle_poll_max = match &idle_raw {
+            Some(raw) => {
+                let d = raw.duration("idle_poll_max")?;
+                if d < MIN_IDLE_POLL_MAX {
+                    return Err(raw.invalid(
+                        "idle_poll_max",
+                        format!("expected at least {}", fmt_duration(MIN_IDLE_POLL_MAX)),
+                    ));
+                }
+                d
+            }
+            None => Duration::from_secs(5),
+        };
         let http_addr = match take("http_addr", Some(("0.0.0.0:8080".into(), "default")))? {
             Some(raw) => raw.text.parse::<SocketAddr>().map_err(|_| {
                 raw.invalid(
@@ -479,6 +499,7 @@ impl Settings {
             shard_poll_interval,
             heartbeat_interval,
             failover_timeout,
+            idle_poll_max,
             http_addr,
             log_format,
         };
@@ -785,6 +806,8 @@ mod tests {
             ("KDS_HEARTBEAT_INTERVAL", "0s", "heartbeat_interval"),
             ("KDS_SHARD_POLL_INTERVAL", "soon", "shard_poll_interval"),
             ("KDS_FAILOVER_TIMEOUT", "1s", "failover_timeout"),
+            ("KDS_IDLE_POLL_MAX", "500ms", "idle_poll_max"),
+            ("KDS_IDLE_POLL_MAX", "often", "idle_poll_max"),
             ("KDS_HTTP_ADDR", "8080", "http_addr"),
             ("KDS_LOG_FORMAT", "xml", "log_format"),
             ("KDS_APP_NAME", "a", "app_name"),

@@ -92,8 +92,11 @@ impl RecordProcessor for CountingProcessor {
 pub struct ConsumerTuning {
     pub checkpoint_every_records: u64,
     pub checkpoint_every: Duration,
-    /// Wait after an empty read (Kinesis allows 5 GetRecords/s per shard).
+    /// Wait after an empty read (Kinesis allows 5 GetRecords/s per shard); each further
+    /// empty read waits one more of these, up to `idle_poll_max`.
     pub idle_wait: Duration,
+    /// The longest wait between reads of an idle shard (the `idle_poll_max` setting).
+    pub idle_poll_max: Duration,
     pub max_records_per_call: i32,
 }
 
@@ -103,6 +106,7 @@ impl Default for ConsumerTuning {
             checkpoint_every_records: 1000,
             checkpoint_every: Duration::from_secs(5),
             idle_wait: Duration::from_secs(1),
+            idle_poll_max: Duration::from_secs(5),
             max_records_per_call: 1000,
         }
     }
@@ -126,9 +130,6 @@ pub enum ConsumerExit {
 
 /// Latest-position checkpoint some KCL versions write: reading starts at the tip.
 pub const LATEST: &str = "LATEST";
-
-/// An idle shard's poll interval grows to this many idle waits.
-const IDLE_BACKOFF_STEPS: u32 = 5;
 
 /// Attempts of a GetShardIterator refused as invalid before the shard counts as unreadable.
 const INVALID_ATTEMPTS: u32 = 3;
@@ -309,10 +310,13 @@ pub async fn consume(
         }
         let behind = out.millis_behind_latest().unwrap_or(0);
         let wait = if records.is_empty() {
-            // An idle shard is polled less often the longer it stays idle (up to five idle
-            // waits): hundreds of idle shards must not keep Kinesis busy.
-            idle_streak = (idle_streak + 1).min(IDLE_BACKOFF_STEPS);
-            tuning.idle_wait * idle_streak
+            // An idle shard is polled less often the longer it stays idle (up to
+            // `idle_poll_max`): hundreds of idle shards must not keep Kinesis busy.
+            idle_streak = idle_streak.saturating_add(1);
+            tuning
+                .idle_wait
+                .saturating_mul(idle_streak)
+                .min(tuning.idle_poll_max)
         } else if behind > 0 {
             Duration::from_millis(200)
         } else {

@@ -142,13 +142,17 @@ async fn sync_leases(
     Ok(listed_ids)
 }
 
+/// After a round, the coordinator waits at least this many times the lease scan's duration.
+const SCAN_PAUSES: u32 = 2;
+
 /// The coordinator's lease rounds: one scan of the lease table and of the heartbeats, the
 /// lease table synced with the stream when `shard_poll_interval` is due (from the same scan),
 /// a plan for the whole fleet, and its writes (each conditional on the lease as scanned).
 ///
-/// Rounds start every `heartbeat_interval`, but never sooner than one scan's duration after
-/// the last round ended: on a large table the scan dominates, and the DynamoDB it shares with
-/// every heartbeat must not be kept busy by it.
+/// Rounds start every `heartbeat_interval`, but never sooner than [`SCAN_PAUSES`] scan
+/// durations after the last round ended: on a large table the scan dominates, and the
+/// DynamoDB it shares with every heartbeat must not be kept busy by it (a slow table is
+/// scanned at most a third of the time).
 async fn lease_rounds(ctx: Arc<Context>, stop: CancellationToken) {
     let s = &ctx.state.settings;
     let me = s.worker_id.clone();
@@ -182,7 +186,7 @@ async fn lease_rounds(ctx: Arc<Context>, stop: CancellationToken) {
                 began.elapsed()
             }
         };
-        next_round = (began + s.heartbeat_interval).max(Instant::now() + scan_took);
+        next_round = (began + s.heartbeat_interval).max(Instant::now() + scan_took * SCAN_PAUSES);
     }
     ctx.state.set_coverage(None);
 }

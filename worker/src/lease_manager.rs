@@ -97,6 +97,10 @@ fn reason_label(reason: &str) -> &'static str {
     }
 }
 
+/// After reading its leases, a worker waits at least this many times the Query's duration
+/// before its next scheduled round.
+const QUERY_PAUSES: u32 = 2;
+
 pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let s = &ctx.state.settings;
     let me = s.worker_id.clone();
@@ -182,7 +186,16 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             continue;
         }
 
-        let owned = match store.owned_by(&me).await {
+        let query_began = Instant::now();
+        let owned = store.owned_by(&me).await;
+        // A slow Query (a loaded table) spaces the rounds out: the next one waits at least
+        // twice as long as this one took, so this worker keeps DynamoDB busy at most a third
+        // of the time.
+        let pause = query_began.elapsed() * QUERY_PAUSES;
+        if pause > s.heartbeat_interval {
+            tick.reset_after(pause);
+        }
+        let owned = match owned {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read this worker's leases this round");

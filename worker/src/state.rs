@@ -549,6 +549,7 @@ mod tests {
             shard_poll_interval: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(2),
             failover_timeout: Duration::from_secs(10),
+            idle_poll_max: Duration::from_secs(5),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             log_format: LogFormat::Pretty,
         };

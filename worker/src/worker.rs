@@ -107,6 +107,10 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(settings: Settings, aws: AwsClients, kube: Option<kube::Client>) -> Self {
+        let consumer_tuning = ConsumerTuning {
+            idle_poll_max: settings.idle_poll_max,
+            ..ConsumerTuning::default()
+        };
         let state = Arc::new(WorkerState::new(settings, aws.metrics.clone()));
         let meta = MetaStore::new(aws.clone(), state.settings.meta_table());
         Worker {
@@ -116,7 +120,7 @@ impl Worker {
                 meta,
                 kube,
                 processor: None,
-                consumer_tuning: ConsumerTuning::default(),
+                consumer_tuning,
                 start_retry: StartRetry::default(),
             },
         }

@@ -284,23 +284,36 @@ pub fn wait_until<T>(
     }
 }
 
-/// Runs `read` (a status read of the lab) again after a transient failure, up to `attempts`
-/// times with growing pauses: a scenario fails on what it checks, never on one slow read.
+/// How long a status read of the lab is retried before a command gives up: long enough for
+/// an emulator busy with a 300-shard rolling restart on a loaded 2-core machine to catch up.
+pub const STATUS_READ_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Runs `read` (a status read of the lab) again after a transient failure, with growing pauses
+/// (0.5 s doubling to 8 s), until `deadline` has passed: a scenario fails on what it checks,
+/// never on one slow read. Each failure is printed, so a long wait is never silent.
 pub fn retrying<T>(
     what: &str,
-    attempts: u32,
+    deadline: Duration,
     mut read: impl FnMut() -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
+    let start = Instant::now();
     let mut pause = Duration::from_millis(500);
     let mut attempt = 1;
     loop {
         match read() {
             Ok(v) => return Ok(v),
-            Err(e) if e.downcast_ref::<Fatal>().is_some() || attempt >= attempts => {
-                return Err(e.context(format!("{what} (attempt {attempt} of {attempts})")));
+            Err(e) if e.downcast_ref::<Fatal>().is_some() || start.elapsed() + pause > deadline => {
+                return Err(e.context(format!(
+                    "{what} (attempt {attempt}, gave up after {})",
+                    secs(start.elapsed())
+                )));
             }
             Err(e) => {
-                eprintln!("{what} failed ({e:#}); retrying in {}", secs(pause));
+                eprintln!(
+                    "{what} failed ({e:#}); retrying in {} (for up to {} more)",
+                    secs(pause),
+                    secs(deadline.saturating_sub(start.elapsed()))
+                );
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(8));
                 attempt += 1;

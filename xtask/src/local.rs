@@ -67,8 +67,9 @@ pub fn config_toml(cap: u64) -> String {
          max_leases_cap = {cap}\n\
          worker_count_source = \"heartbeats\"\n\
          shard_poll_interval = \"2s\"\n\
-         heartbeat_interval = \"1s\"\n\
-         failover_timeout = \"5s\"\n\
+         heartbeat_interval = \"2s\"\n\
+         failover_timeout = \"10s\"\n\
+         idle_poll_max = \"20s\"\n\
          log_format = \"json\"\n"
     )
 }

@@ -252,7 +252,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let state = require_lab()?;
             let d = open_driver(state.driver, Runner::new(dry)?)?;
             if once {
-                print!("{}", monitor::text(&monitor::gather(d.as_ref())?));
+                print!(
+                    "{}",
+                    monitor::text(&monitor::gather(d.as_ref(), lab::STATUS_READ_DEADLINE)?)
+                );
                 Ok(())
             } else {
                 monitor::live(d.as_ref(), interval)
@@ -261,7 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => {
             let state = require_lab()?;
             let d = open_driver(state.driver, Runner::new(dry)?)?;
-            let view = monitor::gather(d.as_ref())?;
+            let view = monitor::gather(d.as_ref(), lab::STATUS_READ_DEADLINE)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {

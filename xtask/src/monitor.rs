@@ -19,10 +19,12 @@ pub struct View {
     pub workers: Vec<WorkerView>,
 }
 
-pub fn gather(driver: &dyn Driver) -> anyhow::Result<View> {
+/// Reads the lab's state, retrying transient failures for up to `retry_for` (zero: one try;
+/// the live dashboard shows a failure and reads again at its next refresh).
+pub fn gather(driver: &dyn Driver, retry_for: Duration) -> anyhow::Result<View> {
     Ok(View {
         driver: format!("{:?}", driver.kind()).to_lowercase(),
-        snapshot: crate::lab::retrying("reading the lab's state", 3, || driver.snapshot())?,
+        snapshot: crate::lab::retrying("reading the lab's state", retry_for, || driver.snapshot())?,
         workers: driver.workers()?,
     })
 }
@@ -107,7 +109,7 @@ pub fn live(driver: &dyn Driver, interval: Duration) -> anyhow::Result<()> {
     let mut last_version: Option<(u64, u64)> = None;
     let result = (|| -> anyhow::Result<()> {
         loop {
-            let view = gather(driver);
+            let view = gather(driver, Duration::ZERO);
             if let Ok(v) = &view
                 && let Some(l) = &v.snapshot.lease_limits
                 && last_version != Some((l.epoch, l.version))

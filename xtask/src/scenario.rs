@@ -235,7 +235,11 @@ pub fn unmet(
 pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome> {
     eprintln!("\n==> scenario {}: {}", s.name, s.description);
     let dry = driver.runner().dry_run;
-    let before = crate::lab::retrying("reading the lab's state", 5, || driver.snapshot())?;
+    let before = crate::lab::retrying(
+        "reading the lab's state",
+        crate::lab::STATUS_READ_DEADLINE,
+        || driver.snapshot(),
+    )?;
     let epoch_before = before.coordinator.as_ref().map_or(0, |c| c.epoch);
     let start = Instant::now();
 

@@ -108,6 +108,7 @@ pub fn settings(app: &str, stream: &str, worker_id: &str) -> Settings {
         shard_poll_interval: SHARD_POLL,
         heartbeat_interval: HEARTBEAT,
         failover_timeout: FAILOVER,
+        idle_poll_max: Duration::from_secs(5),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         log_format: LogFormat::Pretty,
     }
