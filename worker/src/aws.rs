@@ -109,10 +109,19 @@ impl AwsError {
     }
 }
 
-fn classify(code: Option<&str>) -> &'static str {
+/// The outcome label of a failed call. A cancelled transaction is a lost condition only when
+/// one of its reasons (listed in the message, as DynamoDB writes it:
+/// `... [None, ConditionalCheckFailed]`) says so; a conflict with another transaction or a
+/// throttled item is worth another try.
+fn classify(code: Option<&str>, message: Option<&str>) -> &'static str {
     match code {
-        Some("ConditionalCheckFailedException") | Some("TransactionCanceledException") => {
-            "conditional_check_failed"
+        Some("ConditionalCheckFailedException") => "conditional_check_failed",
+        Some("TransactionCanceledException") => {
+            if message.is_some_and(|m| m.contains("ConditionalCheckFailed")) {
+                "conditional_check_failed"
+            } else {
+                "transaction_conflict"
+            }
         }
         Some("ResourceNotFoundException") => "not_found",
         Some("ResourceInUseException") => "already_exists",
@@ -147,7 +156,7 @@ where
         }
         Err(err) => {
             let code = err.code().map(str::to_owned);
-            let outcome = classify(code.as_deref());
+            let outcome = classify(code.as_deref(), err.message());
             metrics.record_call(service, operation, outcome);
             let message = match err.message() {
                 Some(m) => format!("{}: {m}", code.as_deref().unwrap_or("error")),
@@ -217,23 +226,30 @@ mod tests {
 
     #[test]
     fn error_codes_map_to_outcomes() {
+        let code = |c| classify(Some(c), None);
         assert_eq!(
-            classify(Some("ConditionalCheckFailedException")),
+            code("ConditionalCheckFailedException"),
+            "conditional_check_failed"
+        );
+        let cancelled = |m| classify(Some("TransactionCanceledException"), Some(m));
+        assert_eq!(
+            cancelled(
+                "Transaction cancelled, please refer cancellation reasons for specific reasons [ConditionalCheckFailed, None]"
+            ),
             "conditional_check_failed"
         );
         assert_eq!(
-            classify(Some("TransactionCanceledException")),
-            "conditional_check_failed"
+            cancelled(
+                "Transaction cancelled, please refer cancellation reasons for specific reasons [None, TransactionConflict]"
+            ),
+            "transaction_conflict"
         );
-        assert_eq!(classify(Some("ResourceNotFoundException")), "not_found");
-        assert_eq!(classify(Some("ResourceInUseException")), "already_exists");
-        assert_eq!(classify(Some("ThrottlingException")), "throttled");
-        assert_eq!(
-            classify(Some("ProvisionedThroughputExceededException")),
-            "throttled"
-        );
-        assert_eq!(classify(Some("LimitExceededException")), "throttled");
-        assert_eq!(classify(None), "error");
+        assert_eq!(code("ResourceNotFoundException"), "not_found");
+        assert_eq!(code("ResourceInUseException"), "already_exists");
+        assert_eq!(code("ThrottlingException"), "throttled");
+        assert_eq!(code("ProvisionedThroughputExceededException"), "throttled");
+        assert_eq!(code("LimitExceededException"), "throttled");
+        assert_eq!(classify(None, None), "error");
     }
 
     #[test]

@@ -234,6 +234,7 @@ pub async fn consume(
                 }
                 Err(e) => {
                     tracing::warn!(shard = %shard, error = %e, "GetShardIterator failed");
+                    ctx.state.read_failed(&shard, e.to_string());
                     // A stop during the pause is seen at the top of the loop.
                     pause(backoff.next_wait(), &stop, &mut fence).await;
                     continue;
@@ -256,12 +257,18 @@ pub async fn consume(
             Ok(out) => {
                 backoff.reset();
                 invalid_attempts = 0;
+                ctx.state.read_ok(&shard);
                 out
             }
             Err(e) => {
-                // Expired iterators, throttling, outages: back off, then start again from the
-                // last processed record.
+                // Throttling, outages: back off, then read on with the same iterator (valid
+                // for 5 minutes). An expired or refused one: start again from the last
+                // processed record.
                 tracing::debug!(shard = %shard, error = %e, "GetRecords failed");
+                ctx.state.read_failed(&shard, e.to_string());
+                if e.is_transient() && !e.to_string().contains("ExpiredIterator") {
+                    iterator = Some(it);
+                }
                 pause(backoff.next_wait(), &stop, &mut fence).await;
                 continue;
             }

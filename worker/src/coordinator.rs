@@ -97,7 +97,12 @@ async fn sync_leases(
     store: &LeaseStore,
     leases: &[Lease],
 ) -> Result<BTreeSet<String>, crate::aws::AwsError> {
-    let mut listed = list_shards(&ctx.aws, &ctx.state.settings.stream_name).await?;
+    let listing = list_shards(&ctx.aws, &ctx.state.settings.stream_name).await;
+    ctx.state.stream_call(
+        "ListShards",
+        listing.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+    );
+    let mut listed = listing?;
     let have: BTreeSet<&str> = leases.iter().map(|l| l.shard_id.as_str()).collect();
     let listed_ids: BTreeSet<String> = listed.iter().map(|sh| sh.shard_id.clone()).collect();
     // Shards without parents first, then by id: a parent's lease exists before its child's.
@@ -189,6 +194,7 @@ async fn lease_rounds(ctx: Arc<Context>, stop: CancellationToken) {
         next_round = (began + s.heartbeat_interval).max(Instant::now() + scan_took * SCAN_PAUSES);
     }
     ctx.state.set_coverage(None);
+    ctx.state.clear_stream_calls();
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -346,8 +352,14 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = shard_tick.tick() => match open_shard_count(&ctx.aws, &s.stream_name).await {
-                Ok(n) => shards = Some(n),
-                Err(e) => tracing::warn!(error = %e, "cannot read the open shard count; keeping the last one"),
+                Ok(n) => {
+                    ctx.state.stream_call("DescribeStreamSummary", Ok(()));
+                    shards = Some(n)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the open shard count; keeping the last one");
+                    ctx.state.stream_call("DescribeStreamSummary", Err(e.to_string()));
+                }
             },
             _ = heartbeat_tick.tick() => match ctx.meta.scan_heartbeats().await {
                 Ok(rows) => {

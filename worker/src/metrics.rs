@@ -12,7 +12,8 @@ use prometheus_client::registry::Registry;
 pub struct ApiCallLabels {
     pub service: &'static str,
     pub operation: &'static str,
-    /// `ok`, `conditional_check_failed`, `throttled`, `not_found` or `error`.
+    /// `ok`, `conditional_check_failed`, `transaction_conflict`, `throttled`, `not_found`,
+    /// `already_exists`, `invalid_argument` or `error`.
     pub outcome: &'static str,
 }
 
@@ -44,6 +45,10 @@ pub struct Metrics {
     pub unowned_shards: Gauge,
     pub workers_needed: Gauge,
     pub unreadable_leases: Family<ReasonLabels, Gauge>,
+    /// Held shards whose last Kinesis read failed (throttling, an outage).
+    pub failing_shard_reads: Gauge,
+    /// The coordinator's stream calls (ListShards, DescribeStreamSummary) failing now.
+    pub failing_stream_calls: Gauge,
     pub lease_limit_overrun: Gauge,
     pub lease_hand_offs: Family<OperationLabels, Counter>,
     /// 1 while another live process holds this worker id (this one stays fenced).
@@ -136,6 +141,16 @@ impl Metrics {
             "unreadable_leases",
             "Leases this worker holds but cannot read, by reason",
             self.unreadable_leases.clone(),
+        );
+        r.register(
+            "failing_shard_reads",
+            "Held shards whose last Kinesis read failed (throttled, unreachable); 0 once reads succeed again",
+            self.failing_shard_reads.clone(),
+        );
+        r.register(
+            "failing_stream_calls",
+            "Coordinator calls about the stream (ListShards, DescribeStreamSummary) failing now",
+            self.failing_stream_calls.clone(),
         );
         r.register(
             "lease_limit_overrun",

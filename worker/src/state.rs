@@ -50,6 +50,12 @@ struct Inner {
     limit_problem: Option<String>,
     /// Another live instance holding this worker id's heartbeat row.
     instance_conflict: Option<String>,
+    /// Held shards whose Kinesis reads fail: since when (the first failure not followed by a
+    /// success) and the last error.
+    failing_reads: BTreeMap<String, (Instant, String)>,
+    /// The coordinator's Kinesis calls about the stream that fail (`ListShards`,
+    /// `DescribeStreamSummary`): since when, and the last error.
+    failing_stream_calls: BTreeMap<&'static str, (Instant, String)>,
     /// Changes every time the fence is up (raised by the watchdog, seen up when a heartbeat
     /// lands, or a second instance of this worker id): a consumer acquired before a change
     /// must not read after it, even if the fence has dropped again meanwhile.
@@ -146,6 +152,8 @@ impl WorkerState {
                 lease_rounds: 0,
                 last_heartbeat_ok: None,
                 last_heartbeat_error: None,
+                failing_reads: BTreeMap::new(),
+                failing_stream_calls: BTreeMap::new(),
                 last_limit_read_ok: None,
                 last_limit_read_error: None,
                 limit_problem: None,
@@ -381,9 +389,64 @@ impl WorkerState {
         g.leases = leases;
     }
 
+    /// A read of `shard` failed (throttling, an outage): reported by `/ready` once it has
+    /// failed for longer than `failover_timeout`, and counted in `kds_failing_shard_reads`.
+    pub fn read_failed(&self, shard: &str, error: String) {
+        let mut g = self.lock();
+        let since = g
+            .failing_reads
+            .get(shard)
+            .map_or_else(Instant::now, |(since, _)| *since);
+        g.failing_reads.insert(shard.to_owned(), (since, error));
+        self.metrics
+            .failing_shard_reads
+            .set(g.failing_reads.len() as i64);
+    }
+
+    /// A read of `shard` succeeded (or its consumer ended).
+    pub fn read_ok(&self, shard: &str) {
+        let mut g = self.lock();
+        if g.failing_reads.remove(shard).is_some() {
+            self.metrics
+                .failing_shard_reads
+                .set(g.failing_reads.len() as i64);
+        }
+    }
+
+    /// The outcome of one of the coordinator's calls about the stream.
+    pub fn stream_call(&self, operation: &'static str, outcome: Result<(), String>) {
+        let mut g = self.lock();
+        match outcome {
+            Ok(()) => {
+                g.failing_stream_calls.remove(operation);
+            }
+            Err(error) => {
+                let since = g
+                    .failing_stream_calls
+                    .get(operation)
+                    .map_or_else(Instant::now, |(since, _)| *since);
+                g.failing_stream_calls.insert(operation, (since, error));
+            }
+        }
+        self.metrics
+            .failing_stream_calls
+            .set(g.failing_stream_calls.len() as i64);
+    }
+
+    /// Coordinator duties ended: its stream calls are no longer this worker's concern.
+    pub fn clear_stream_calls(&self) {
+        self.lock().failing_stream_calls.clear();
+        self.metrics.failing_stream_calls.set(0);
+    }
+
     /// After each completed lease round: what is read, and what is held but cannot be read.
     pub fn lease_round_done(&self, leases: Vec<String>, unreadable: BTreeMap<String, String>) {
         let mut g = self.lock();
+        // Failing reads of shards no longer read are over.
+        g.failing_reads.retain(|shard, _| leases.contains(shard));
+        self.metrics
+            .failing_shard_reads
+            .set(g.failing_reads.len() as i64);
         self.metrics.leases_held.set(leases.len() as i64);
         g.leases = leases;
         g.unreadable = unreadable;
@@ -463,6 +526,32 @@ impl WorkerState {
                 g.last_heartbeat_error.as_deref().unwrap_or("no answer")
             )),
             Some(_) => {}
+        }
+        // Reads failing for longer than a dead worker's leases would wait: the shards are as
+        // good as unread.
+        let failing: Vec<_> = g
+            .failing_reads
+            .values()
+            .filter(|(since, _)| now.duration_since(*since) > self.settings.failover_timeout)
+            .collect();
+        if let Some((oldest, _)) = failing.iter().min_by_key(|(since, _)| *since) {
+            let last = failing
+                .iter()
+                .max_by_key(|(since, _)| *since)
+                .map_or("", |(_, e)| e.as_str());
+            reasons.push(format!(
+                "Kinesis reads failing on {} of {} shards for up to {:.1}s: {last}",
+                failing.len(),
+                g.leases.len(),
+                now.duration_since(*oldest).as_secs_f64()
+            ));
+        }
+        for (operation, (since, error)) in &g.failing_stream_calls {
+            reasons.push(format!(
+                "{operation} failing for {:.1}s (the limit and the lease table follow the stream \
+                 only once it answers): {error}",
+                now.duration_since(*since).as_secs_f64()
+            ));
         }
         if let Some(t) = g.last_limit_read_ok
             && now.duration_since(t) > stale_after

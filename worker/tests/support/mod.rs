@@ -2,6 +2,7 @@
 //! conditions with deadlines, a tiny HTTP client and a TCP proxy that can cut DynamoDB off.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod ledger;
 
 use std::future::Future;
@@ -205,6 +206,11 @@ impl TestWorker {
             stop,
             handle: Some(handle),
         }
+    }
+
+    /// False once the worker's task ended by itself (a crash, an early return).
+    pub fn is_running(&self) -> bool {
+        self.handle.as_ref().is_some_and(|h| !h.is_finished())
     }
 
     pub fn is_coordinator(&self) -> bool {
