@@ -134,38 +134,79 @@ pub async fn reshard(
     Ok(())
 }
 
-/// Puts `rate` records per second for `seconds` (0: until cancelled); returns how many.
+/// Puts `rate` records per second for `seconds` (0: until cancelled); returns how many were
+/// accepted. Each record's data is unique (`{"run":R,"record":N}`, R the start time in ms);
+/// with `out`, the data of every accepted record is appended to it as a line, flushed after
+/// each batch, for `kds-worker admin audit`.
 pub async fn produce(
     aws: &AwsClients,
     stream: &str,
     rate: u64,
     seconds: u64,
+    out: Option<&std::path::Path>,
 ) -> Result<u64, AwsError> {
+    use std::io::Write;
+    let mut out = match out {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| AwsError::Invalid {
+                    operation: "produce",
+                    message: format!("cannot append to {}: {e}", path.display()),
+                })?,
+        ),
+        None => None,
+    };
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
     let start = Instant::now();
-    let mut sent = 0u64;
+    let mut next = 0u64;
+    let mut accepted = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         if seconds > 0 && start.elapsed() >= Duration::from_secs(seconds) {
-            return Ok(sent);
+            return Ok(accepted);
         }
         let mut remaining = rate;
         while remaining > 0 {
             let batch = remaining.min(500);
+            let data: Vec<String> = (next..next + batch)
+                .map(|n| format!("{{\"run\":{run},\"record\":{n}}}"))
+                .collect();
+            next += batch;
+            remaining -= batch;
             let mut req = aws.kinesis.put_records().stream_name(stream);
-            for i in 0..batch {
-                let n = sent + i;
+            for (i, d) in data.iter().enumerate() {
                 req = req.records(
                     PutRecordsRequestEntry::builder()
-                        .data(Blob::new(format!("{{\"record\":{n}}}").into_bytes()))
-                        .partition_key(format!("key-{n}"))
+                        .data(Blob::new(d.clone().into_bytes()))
+                        .partition_key(format!("key-{run}-{i}-{}", next))
                         .build()
                         .expect("data and key are set"),
                 );
             }
-            call(&aws.metrics, "kinesis", "PutRecords", req.send()).await?;
-            sent += batch;
-            remaining -= batch;
+            let result = call(&aws.metrics, "kinesis", "PutRecords", req.send()).await?;
+            // Entries refused inside an accepted call (throttled shards) were not put.
+            let put: Vec<&String> = data
+                .iter()
+                .zip(result.records())
+                .filter(|(_, r)| r.error_code().is_none())
+                .map(|(d, _)| d)
+                .collect();
+            accepted += put.len() as u64;
+            if let Some(f) = out.as_mut() {
+                let lines: String = put.iter().map(|d| format!("{d}\n")).collect();
+                f.write_all(lines.as_bytes())
+                    .and_then(|()| f.flush())
+                    .map_err(|e| AwsError::Invalid {
+                        operation: "produce",
+                        message: format!("cannot write the produced log: {e}"),
+                    })?;
+            }
         }
     }
 }

@@ -34,6 +34,7 @@ pub const KEYS: &[&str] = &[
     "idle_poll_max",
     "http_addr",
     "log_format",
+    "record_log",
 ];
 
 /// How the coordinator counts workers.
@@ -74,6 +75,8 @@ pub struct Settings {
     pub idle_poll_max: Duration,
     pub http_addr: SocketAddr,
     pub log_format: LogFormat,
+    /// Where to append one line per processed record (the lab's audit); none by default.
+    pub record_log: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -488,6 +491,13 @@ impl Settings {
             None => LogFormat::Pretty,
         };
 
+        let record_log = match take("record_log", None)? {
+            Some(raw) if raw.text.trim().is_empty() => {
+                return Err(raw.invalid("record_log", "expected a file path"));
+            }
+            Some(raw) => Some(std::path::PathBuf::from(raw.text)),
+            None => None,
+        };
         let settings = Settings {
             app_name,
             stream_name,
@@ -502,6 +512,7 @@ impl Settings {
             idle_poll_max,
             http_addr,
             log_format,
+            record_log,
         };
         Ok((settings, provenance))
     }

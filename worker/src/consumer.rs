@@ -162,6 +162,11 @@ async fn iterator_at(
     req = match position {
         TRIM_HORIZON => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
         LATEST => req.shard_iterator_type(ShardIteratorType::Latest),
+        p if pinned_millis(p).is_some() => req
+            .shard_iterator_type(ShardIteratorType::AtTimestamp)
+            .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(
+                pinned_millis(p).unwrap_or(0),
+            )),
         seq => req
             .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
             .starting_sequence_number(seq),
@@ -170,9 +175,31 @@ async fn iterator_at(
     Ok(out.shard_iterator)
 }
 
+/// A `LATEST` checkpoint once a reader started: `AT_TIMESTAMP:<unix millis>`.
+pub const AT_TIMESTAMP_PREFIX: &str = "AT_TIMESTAMP:";
+
+/// `LATEST` pinned to `now`: reading starts at the records Kinesis received from then on
+/// (`AT_TIMESTAMP`, compared with each record's arrival time, so this relies on the worker's
+/// clock agreeing with Kinesis', as NTP keeps it).
+fn pinned_latest(now: std::time::SystemTime) -> String {
+    let millis = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{AT_TIMESTAMP_PREFIX}{millis}")
+}
+
+/// The time of a pinned `LATEST` checkpoint.
+fn pinned_millis(checkpoint: &str) -> Option<i64> {
+    let digits = checkpoint.strip_prefix(AT_TIMESTAMP_PREFIX)?;
+    (!digits.is_empty() && digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
 /// Why a checkpoint cannot be a reading position, if it cannot (checked before any call).
 pub fn invalid_checkpoint(checkpoint: &str) -> Option<String> {
     let ok = matches!(checkpoint, TRIM_HORIZON | LATEST)
+        || pinned_millis(checkpoint).is_some()
         || (!checkpoint.is_empty()
             && checkpoint.len() <= 128
             && checkpoint.bytes().all(|b| b.is_ascii_digit()));
@@ -203,6 +230,19 @@ pub async fn consume(
     if let Some(reason) = invalid_checkpoint(&held.checkpoint) {
         return unreadable(&store, &held, &me, reason).await;
     }
+    // Where reading starts: the checkpoint, except that `LATEST` is pinned to a time first, so
+    // that whoever reads this shard after this reader (a hand-off, a crash) starts where this
+    // one did, not at a later tip.
+    let mut start_at = held.checkpoint.clone();
+    if held.checkpoint == LATEST {
+        let pinned = pinned_latest(std::time::SystemTime::now());
+        match store.checkpoint(&held, &me, &pinned).await {
+            Ok(()) => start_at = pinned,
+            Err(e) if e.is_condition_failed() => return ConsumerExit::Lost,
+            // Read from the tip anyway; the next checkpoint records a position.
+            Err(e) => tracing::warn!(shard = %shard, error = %e, "cannot pin LATEST to a time"),
+        }
+    }
     loop {
         if stop.is_cancelled() {
             return ConsumerExit::Stopped { last_processed };
@@ -212,12 +252,8 @@ pub async fn consume(
         }
         let it = match iterator.take() {
             Some(it) => it,
-            None => match iterator_at(
-                &ctx,
-                &shard,
-                last_processed.as_deref().unwrap_or(&held.checkpoint),
-            )
-            .await
+            None => match iterator_at(&ctx, &shard, last_processed.as_deref().unwrap_or(&start_at))
+                .await
             {
                 Ok(Some(it)) => it,
                 Ok(None) => {
@@ -388,6 +424,12 @@ mod tests {
     fn checkpoints_are_positions_or_refused() {
         assert_eq!(invalid_checkpoint(TRIM_HORIZON), None);
         assert_eq!(invalid_checkpoint(LATEST), None);
+        let pinned = pinned_latest(std::time::UNIX_EPOCH + Duration::from_secs(1_000));
+        assert_eq!(pinned, "AT_TIMESTAMP:1000000");
+        assert_eq!(invalid_checkpoint(&pinned), None);
+        assert_eq!(pinned_millis(&pinned), Some(1_000_000));
+        assert!(invalid_checkpoint("AT_TIMESTAMP:").is_some());
+        assert!(invalid_checkpoint("AT_TIMESTAMP:soon").is_some());
         assert_eq!(
             invalid_checkpoint("49590338271490256608559692538361571095921575989136588898"),
             None

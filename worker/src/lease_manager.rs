@@ -397,6 +397,11 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
                 Ok(held) if !ctx.state.may_process_in(held.fence_epoch) => {}
                 Ok(held) => {
                     tracing::info!(shard = %id, counter = held.counter, "acquired lease; reading");
+                    // Repaired by hand (or readable again): it is read, not reported. If the
+                    // checkpoint still cannot be read, the consumer reports it again.
+                    if crate::consumer::invalid_checkpoint(&held.checkpoint).is_none() {
+                        unreadable.remove(id);
+                    }
                     start(&ctx, &store, held, &mut consumers);
                 }
                 Err(e) if e.is_condition_failed() => {

@@ -43,8 +43,8 @@ pub struct Lease {
     pub shard_id: String,
     /// `None` while unowned.
     pub owner: Option<String>,
-    /// `None` when the item has no `leaseCounter` (written by hand or by another tool): the
-    /// next conditional write sets it.
+    /// `None` when the item has no usable `leaseCounter` (missing, not a number, negative:
+    /// written by hand or by another tool): the next conditional write sets it.
     pub counter: Option<u64>,
     pub checkpoint: String,
     pub owner_switches_since_checkpoint: u64,
@@ -140,9 +140,16 @@ impl Seen<'_> {
                     .owner_condition(req, "leaseCounter = :seen_counter")
                     .expression_attribute_values(":seen_counter", n(c));
             }
-            None => "attribute_not_exists(leaseCounter)",
+            // Seen without a usable counter (none, not a number, negative: written by hand or
+            // by another tool): still without one, so a write that set a counter since wins.
+            None => {
+                "(attribute_not_exists(leaseCounter) OR NOT attribute_type(leaseCounter, :number) \
+                 OR leaseCounter < :zero)"
+            }
         };
         self.owner_condition(req, counter)
+            .expression_attribute_values(":number", s("N"))
+            .expression_attribute_values(":zero", n(0))
     }
 
     fn owner_condition(

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod assignment;
+pub mod audit;
 pub mod aws;
 pub mod backoff;
 pub mod config;

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use kds_worker::aws::AwsClients;
@@ -80,6 +81,22 @@ enum Admin {
         rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Append the data of every accepted record to this file (one per line).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check record logs (the `record_log` setting) against a producer's log: records lost,
+    /// processed twice, and read by two workers at once.
+    Audit {
+        /// The producer's log (`admin produce --out`).
+        #[arg(long)]
+        produced: PathBuf,
+        /// Every worker's record log.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -160,7 +177,48 @@ fn aws_settings() -> Vec<(&'static str, String)> {
     .collect()
 }
 
+/// `admin audit`: reads the logs, prints the report (JSON or text). Needs no AWS.
+fn audit(produced: &std::path::Path, logs: &[PathBuf], json: bool) -> ExitCode {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let result = read(produced).and_then(|produced| {
+        let texts = logs
+            .iter()
+            .map(|p| read(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((produced, texts))
+    });
+    let (produced, texts) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("kds-worker admin audit: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let produced = produced.lines().map(str::to_owned).collect();
+    let events = kds_worker::audit::merge_record_logs(&texts);
+    let report = kds_worker::audit::check(&events, &produced);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serialisable")
+        );
+    } else {
+        println!("{report}");
+    }
+    ExitCode::SUCCESS
+}
+
 async fn admin(settings: Settings, cmd: Admin) -> ExitCode {
+    if let Admin::Audit {
+        produced,
+        logs,
+        json,
+    } = &cmd
+    {
+        return audit(produced, logs, *json);
+    }
     let aws = AwsClients::from_env(Metrics::new()).await;
     let stream = settings.stream_name.clone();
     let result = match cmd {
@@ -184,8 +242,9 @@ async fn admin(settings: Settings, cmd: Admin) -> ExitCode {
             })
             .await
         }
-        Admin::Produce { rate, seconds } => {
-            kds_worker::admin::produce(&aws, &stream, rate, seconds)
+        Admin::Audit { .. } => unreachable!("answered above"),
+        Admin::Produce { rate, seconds, out } => {
+            kds_worker::admin::produce(&aws, &stream, rate, seconds, out.as_deref())
                 .await
                 .map(|n| eprintln!("put {n} records into {stream}"))
         }
@@ -296,7 +355,23 @@ async fn run(settings: Settings) -> ExitCode {
         "starting"
     );
     let aws = AwsClients::from_env(Metrics::new()).await;
-    let worker = Worker::new(settings, aws, kube);
+    let record_log = match &settings.record_log {
+        Some(path) => match kds_worker::audit::RecordLog::open(path) {
+            Ok(log) => Some(Arc::new(log)),
+            Err(e) => {
+                eprintln!(
+                    "kds-worker: invalid configuration: record_log = {:?}: cannot append to it: {e}",
+                    path.display().to_string()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => None,
+    };
+    let mut worker = Worker::new(settings, aws, kube);
+    if let Some(log) = record_log {
+        worker = worker.with_processor(log);
+    }
     if let Err(e) = worker.prepare().await {
         tracing::error!(error = %e, "cannot start");
         eprintln!("kds-worker: {e}");

@@ -641,6 +641,7 @@ mod tests {
             idle_poll_max: Duration::from_secs(5),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             log_format: LogFormat::Pretty,
+            record_log: None,
         };
         WorkerState::new(settings, Metrics::new())
     }

@@ -1,6 +1,7 @@
 //! The local lab end to end, as a user runs it: `setup --driver local`, `scenario all
 //! --report`, `monitor --once`, `status --json`, `cleanup`; asserting the values in the
-//! report, not just exit codes. Part of `cargo xtask test`, in its own lab dir.
+//! report (limits, coverage, and the records put and processed in each scenario), not just
+//! exit codes. Part of `cargo xtask test`, in its own lab dir.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -105,9 +106,22 @@ fn scenarios(x: &Xtask, lab: &Path) -> anyhow::Result<()> {
             "{name}: observed {} want {limit}",
             r["observed_limit"]
         );
+        // Records flowed through the scenario and each was processed exactly once.
+        let rec = &r["records"];
+        ensure!(
+            rec["produced"].as_u64() > Some(0)
+                && rec["duplicated"] == 0
+                && rec["lost"] == 0
+                && rec["overlaps"] == 0,
+            "{name}: records {rec}"
+        );
         eprintln!(
-            "  {name}: limit {limit} in {:.1}s",
-            r["converged_seconds"].as_f64().unwrap_or(0.0)
+            "  {name}: limit {limit} in {:.1}s; records put {}, read {}, twice {}, lost {}",
+            r["converged_seconds"].as_f64().unwrap_or(0.0),
+            rec["produced"],
+            rec["processed"],
+            rec["duplicated"],
+            rec["lost"]
         );
     }
     ensure!(get("lease-cap")?["capacity_deficit"] == 60);
@@ -131,5 +145,12 @@ fn scenarios(x: &Xtask, lab: &Path) -> anyhow::Result<()> {
     let status: serde_json::Value = serde_json::from_str(&x.ok(&["status", "--json"])?)?;
     ensure!(status["workers"].as_array().map(Vec::len) == Some(3));
     ensure!(status["snapshot"]["leases"]["unowned_readable"] == 0);
+    ensure!(
+        status["records"]["produced"].as_u64() > Some(0)
+            && status["records"]["overlaps"] == 0
+            && status["records"]["duplicated"] == 0,
+        "status records: {}",
+        status["records"]
+    );
     Ok(())
 }

@@ -214,6 +214,24 @@ pub trait Driver {
     fn cleanup(&mut self, all: bool) -> anyhow::Result<()>;
     /// What to show when a wait times out: recent pod events, or the workers' last log lines.
     fn diagnostics(&self) -> String;
+    /// The records processed so far checked against those produced (only the first `upto`
+    /// produced ones, if given): `None` where the lab keeps no record logs (in a cluster).
+    fn audit(&self, _upto: Option<usize>) -> anyhow::Result<Option<Audit>> {
+        Ok(None)
+    }
+}
+
+/// `kds-worker admin audit --json` as the lab reads it, plus how many records were put.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Audit {
+    #[serde(default)]
+    pub produced: usize,
+    pub processed: usize,
+    pub duplicates: usize,
+    pub overlaps: Vec<serde_json::Value>,
+    /// Produced records (of those audited) nobody processed yet.
+    pub lost: Vec<String>,
+    pub by_worker: BTreeMap<String, usize>,
 }
 
 pub fn open_driver(kind: DriverKind, runner: Runner) -> anyhow::Result<Box<dyn Driver>> {

@@ -13,12 +13,16 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::emulators;
-use crate::lab::{Driver, DriverKind, Runner, Snapshot, State, WorkerView, save_state, wait_until};
+use crate::lab::{
+    Audit, Driver, DriverKind, Runner, Snapshot, State, WorkerView, save_state, wait_until,
+};
 use crate::util::{free_port, http_status, lab_dir, project_root};
 
 pub const STREAM: &str = "kds-lab-stream";
 pub const APP: &str = "kds-consumer-app";
 const READY_DEADLINE: Duration = Duration::from_secs(120);
+/// Records per second the lab's producer puts while it is set up.
+pub const LAB_RECORD_RATE: u64 = 20;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LocalState {
@@ -28,6 +32,9 @@ pub struct LocalState {
     /// Worker name (`kds-consumer-N`) → process.
     pub workers: BTreeMap<String, WorkerProcess>,
     pub cap: u64,
+    /// The lab's record producer (`kds-worker admin produce --out`), while it runs.
+    #[serde(default)]
+    pub producer_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +50,15 @@ pub struct Local {
 
 fn config_path() -> PathBuf {
     lab_dir().join("config.toml")
+}
+
+/// Every worker's record log (`record_log`) and the producer's log of what it put.
+pub fn records_dir() -> PathBuf {
+    lab_dir().join("records")
+}
+
+fn produced_log() -> PathBuf {
+    records_dir().join("produced.log")
 }
 
 fn logs_dir() -> PathBuf {
@@ -166,6 +182,15 @@ impl Local {
         ]
     }
 
+    /// The environment of a lab process: only this lab's KDS_* and AWS settings, none leaked
+    /// in from the developer's shell.
+    fn worker_env(&self) -> Vec<(String, String)> {
+        std::env::vars()
+            .filter(|(k, _)| !k.starts_with("KDS_") && !k.starts_with("AWS_"))
+            .chain(self.aws_env().into_iter().map(|(k, v)| (k.to_owned(), v)))
+            .collect()
+    }
+
     fn emulators_running(&self) -> bool {
         !self.state.emulator_pids.is_empty() && self.state.emulator_pids.iter().all(|p| alive(*p))
     }
@@ -228,15 +253,22 @@ impl Local {
             .create(true)
             .append(true)
             .open(logs_dir().join(format!("{name}.log")))?;
-        // Only this lab's KDS_* settings: none leak in from the developer's shell.
-        let env: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| !k.starts_with("KDS_") && !k.starts_with("AWS_"))
-            .chain(self.aws_env().into_iter().map(|(k, v)| (k.to_owned(), v)))
+        let env: Vec<(String, String)> = self
+            .worker_env()
+            .into_iter()
             .chain([
                 ("KDS_WORKER_ID".to_owned(), name.to_owned()),
                 ("KDS_HTTP_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+                (
+                    "KDS_RECORD_LOG".to_owned(),
+                    records_dir()
+                        .join(format!("{name}.log"))
+                        .display()
+                        .to_string(),
+                ),
             ])
             .collect();
+        std::fs::create_dir_all(records_dir())?;
         let handle = duct::cmd(
             &bin,
             ["--config".to_owned(), config_path().display().to_string()],
@@ -262,7 +294,7 @@ impl Local {
         self.save()
     }
 
-    fn stop_worker(&mut self, name: &str) -> anyhow::Result<()> {
+    pub fn stop_worker(&mut self, name: &str) -> anyhow::Result<()> {
         if let Some(w) = self.state.workers.remove(name) {
             self.runner
                 .log
@@ -301,6 +333,147 @@ impl Local {
             || self.diagnostics(),
         )
         .map(|_| ())
+    }
+
+    /// Starts the record producer (`rate` records/s until stopped), detached like a worker;
+    /// what it puts is logged to `records/produced.log` for [`Local::audit`].
+    pub fn start_producer(&mut self, rate: u64) -> anyhow::Result<()> {
+        self.stop_producer();
+        let bin = worker_binary();
+        let args = [
+            "--config".to_owned(),
+            config_path().display().to_string(),
+            "admin".into(),
+            "produce".into(),
+            "--rate".into(),
+            rate.to_string(),
+            "--seconds".into(),
+            "0".into(),
+            "--out".into(),
+            produced_log().display().to_string(),
+        ];
+        let line = format!("{} {}", bin.display(), args.join(" "));
+        self.runner.log.borrow_mut().push(line.clone());
+        if self.runner.dry_run {
+            println!("{line}");
+            return Ok(());
+        }
+        std::fs::create_dir_all(records_dir())?;
+        std::fs::create_dir_all(logs_dir())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs_dir().join("producer.log"))?;
+        let handle = duct::cmd(&bin, args)
+            .full_env(self.worker_env())
+            .stdin_null()
+            .stdout_file(log.try_clone()?)
+            .stderr_file(log)
+            .before_spawn(|c| {
+                use std::os::unix::process::CommandExt;
+                c.process_group(0);
+                Ok(())
+            })
+            .unchecked()
+            .start()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        self.state.producer_pid = Some(handle.pids()[0]);
+        std::mem::forget(handle);
+        self.save()
+    }
+
+    /// Stops the producer (what it put so far stays logged).
+    pub fn stop_producer(&mut self) {
+        if let Some(pid) = self.state.producer_pid.take() {
+            self.runner
+                .log
+                .borrow_mut()
+                .push(format!("kill -TERM {pid} # producer"));
+            if !self.runner.dry_run {
+                stop_process(pid, Duration::from_secs(5));
+            }
+            let _ = self.save();
+        }
+    }
+
+    /// `kill -9` of one worker (a crashed pod); it is gone from the lab until started again.
+    pub fn kill_worker(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Some(w) = self.state.workers.remove(name) {
+            self.runner
+                .log
+                .borrow_mut()
+                .push(format!("kill -KILL {} # {name}", w.pid));
+            if !self.runner.dry_run {
+                signal(w.pid, "-KILL");
+            }
+        }
+        self.save()
+    }
+
+    /// Freezes one worker for `pause` (SIGSTOP, then SIGCONT): a stalled process, as after a
+    /// long GC pause or a cut network, that wakes up after others may have taken its leases.
+    pub fn pause_worker(&self, name: &str, pause: Duration) -> anyhow::Result<()> {
+        let Some(w) = self.state.workers.get(name) else {
+            bail!("no worker {name}");
+        };
+        self.runner.log.borrow_mut().push(format!(
+            "kill -STOP {0}; sleep {pause:?}; kill -CONT {0}",
+            w.pid
+        ));
+        if !self.runner.dry_run {
+            signal(w.pid, "-STOP");
+            std::thread::sleep(pause);
+            signal(w.pid, "-CONT");
+        }
+        Ok(())
+    }
+
+    /// Starts a worker by name (after [`Local::kill_worker`]) and waits until all are ready.
+    pub fn restart_worker(&mut self, name: &str) -> anyhow::Result<()> {
+        self.start_worker(name)?;
+        self.wait_ready()
+    }
+
+    /// Names of the running workers.
+    pub fn worker_names(&self) -> Vec<String> {
+        self.state.workers.keys().cloned().collect()
+    }
+
+    /// Checks every worker's record log against the producer's (its first `upto` records, if
+    /// given): `kds-worker admin audit`.
+    pub fn audit_records(&self, upto: Option<usize>) -> anyhow::Result<Audit> {
+        if self.runner.dry_run {
+            return Ok(Audit::default());
+        }
+        let mut logs: Vec<String> = std::fs::read_dir(records_dir())
+            .with_context(|| format!("reading {}", records_dir().display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p != &produced_log() && p.extension().is_some_and(|x| x == "log"))
+            .map(|p| p.display().to_string())
+            .collect();
+        logs.sort();
+        // What the producer had put when asked (its log grows while this runs).
+        let produced_text = std::fs::read_to_string(produced_log()).unwrap_or_default();
+        let produced: Vec<&str> = produced_text
+            .lines()
+            .take(upto.unwrap_or(usize::MAX))
+            .collect();
+        let audited = records_dir().join("produced-audited.txt");
+        std::fs::write(&audited, produced.join("\n") + "\n")?;
+        if logs.is_empty() {
+            return Ok(Audit {
+                produced: produced.len(),
+                lost: produced.iter().map(|s| s.to_string()).collect(),
+                ..Audit::default()
+            });
+        }
+        let audited = audited.display().to_string();
+        let mut args = vec!["admin", "audit", "--json", "--produced", &audited];
+        args.extend(logs.iter().map(String::as_str));
+        let out = self.worker_cli(&args)?;
+        let mut audit: Audit = serde_json::from_str(&out).context("parsing the audit report")?;
+        audit.produced = produced.len();
+        Ok(audit)
     }
 
     fn names(count: u64) -> Vec<String> {
@@ -352,7 +525,16 @@ impl Driver for Local {
                 self.start_worker(&name)?;
             }
         }
-        self.wait_ready()
+        self.wait_ready()?;
+        // Records flow through every scenario, so each can be judged by what was processed.
+        if !self
+            .state
+            .producer_pid
+            .is_some_and(|pid| self.runner.dry_run || alive(pid))
+        {
+            self.start_producer(LAB_RECORD_RATE)?;
+        }
+        Ok(())
     }
 
     fn set_shards(&mut self, shards: u64) -> anyhow::Result<()> {
@@ -499,14 +681,24 @@ impl Driver for Local {
     }
 
     fn diagnostics(&self) -> String {
-        let mut out = String::from("last log lines:\n");
-        for name in self.state.workers.keys() {
+        let mut out = String::from("each worker's /ready and last log lines:\n");
+        for (name, w) in &self.state.workers {
+            let ready = match crate::util::http_get(([127, 0, 0, 1], w.port).into(), "/ready") {
+                Some((status, body)) => format!("{status} {}", body.trim()),
+                None if alive(w.pid) => "no answer (pid alive)".to_owned(),
+                None => "no answer (exited)".to_owned(),
+            };
             out.push_str(&format!(
-                "--- {name}\n{}\n",
+                "--- {name} (pid {}): /ready {ready}\n{}\n",
+                w.pid,
                 emulators::tail(&logs_dir().join(format!("{name}.log")), 5)
             ));
         }
         out
+    }
+
+    fn audit(&self, upto: Option<usize>) -> anyhow::Result<Option<Audit>> {
+        self.audit_records(upto).map(Some)
     }
 
     fn cleanup(&mut self, all: bool) -> anyhow::Result<()> {
@@ -523,9 +715,11 @@ impl Driver for Local {
                 stop_process(pid, Duration::from_secs(5));
             }
         }
+        self.stop_producer();
         if !self.runner.dry_run {
             let _ = std::fs::remove_file(crate::lab::state_path());
             let _ = std::fs::remove_file(config_path());
+            let _ = std::fs::remove_dir_all(records_dir());
             if all {
                 // Logs and installed emulators too; the next setup reinstalls them.
                 let _ = std::fs::remove_dir_all(logs_dir());

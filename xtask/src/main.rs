@@ -3,6 +3,7 @@
 //! Plain Rust instead of shell scripts; one module per command. Commands that drive external
 //! tools take `--dry-run` to print the commands instead.
 
+mod chaos;
 mod doctor;
 mod e2e;
 mod emulators;
@@ -101,6 +102,9 @@ enum Command {
     Test(test::Args),
     /// Run the pinned emulators in the foreground, printing AWS_ENDPOINT_URL_* to use.
     Emulators,
+    /// Random kills, freezes, restarts, reshards and scaling against a local lab under load,
+    /// judged from the records processed: overlapping reads, lost and duplicated records.
+    Chaos(chaos::Args),
     /// Measure the release worker against the emulators (binary size, start to ready, RSS,
     /// API calls per minute, DynamoDB writes at 300 shards, records/s) as Markdown.
     Measure(measure::Args),
@@ -149,6 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Test(args) => test::run(args),
         Command::Emulators => emulators::foreground(),
         Command::Measure(args) => measure::run(args),
+        Command::Chaos(args) => chaos::run(args),
         Command::Doctor => doctor::run(),
         Command::Setup {
             driver,

@@ -17,6 +17,20 @@ pub struct View {
     pub driver: String,
     pub snapshot: Snapshot,
     pub workers: Vec<WorkerView>,
+    /// Records produced and processed so far (local lab; `None` in a cluster).
+    pub records: Option<Records>,
+}
+
+/// The lab's records so far, from the workers' record logs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Records {
+    pub produced: usize,
+    pub processed: usize,
+    pub duplicated: usize,
+    /// Produced and not (yet) processed.
+    pub unprocessed: usize,
+    /// Times two workers read one shard at once.
+    pub overlaps: usize,
 }
 
 /// Reads the lab's state, retrying transient failures for up to `retry_for` (zero: one try;
@@ -26,6 +40,14 @@ pub fn gather(driver: &dyn Driver, retry_for: Duration) -> anyhow::Result<View> 
         driver: format!("{:?}", driver.kind()).to_lowercase(),
         snapshot: crate::lab::retrying("reading the lab's state", retry_for, || driver.snapshot())?,
         workers: driver.workers()?,
+        // A view without the record counts beats no view.
+        records: driver.audit(None).ok().flatten().map(|a| Records {
+            produced: a.produced,
+            processed: a.processed,
+            duplicated: a.duplicates,
+            unprocessed: a.lost.len(),
+            overlaps: a.overlaps.len(),
+        }),
     })
 }
 
@@ -69,6 +91,12 @@ pub fn text(view: &View) -> String {
         )),
         Some(c) => out.push_str(&format!("coordinator: vacant (epoch {})\n", c.epoch)),
         None => out.push_str("coordinator: none\n"),
+    }
+    if let Some(r) = &view.records {
+        out.push_str(&format!(
+            "records: {} produced, {} processed, {} duplicated, {} not yet processed, {} overlapping reads\n",
+            r.produced, r.processed, r.duplicated, r.unprocessed, r.overlaps
+        ));
     }
     let limit = s
         .lease_limits
@@ -133,7 +161,7 @@ pub fn live(driver: &dyn Driver, interval: Duration) -> anyhow::Result<()> {
                 let area = f.area();
                 let workers = view.as_ref().map_or(0, |v| v.workers.len()) as u16;
                 let rows = Layout::vertical([
-                    Constraint::Length(7),
+                    Constraint::Length(8),
                     Constraint::Length(workers + 2),
                     Constraint::Min(4),
                 ])
@@ -276,6 +304,13 @@ mod tests {
                 phase: "Running".into(),
                 ready: true,
             }],
+            records: Some(Records {
+                produced: 120,
+                processed: 118,
+                duplicated: 0,
+                unprocessed: 2,
+                overlaps: 0,
+            }),
         };
         let t = text(&view);
         assert!(
@@ -285,6 +320,10 @@ mod tests {
         assert!(t.contains("CAPACITY DEFICIT: 60 shards"), "{t}");
         assert!(t.contains("4 workers would cover them"), "{t}");
         assert!(t.contains("coordinator kds-consumer-1 (epoch 2"), "{t}");
+        assert!(
+            t.contains("records: 120 produced, 118 processed, 0 duplicated, 2 not yet processed"),
+            "{t}"
+        );
         assert!(
             t.contains("kds-consumer-0")
                 && t.contains("80/80")

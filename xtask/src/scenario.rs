@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::lab::{Driver, Snapshot};
+use crate::lab::{Audit, Driver, Snapshot};
 use crate::util::{project_root, secs};
 
 /// Most shards one scenario may ask for (the emulators and LocalStack are set up for it).
@@ -133,6 +133,21 @@ impl Scenario {
     }
 }
 
+/// The records of one scenario, from the workers' record logs (see [`crate::lab::Audit`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordCounts {
+    /// Records put while the scenario ran.
+    pub produced: usize,
+    /// Records processed while it ran (and until those produced were all processed).
+    pub processed: usize,
+    /// Records processed a second time.
+    pub duplicated: usize,
+    /// Records put before the scenario ended and not processed within the drain deadline.
+    pub lost: usize,
+    /// Times two workers read one shard at once.
+    pub overlaps: usize,
+}
+
 /// One row of the report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -150,6 +165,8 @@ pub struct Outcome {
     pub converged_seconds: f64,
     pub pass: bool,
     pub detail: String,
+    /// What the workers processed during this scenario (local lab only).
+    pub records: Option<RecordCounts>,
 }
 
 /// What the formula and the table say must hold once the fleet has converged.
@@ -241,6 +258,7 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
         || driver.snapshot(),
     )?;
     let epoch_before = before.coordinator.as_ref().map_or(0, |c| c.epoch);
+    let records_before = driver.audit(None)?;
     let start = Instant::now();
 
     let current_workers = driver.desired_workers()?;
@@ -322,6 +340,7 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
         converged_seconds: 0.0,
         pass: false,
         detail: String::new(),
+        records: None,
     };
     if dry {
         outcome.pass = true;
@@ -363,6 +382,24 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
             } else {
                 "every shard leased, nobody above the limit".into()
             };
+            if let Some(before) = &records_before {
+                let counts = drain_records(driver, before)?;
+                let mut problems = Vec::new();
+                if counts.lost > 0 {
+                    problems.push(format!("{} records not processed", counts.lost));
+                }
+                if counts.duplicated > 0 {
+                    problems.push(format!("{} records processed twice", counts.duplicated));
+                }
+                if counts.overlaps > 0 {
+                    problems.push(format!("{} overlapping reads", counts.overlaps));
+                }
+                if !problems.is_empty() {
+                    outcome.pass = false;
+                    outcome.detail = problems.join("; ");
+                }
+                outcome.records = Some(counts);
+            }
         }
         Err(e) => {
             // What it waited for, the last error, and events or log lines.
@@ -380,14 +417,59 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
     Ok(outcome)
 }
 
+/// How long records put before a scenario converged may take to be processed: the longest
+/// idle poll of the local lab (20 s), a failover, and room for a loaded machine.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Waits until every record produced so far is processed, then counts what the scenario
+/// added since `before`. Nothing in a scenario kills a worker: any duplicate is a failure.
+fn drain_records(driver: &dyn Driver, before: &Audit) -> anyhow::Result<RecordCounts> {
+    let upto = driver.audit(None)?.map_or(0, |a| a.produced);
+    let mut last = None;
+    let drained = crate::lab::wait_until(
+        &format!("the {upto} records produced so far to be processed"),
+        DRAIN_DEADLINE,
+        || {
+            let a = driver.audit(Some(upto))?.unwrap_or_default();
+            let done = a.lost.is_empty();
+            last = Some(a.clone());
+            Ok(done.then_some(a))
+        },
+        || driver.diagnostics(),
+    );
+    let after = match drained {
+        Ok((a, _)) => a,
+        Err(e) => {
+            eprintln!("{e:#}");
+            last.unwrap_or_default()
+        }
+    };
+    Ok(RecordCounts {
+        produced: upto.saturating_sub(before.produced),
+        processed: after.processed.saturating_sub(before.processed),
+        duplicated: after.duplicates.saturating_sub(before.duplicates),
+        lost: after.lost.len(),
+        overlaps: after.overlaps.len().saturating_sub(before.overlaps.len()),
+    })
+}
+
 pub fn print_table(rows: &[Outcome]) {
     println!(
-        "\n{:<14} {:>7} {:>7} {:>4} {:>8} {:>8} {:>7} {:>6} {:>8}  result",
-        "scenario", "shards", "workers", "cap", "expected", "observed", "deficit", "epoch", "time"
+        "\n{:<14} {:>7} {:>7} {:>4} {:>8} {:>8} {:>7} {:>6} {:>8} {:>19}  result",
+        "scenario",
+        "shards",
+        "workers",
+        "cap",
+        "expected",
+        "observed",
+        "deficit",
+        "epoch",
+        "time",
+        "records put/read/2x/lost"
     );
     for r in rows {
         println!(
-            "{:<14} {:>7} {:>7} {:>4} {:>8} {:>8} {:>7} {:>6} {:>8}  {}",
+            "{:<14} {:>7} {:>7} {:>4} {:>8} {:>8} {:>7} {:>6} {:>8} {:>19}  {}",
             r.scenario,
             r.shards,
             r.workers,
@@ -401,6 +483,10 @@ pub fn print_table(rows: &[Outcome]) {
                 None => "-".into(),
             },
             secs(Duration::from_secs_f64(r.converged_seconds)),
+            r.records.as_ref().map_or("-".into(), |c| format!(
+                "{}/{}/{}/{}",
+                c.produced, c.processed, c.duplicated, c.lost
+            )),
             if r.pass { "PASS" } else { "FAIL" }
         );
     }

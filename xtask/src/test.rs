@@ -2,7 +2,7 @@
 //!
 //! Steps: fmt check; clippy `-D warnings`; start the pinned emulators; every test of the
 //! workspace with the emulator endpoints in the environment; stop the emulators (also on
-//! failure); a summary with each step's time.
+//! failure); the local lab end to end; a short chaos run; a summary with each step's time.
 
 use std::time::{Duration, Instant};
 
@@ -17,13 +17,18 @@ pub struct Args {
     /// Skip the fmt and clippy steps (quicker while iterating).
     #[arg(long)]
     pub no_lint: bool,
-    /// Skip the end-to-end run of the local lab (setup, every scenario, monitor, cleanup).
+    /// Skip the end-to-end run of the local lab (setup, every scenario, monitor, cleanup) and
+    /// the short chaos run.
     #[arg(long)]
     pub no_lab: bool,
     /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
 }
+
+/// The chaos run inside `cargo xtask test`: short, and replayable by its seed.
+const CHAOS_MINUTES: f64 = 1.5;
+const CHAOS_SEED: u64 = 20261128;
 
 struct Step {
     name: &'static str,
@@ -93,6 +98,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if !args.no_lab {
         step("lab-e2e", &mut || crate::e2e::run());
+        step("chaos", &mut || {
+            // A short run with a fixed seed (the same actions every time); its own process,
+            // so its lab dir does not leak into this one.
+            let exe = std::env::current_exe()?;
+            let (minutes, seed) = (CHAOS_MINUTES.to_string(), CHAOS_SEED.to_string());
+            Ok(cmd!(sh, "{exe} chaos --minutes {minutes} --seed {seed}").run()?)
+        });
     }
 
     eprintln!("\n==> summary");

@@ -112,6 +112,7 @@ pub fn settings(app: &str, stream: &str, worker_id: &str) -> Settings {
         idle_poll_max: Duration::from_secs(5),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         log_format: LogFormat::Pretty,
+        record_log: None,
     }
 }
 
