@@ -616,6 +616,8 @@ fn start(
     held: Held,
     consumers: &mut BTreeMap<String, Running>,
 ) {
+    // A new reader: failures of an earlier one (before a fence, say) are history.
+    ctx.state.read_ok(&held.shard_id);
     let stop = CancellationToken::new();
     let id = held.shard_id.clone();
     let handle = tokio::spawn(

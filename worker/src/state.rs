@@ -176,6 +176,11 @@ impl WorkerState {
 
     pub fn set_role(&self, role: Role, epoch: u64) {
         let mut g = self.lock();
+        if g.role != role {
+            // A new term starts with a clean record of the stream calls.
+            g.failing_stream_calls.clear();
+            self.metrics.failing_stream_calls.set(0);
+        }
         g.role = role;
         g.epoch = epoch;
         if role == Role::Coordinator {
@@ -416,6 +421,11 @@ impl WorkerState {
     /// The outcome of one of the coordinator's calls about the stream.
     pub fn stream_call(&self, operation: &'static str, outcome: Result<(), String>) {
         let mut g = self.lock();
+        // A call that returns after this worker stepped down (the stall that deposed it) is
+        // not its concern any more.
+        if g.role != Role::Coordinator {
+            return;
+        }
         match outcome {
             Ok(()) => {
                 g.failing_stream_calls.remove(operation);
@@ -546,7 +556,13 @@ impl WorkerState {
                 now.duration_since(*oldest).as_secs_f64()
             ));
         }
-        for (operation, (since, error)) in &g.failing_stream_calls {
+        // Only while coordinating: a deposed coordinator's last failed call (during the stall
+        // that deposed it) is no longer its concern.
+        let stream_calls = g
+            .failing_stream_calls
+            .iter()
+            .filter(|_| g.role == Role::Coordinator);
+        for (operation, (since, error)) in stream_calls {
             reasons.push(format!(
                 "{operation} failing for {:.1}s (the limit and the lease table follow the stream \
                  only once it answers): {error}",
@@ -742,5 +758,50 @@ mod tests {
         st.set_role(Role::Coordinator, 3);
         assert_eq!(st.term_deadline(), Some(sent + Duration::from_secs(8)));
         assert_eq!(st.last_term_renewal(), Some(sent));
+    }
+
+    #[test]
+    fn failing_stream_calls_are_the_coordinators_concern_only() {
+        let st = state();
+        st.heartbeat_result(Instant::now(), Ok(()));
+        st.set_role(Role::Coordinator, 1);
+        st.stream_call("ListShards", Err("LimitExceededException".into()));
+        let reasons = st.not_ready_reasons();
+        assert!(
+            reasons.iter().any(|r| r.starts_with("ListShards failing")),
+            "{reasons:?}"
+        );
+        assert_eq!(st.metrics.failing_stream_calls.get(), 1);
+        // Deposed: the failure is gone, and one returning late is not recorded.
+        st.set_role(Role::Follower, 2);
+        st.stream_call("DescribeStreamSummary", Err("timed out".into()));
+        assert!(
+            !st.not_ready_reasons()
+                .iter()
+                .any(|r| r.contains("failing for")),
+            "{:?}",
+            st.not_ready_reasons()
+        );
+        assert_eq!(st.metrics.failing_stream_calls.get(), 0);
+    }
+
+    #[test]
+    fn reads_failing_past_the_failover_timeout_are_reported_until_they_succeed() {
+        let st = state();
+        st.heartbeat_result(Instant::now(), Ok(()));
+        st.read_failed("s1", "ProvisionedThroughputExceededException".into());
+        assert_eq!(st.metrics.failing_shard_reads.get(), 1);
+        // Not yet: a throttled read is normal until it lasts a failover timeout.
+        assert!(
+            !st.not_ready_reasons()
+                .iter()
+                .any(|r| r.contains("Kinesis reads"))
+        );
+        st.read_ok("s1");
+        assert_eq!(st.metrics.failing_shard_reads.get(), 0);
+        // A shard no longer read is no longer failing.
+        st.read_failed("s2", "cut".into());
+        st.lease_round_done(vec!["s3".into()], BTreeMap::new());
+        assert_eq!(st.metrics.failing_shard_reads.get(), 0);
     }
 }
