@@ -134,8 +134,8 @@ pub async fn reshard(
     Ok(())
 }
 
-/// Puts `rate` records per second for `seconds` (0: until cancelled); returns how many were
-/// accepted. Each record's data is unique (`{"run":R,"record":N}`, R the start time in ms);
+/// Puts `rate` records per second for `seconds` (0: until cancelled, riding out transient
+/// errors); returns how many were accepted. Each record's data is unique (`{"run":R,"record":N}`, R the start time in ms);
 /// with `out`, the data of every accepted record is appended to it as a line, flushed after
 /// each batch, for `kds-worker admin audit`.
 pub async fn produce(
@@ -189,7 +189,16 @@ pub async fn produce(
                         .expect("data and key are set"),
                 );
             }
-            let result = call(&aws.metrics, "kinesis", "PutRecords", req.send()).await?;
+            let result = match call(&aws.metrics, "kinesis", "PutRecords", req.send()).await {
+                Ok(r) => r,
+                // A slow or throttled stream (a reshard, a busy emulator) must not end a long
+                // run: these records were not put (not logged), the next batch tries again.
+                Err(e) if seconds == 0 && e.is_transient() => {
+                    eprintln!("PutRecords failed ({e}); going on with the next batch");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             // Entries refused inside an accepted call (throttled shards) were not put.
             let put: Vec<&String> = data
                 .iter()

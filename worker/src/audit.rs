@@ -11,19 +11,20 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::consumer::RecordProcessor;
-use crate::leases::sequence_cmp;
 
 /// One processed record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub worker: String,
     pub shard: String,
+    /// The lease counter the worker read the shard under (its fencing token).
+    pub counter: u64,
     pub sequence: String,
     pub data: String,
 }
 
-/// Two workers read one shard at once: `behind` re-read records `ahead` had already processed
-/// while `ahead` went on processing that shard.
+/// Two readers of one shard at once: `behind` processed a record under an older lease counter
+/// after `ahead` had begun processing under a newer one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Overlap {
     pub shard: String,
@@ -112,45 +113,35 @@ pub fn check(events: &[Event], produced: &BTreeSet<String>) -> Report {
     report
 }
 
-/// On one shard (events in processing order): worker W's event `e` is read beside another
-/// worker when someone else processed this shard since W's previous event there and `e` does
-/// not continue after everything processed so far (W went on from its own old position while
-/// the other read too). A hand-off continues after the last record processed; a re-read by a
-/// successor after its predecessor stopped for good (killed, cut off and fenced) is a
-/// duplicate, not an overlap.
+/// On one shard (events in processing order): every acquire of a lease raises its counter, so
+/// the readers of a shard follow each other in counter order. A record processed under a
+/// counter below one already seen on the shard was processed by a reader whose lease had
+/// moved on: two readers at once. A successor re-reading records after its predecessor
+/// stopped (killed, fenced) is a duplicate, not an overlap; so is a worker reading the shard
+/// again later under a new counter.
 fn overlaps(shard: &str, events: &[&Event]) -> Vec<Overlap> {
-    let mut previous_own: BTreeMap<&str, usize> = BTreeMap::new();
-    // Index of the event holding the highest sequence number so far.
-    let mut max_at: Option<usize> = None;
+    let mut newest: Option<&Event> = None;
     let mut found = Vec::new();
-    for (i, e) in events.iter().enumerate() {
-        if let (Some(p), Some(m)) = (previous_own.get(e.worker.as_str()), max_at) {
-            let others_between = events[p + 1..i].iter().any(|o| o.worker != e.worker);
-            let continues =
-                sequence_cmp(&e.sequence, &events[m].sequence) == std::cmp::Ordering::Greater;
-            if others_between && !continues {
-                found.push(Overlap {
-                    shard: shard.to_owned(),
-                    ahead: events[m].worker.clone(),
-                    behind: e.worker.clone(),
-                    sequence: e.sequence.clone(),
-                });
-            }
-        }
-        previous_own.insert(e.worker.as_str(), i);
-        if max_at.is_none_or(|m| {
-            sequence_cmp(&e.sequence, &events[m].sequence) == std::cmp::Ordering::Greater
-        }) {
-            max_at = Some(i);
+    for e in events {
+        match newest {
+            Some(n) if e.counter < n.counter => found.push(Overlap {
+                shard: shard.to_owned(),
+                ahead: n.worker.clone(),
+                behind: e.worker.clone(),
+                sequence: e.sequence.clone(),
+            }),
+            Some(n) if e.counter == n.counter => {}
+            _ => newest = Some(e),
         }
     }
     found
 }
 
 /// A record processor that appends one line per processed record to a file (the `record_log`
-/// setting): `unix-micros TAB worker TAB shard TAB sequence TAB data`. Written and flushed
-/// before the batch counts as processed, so a killed worker's log holds everything it
-/// processed. The lab's audit merges every worker's log by time (one machine, one clock).
+/// setting): `unix-micros TAB worker TAB shard TAB lease-counter TAB sequence TAB data`, each
+/// line stamped as it is written. Written and flushed before the batch counts as processed,
+/// so a killed worker's log holds everything it processed. The lab's audit merges every
+/// worker's log by time (one machine, one clock).
 pub struct RecordLog {
     file: Mutex<std::io::BufWriter<std::fs::File>>,
 }
@@ -174,17 +165,23 @@ fn one_field(text: &str) -> String {
 }
 
 impl RecordProcessor for RecordLog {
-    fn process(&self, worker_id: &str, shard_id: &str, records: &[aws_sdk_kinesis::types::Record]) {
-        let micros = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
+    fn process(
+        &self,
+        worker_id: &str,
+        shard_id: &str,
+        lease_counter: u64,
+        records: &[aws_sdk_kinesis::types::Record],
+    ) {
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
         for r in records {
+            let micros = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
             let data = String::from_utf8_lossy(r.data().as_ref());
             // A full disk must not stop reading; the audit would report the gap as lost.
             let _ = writeln!(
                 f,
-                "{micros}\t{worker_id}\t{shard_id}\t{}\t{}",
+                "{micros}\t{worker_id}\t{shard_id}\t{lease_counter}\t{}\t{}",
                 r.sequence_number(),
                 one_field(&data)
             );
@@ -198,14 +195,17 @@ impl RecordProcessor for RecordLog {
 pub fn parse_record_log(text: &str) -> Vec<(u128, Event)> {
     text.lines()
         .filter_map(|line| {
-            let mut f = line.splitn(5, '\t');
+            let mut f = line.splitn(6, '\t');
             let micros = f.next()?.parse().ok()?;
-            let (worker, shard, sequence, data) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            let (worker, shard) = (f.next()?, f.next()?);
+            let counter = f.next()?.parse().ok()?;
+            let (sequence, data) = (f.next()?, f.next()?);
             Some((
                 micros,
                 Event {
                     worker: worker.to_owned(),
                     shard: shard.to_owned(),
+                    counter,
                     sequence: sequence.to_owned(),
                     data: data.to_owned(),
                 },
@@ -235,10 +235,12 @@ pub fn merge_record_logs(logs: &[String]) -> Vec<Event> {
 mod tests {
     use super::*;
 
-    fn ev(worker: &str, seq: &str) -> Event {
+    /// `worker` processed `seq` under lease counter `counter`.
+    fn ev(worker: &str, counter: u64, seq: &str) -> Event {
         Event {
             worker: worker.into(),
             shard: "s".into(),
+            counter,
             sequence: seq.into(),
             data: format!("{worker}-{seq}"),
         }
@@ -251,32 +253,52 @@ mod tests {
     #[test]
     fn a_hand_off_and_back_is_no_overlap() {
         let e = [
-            ev("a", "1"),
-            ev("a", "2"),
-            ev("b", "3"),
-            ev("b", "4"),
-            ev("a", "5"),
+            ev("a", 1, "1"),
+            ev("a", 1, "2"),
+            ev("b", 2, "3"),
+            ev("b", 2, "4"),
+            ev("a", 3, "5"),
         ];
         assert!(check(&e).is_empty());
     }
 
     #[test]
     fn a_reread_after_the_reader_died_is_no_overlap() {
-        let e = [ev("a", "1"), ev("a", "2"), ev("b", "2"), ev("b", "3")];
+        let e = [
+            ev("a", 1, "1"),
+            ev("a", 1, "2"),
+            ev("b", 2, "2"),
+            ev("b", 2, "3"),
+        ];
+        assert!(check(&e).is_empty());
+    }
+
+    #[test]
+    fn a_reread_by_an_earlier_reader_after_a_failover_is_no_overlap() {
+        // b died with its checkpoint at 3; a, which read the shard before b, takes it again.
+        let e = [
+            ev("a", 1, "1"),
+            ev("a", 1, "2"),
+            ev("b", 2, "3"),
+            ev("b", 2, "4"),
+            ev("b", 2, "5"),
+            ev("a", 3, "4"),
+            ev("a", 3, "5"),
+        ];
         assert!(check(&e).is_empty());
     }
 
     #[test]
     fn a_restarted_giver_reading_beside_the_receiver_is_an_overlap() {
         let e = [
-            ev("a", "1"),
-            ev("b", "2"),
-            ev("a", "2"),
-            ev("b", "3"),
-            ev("a", "3"),
+            ev("a", 1, "1"),
+            ev("b", 2, "2"),
+            ev("a", 1, "2"),
+            ev("b", 2, "3"),
+            ev("a", 1, "3"),
         ];
         let found = check(&e);
-        assert!(!found.is_empty());
+        assert_eq!(found.len(), 2);
         assert_eq!(
             (found[0].ahead.as_str(), found[0].behind.as_str()),
             ("b", "a")
@@ -284,33 +306,16 @@ mod tests {
     }
 
     #[test]
-    fn a_fenced_reader_resuming_after_its_successor_is_no_overlap() {
-        // w1 read to 4 (checkpoint 2), was cut off; w0 re-read 3..4 and went on to 6, then
-        // handed back: w1 continues at 7.
-        let e = [
-            ev("w1", "1"),
-            ev("w1", "2"),
-            ev("w1", "3"),
-            ev("w1", "4"),
-            ev("w0", "3"),
-            ev("w0", "4"),
-            ev("w0", "5"),
-            ev("w0", "6"),
-            ev("w1", "7"),
-        ];
-        assert!(check(&e).is_empty());
-    }
-
-    #[test]
-    fn two_readers_from_one_checkpoint_overlap() {
-        let e = [ev("a", "1"), ev("b", "1"), ev("a", "2"), ev("b", "2")];
-        assert!(!check(&e).is_empty());
+    fn a_frozen_reader_applying_a_batch_after_its_successor_began_is_an_overlap() {
+        // Even above everything read so far: its lease had moved on.
+        let e = [ev("a", 1, "1"), ev("b", 2, "2"), ev("a", 1, "9")];
+        assert_eq!(check(&e).len(), 1);
     }
 
     #[test]
     fn record_logs_merge_by_time_and_skip_a_torn_line() {
-        let a = "10\tw0\ts1\t1\tp0\n30\tw0\ts1\t2\tp1\n40\tw0\ts1\t3";
-        let b = "20\tw1\ts1\t1\tp0\n";
+        let a = "10\tw0\ts1\t1\t1\tp0\n30\tw0\ts1\t1\t2\tp1\n40\tw0\ts1\t1\t3";
+        let b = "20\tw1\ts1\t2\t1\tp0\n";
         let merged = merge_record_logs(&[a.to_owned(), b.to_owned()]);
         let order: Vec<(&str, &str)> = merged
             .iter()
@@ -324,7 +329,7 @@ mod tests {
         assert_eq!(
             report.overlaps.len(),
             1,
-            "w0 went on from 2 after w1 re-read 1"
+            "w0 (counter 1) processed 2 after w1 (counter 2) began"
         );
     }
 }

@@ -24,8 +24,14 @@ use crate::worker::Context;
 /// `process` must return well within `heartbeat_interval`: the fence is checked right before
 /// each batch, and another worker may take the lease one heartbeat after the fence, so a batch
 /// still running then could overlap its successor's first one. Hand slow work to a queue.
+///
+/// `lease_counter` is the lease's counter when this worker acquired it: a fencing token that
+/// rises every time the shard changes hands. A process frozen (SIGSTOP, a paused VM) between
+/// the worker's last fence check and the application's write can apply one batch after its
+/// successor began; a sink that must never accept that rejects a batch whose counter is below
+/// the highest it has seen for the shard.
 pub trait RecordProcessor: Send + Sync + 'static {
-    fn process(&self, worker_id: &str, shard_id: &str, records: &[Record]);
+    fn process(&self, worker_id: &str, shard_id: &str, lease_counter: u64, records: &[Record]);
 }
 
 /// Per-shard totals of the default processor.
@@ -71,7 +77,7 @@ impl CountingProcessor {
 }
 
 impl RecordProcessor for CountingProcessor {
-    fn process(&self, _worker_id: &str, shard_id: &str, records: &[Record]) {
+    fn process(&self, _worker_id: &str, shard_id: &str, _lease_counter: u64, records: &[Record]) {
         let bytes: u64 = records.iter().map(|r| r.data().as_ref().len() as u64).sum();
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let c = counts.entry(shard_id.to_owned()).or_default();
@@ -235,13 +241,31 @@ pub async fn consume(
     // one did, not at a later tip.
     let mut start_at = held.checkpoint.clone();
     if held.checkpoint == LATEST {
+        // Nothing is read before the pin is stored: reading from an unrecorded tip would let
+        // a successor start at a later one and skip what came between.
         let pinned = pinned_latest(std::time::SystemTime::now());
-        match store.checkpoint(&held, &me, &pinned).await {
-            Ok(()) => start_at = pinned,
-            Err(e) if e.is_condition_failed() => return ConsumerExit::Lost,
-            // Read from the tip anyway; the next checkpoint records a position.
-            Err(e) => tracing::warn!(shard = %shard, error = %e, "cannot pin LATEST to a time"),
+        loop {
+            if stop.is_cancelled() {
+                return ConsumerExit::Stopped {
+                    last_processed: None,
+                };
+            }
+            if !ctx.state.may_process_in(held.fence_epoch) {
+                return ConsumerExit::Fenced {
+                    last_processed: None,
+                };
+            }
+            match store.checkpoint(&held, &me, &pinned).await {
+                Ok(()) => break,
+                Err(e) if e.is_condition_failed() => return ConsumerExit::Lost,
+                Err(e) => {
+                    tracing::warn!(shard = %shard, error = %e, "cannot pin LATEST to a time yet");
+                    pause(backoff.next_wait(), &stop, &mut fence).await;
+                }
+            }
         }
+        backoff.reset();
+        start_at = pinned;
     }
     loop {
         if stop.is_cancelled() {
@@ -261,6 +285,14 @@ pub async fn consume(
                     return finish(&ctx, &store, &held, &me, last_processed, &stop).await;
                 }
                 Err(e @ (AwsError::Invalid { .. } | AwsError::NotFound { .. })) => {
+                    // A pinned time "in the future" (this worker's clock ahead of Kinesis')
+                    // becomes valid as time passes: wait, never give the shard up for it.
+                    if last_processed.is_none() && pinned_millis(&start_at).is_some() {
+                        tracing::warn!(shard = %shard, error = %e, "pinned LATEST refused; retrying");
+                        ctx.state.read_failed(&shard, e.to_string());
+                        pause(backoff.next_wait(), &stop, &mut fence).await;
+                        continue;
+                    }
                     invalid_attempts += 1;
                     if invalid_attempts >= INVALID_ATTEMPTS {
                         return unreadable(&store, &held, &me, e.to_string()).await;
@@ -320,9 +352,11 @@ pub async fn consume(
             if stop.is_cancelled() {
                 return ConsumerExit::Stopped { last_processed };
             }
-            ctx.state.counting.process(&me, &shard, records);
+            ctx.state
+                .counting
+                .process(&me, &shard, held.counter, records);
             if let Some(p) = &ctx.processor {
-                p.process(&me, &shard, records);
+                p.process(&me, &shard, held.counter, records);
             }
             last_processed = records.last().map(|r| r.sequence_number().to_owned());
             since_checkpoint += records.len() as u64;

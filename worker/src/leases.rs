@@ -43,8 +43,9 @@ pub struct Lease {
     pub shard_id: String,
     /// `None` while unowned.
     pub owner: Option<String>,
-    /// `None` when the item has no usable `leaseCounter` (missing, not a number, negative:
-    /// written by hand or by another tool): the next conditional write sets it.
+    /// `None` when the item has no usable `leaseCounter` (missing, not a number, negative or
+    /// beyond u64: written by hand or by another tool): the next conditional write sets it. (A
+    /// fractional one cannot be told apart in a condition and stays unwritable: repair by hand.)
     pub counter: Option<u64>,
     pub checkpoint: String,
     pub owner_switches_since_checkpoint: u64,
@@ -144,12 +145,13 @@ impl Seen<'_> {
             // by another tool): still without one, so a write that set a counter since wins.
             None => {
                 "(attribute_not_exists(leaseCounter) OR NOT attribute_type(leaseCounter, :number) \
-                 OR leaseCounter < :zero)"
+                 OR leaseCounter < :zero OR leaseCounter > :max_counter)"
             }
         };
         self.owner_condition(req, counter)
             .expression_attribute_values(":number", s("N"))
             .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":max_counter", n(u64::MAX))
     }
 
     fn owner_condition(

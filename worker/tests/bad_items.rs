@@ -896,13 +896,20 @@ struct Timed {
 }
 
 impl RecordProcessor for Timed {
-    fn process(&self, worker_id: &str, shard_id: &str, records: &[aws_sdk_kinesis::types::Record]) {
+    fn process(
+        &self,
+        worker_id: &str,
+        shard_id: &str,
+        lease_counter: u64,
+        records: &[aws_sdk_kinesis::types::Record],
+    ) {
         self.batches.lock().unwrap().push((
             worker_id.to_owned(),
             shard_id.to_owned(),
             Instant::now(),
         ));
-        self.ledger.process(worker_id, shard_id, records);
+        self.ledger
+            .process(worker_id, shard_id, lease_counter, records);
     }
 }
 

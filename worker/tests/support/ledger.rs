@@ -19,12 +19,19 @@ pub struct Ledger {
 }
 
 impl RecordProcessor for Ledger {
-    fn process(&self, worker_id: &str, shard_id: &str, records: &[aws_sdk_kinesis::types::Record]) {
+    fn process(
+        &self,
+        worker_id: &str,
+        shard_id: &str,
+        lease_counter: u64,
+        records: &[aws_sdk_kinesis::types::Record],
+    ) {
         let mut events = self.events.lock().unwrap();
         for r in records {
             events.push(Event {
                 worker: worker_id.to_owned(),
                 shard: shard_id.to_owned(),
+                counter: lease_counter,
                 sequence: r.sequence_number().to_owned(),
                 data: String::from_utf8_lossy(r.data().as_ref()).into_owned(),
             });

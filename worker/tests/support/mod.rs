@@ -576,7 +576,13 @@ pub struct Seen {
 }
 
 impl RecordProcessor for RecordingProcessor {
-    fn process(&self, worker_id: &str, shard_id: &str, records: &[aws_sdk_kinesis::types::Record]) {
+    fn process(
+        &self,
+        worker_id: &str,
+        shard_id: &str,
+        _lease_counter: u64,
+        records: &[aws_sdk_kinesis::types::Record],
+    ) {
         let mut seen = self.seen.lock().unwrap();
         for r in records {
             seen.push(Seen {
