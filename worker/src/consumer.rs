@@ -230,6 +230,7 @@ pub async fn consume(
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
     let mut invalid_attempts = 0;
     let mut idle_streak: u32 = 0;
+    let mut previous_read_had_records = false;
     let mut iterator: Option<String> = None;
     let mut fence = ctx.state.fence();
 
@@ -343,7 +344,12 @@ pub async fn consume(
         };
         let records = out.records();
         if !records.is_empty() {
-            idle_streak = 0;
+            // A busy shard (records in two reads in a row) is read at full pace again; a
+            // sparse one (a record now and then) keeps its idle pace, or a few records per
+            // minute on hundreds of shards would keep Kinesis as busy as a full stream.
+            if previous_read_had_records {
+                idle_streak = 0;
+            }
             // The fence and a stop are checked right before the side effect: a batch that
             // arrives after either is not processed (a successor may already read it).
             if !ctx.state.may_process_in(held.fence_epoch) {
@@ -386,6 +392,7 @@ pub async fn consume(
             Some(next) => iterator = Some(next.to_owned()),
         }
         let behind = out.millis_behind_latest().unwrap_or(0);
+        previous_read_had_records = !records.is_empty();
         let wait = if records.is_empty() {
             // An idle shard is polled less often the longer it stays idle (up to
             // `idle_poll_max`): hundreds of idle shards must not keep Kinesis busy.

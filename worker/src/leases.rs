@@ -61,10 +61,24 @@ impl Lease {
         self.checkpoint == SHARD_END
     }
 
-    /// The counter value this lease's next write sets.
+    /// The counter value this lease's next write sets. A lease whose counter was lost
+    /// (removed or mistyped by hand) restarts at the current Unix time in milliseconds: above
+    /// any value it can have had, so the counter, a fencing token for the application's sink,
+    /// never goes down.
     fn next_counter(&self) -> u64 {
-        self.counter.map_or(1, |c| c.saturating_add(1))
+        match self.counter {
+            Some(c) => c.saturating_add(1),
+            None => restart_counter(),
+        }
     }
+}
+
+/// The counter of a lease whose counter was lost: the current Unix time in milliseconds.
+fn restart_counter() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .max(1)
 }
 
 /// A lease as its reader acquired it: the counter it wrote. Every later write of the reader
@@ -431,7 +445,7 @@ impl LeaseStore {
         to: Option<&str>,
         checkpoint: Option<&str>,
     ) -> Result<(), AwsError> {
-        let next = counter.map_or(1, |c| c.saturating_add(1));
+        let next = counter.map_or_else(restart_counter, |c| c.saturating_add(1));
         let mut set = vec!["leaseCounter = :next"];
         let mut req = self
             .update(shard_id)
@@ -532,7 +546,10 @@ mod tests {
         item.insert(LEASE_KEY.into(), s("shard-1"));
         let l = parse(&item).unwrap();
         assert_eq!(l.counter, None);
-        assert_eq!(l.next_counter(), 1);
+        assert!(
+            l.next_counter() > 1_700_000_000_000,
+            "a lost counter restarts above any it can have had"
+        );
         assert_eq!(l.checkpoint, TRIM_HORIZON);
         item.insert("leaseOwner".into(), n(7));
         item.insert("pendingOwner".into(), s(""));

@@ -22,7 +22,7 @@ pub const STREAM: &str = "kds-lab-stream";
 pub const APP: &str = "kds-consumer-app";
 const READY_DEADLINE: Duration = Duration::from_secs(120);
 /// Records per second the lab's producer puts while it is set up.
-pub const LAB_RECORD_RATE: u64 = 20;
+pub const LAB_RECORD_RATE: u64 = 10;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LocalState {

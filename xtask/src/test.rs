@@ -27,7 +27,7 @@ pub struct Args {
 }
 
 /// The chaos run inside `cargo xtask test`: short, and replayable by its seed.
-const CHAOS_MINUTES: f64 = 1.5;
+const CHAOS_MINUTES: f64 = 1.0;
 const CHAOS_SEED: u64 = 20261128;
 
 struct Step {

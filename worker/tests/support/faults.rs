@@ -109,6 +109,9 @@ struct Shared {
     seen: BTreeMap<String, u64>,
     /// Requests answered or cut by a fault, per operation.
     faulted: BTreeMap<String, u64>,
+    /// Items returned by DynamoDB reads, per operation (`Count` of a Scan or Query page, one
+    /// per GetItem that found its item).
+    items: BTreeMap<String, u64>,
 }
 
 /// The proxy; see the module comment. Stops when dropped.
@@ -164,6 +167,17 @@ impl FaultProxy {
             .lock()
             .unwrap()
             .seen
+            .get(operation)
+            .unwrap_or(&0)
+    }
+
+    /// Items DynamoDB returned to `operation` calls so far.
+    pub fn items(&self, operation: &str) -> u64 {
+        *self
+            .shared
+            .lock()
+            .unwrap()
+            .items
             .get(operation)
             .unwrap_or(&0)
     }
@@ -252,12 +266,41 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Mutex<Sh
         let Some(response) = read_message(up).await else {
             return;
         };
+        let items = items_in(&operation, &response);
+        if items > 0 {
+            *shared
+                .lock()
+                .unwrap()
+                .items
+                .entry(operation.clone())
+                .or_default() += items;
+        }
         if client.write_all(&response.bytes).await.is_err() {
             return;
         }
         if header(&response.head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
             return;
         }
+    }
+}
+
+/// Items a DynamoDB read returned, from its JSON answer.
+fn items_in(operation: &str, response: &Message) -> u64 {
+    let body = String::from_utf8_lossy(&response.bytes[response.head.len()..]);
+    match operation {
+        "Scan" | "Query" => body
+            .split("\"Count\":")
+            .nth(1)
+            .map(|rest| {
+                rest.trim_start()
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+            })
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+        "GetItem" => u64::from(body.contains("\"Item\"")),
+        _ => 0,
     }
 }
 

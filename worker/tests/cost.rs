@@ -1,0 +1,82 @@
+//! What the lease protocol costs in DynamoDB reads, counted by a recording proxy in front of the
+//! emulator (items returned by every Scan, Query and GetItem): going from 4 to 8 workers at
+//! 100 shards must raise the fleet's item reads per second by at most 1.4× (a scan of the
+//! lease table by every worker every round would double them).
+
+mod support;
+
+use std::time::Duration;
+
+use support::faults::FaultProxy;
+use support::*;
+use tokio::time::Instant;
+
+const SHARDS: u32 = 100;
+/// How long the steady state is measured at each fleet size.
+const WINDOW: Duration = Duration::from_secs(12);
+
+/// Item reads per second over `WINDOW`, per operation and in total.
+async fn measure(proxy: &FaultProxy) -> (f64, String) {
+    let ops = ["Scan", "Query", "GetItem"];
+    let before: Vec<u64> = ops.iter().map(|op| proxy.items(op)).collect();
+    let began = Instant::now();
+    tokio::time::sleep(WINDOW).await;
+    let secs = began.elapsed().as_secs_f64();
+    let per_op: Vec<f64> = ops
+        .iter()
+        .zip(before)
+        .map(|(op, b)| (proxy.items(op) - b) as f64 / secs)
+        .collect();
+    let detail = ops
+        .iter()
+        .zip(&per_op)
+        .map(|(op, r)| format!("{op} {r:.0}/s"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (per_op.iter().sum(), detail)
+}
+
+/// Every worker holds ⌊S/W⌋ or ⌈S/W⌉ leases and all shards are held.
+async fn wait_even(workers: &[TestWorker]) -> Duration {
+    let n = workers.len() as u32;
+    let (lo, hi) = (SHARDS / n, SHARDS.div_ceil(n));
+    let what = format!("{SHARDS} shards spread over {n} workers ({lo}..={hi} each)");
+    wait_for(Duration::from_secs(90), &what, || async {
+        let held: Vec<u32> = workers
+            .iter()
+            .map(|w| w.state.leases().len() as u32)
+            .collect();
+        (held.iter().sum::<u32>() == SHARDS && held.iter().all(|h| (lo..=hi).contains(h)))
+            .then_some(())
+    })
+    .await
+    .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doubling_the_workers_raises_item_reads_by_at_most_1_4x() {
+    let aws = aws().await;
+    let (app, stream) = (unique("cost"), unique("cost"));
+    create_stream(&aws, &stream, SHARDS).await;
+    let proxy = FaultProxy::start(&std::env::var("AWS_ENDPOINT_URL_DYNAMODB").unwrap()).await;
+    let proxied = aws_with_dynamodb(&proxy.url()).await;
+    let ids = |range: std::ops::Range<u32>| range.map(|i| format!("w{i}")).collect::<Vec<_>>();
+    let mut workers = start_workers_custom(&app, &stream, ids(0..4), &proxied, None, relaxed).await;
+    let took = wait_even(&workers).await;
+    eprintln!("4 workers: spread in {took:?}");
+    let (four, four_detail) = measure(&proxy).await;
+    let more = start_workers_custom(&app, &stream, ids(4..8), &proxied, None, relaxed).await;
+    workers.extend(more);
+    let took = wait_even(&workers).await;
+    eprintln!("8 workers: spread in {took:?}");
+    let (eight, eight_detail) = measure(&proxy).await;
+    let ratio = eight / four;
+    eprintln!(
+        "item reads at {SHARDS} shards: 4 workers {four:.0}/s ({four_detail}); \
+         8 workers {eight:.0}/s ({eight_detail}); ratio {ratio:.2}"
+    );
+    assert!(
+        four > 0.0 && ratio <= 1.4,
+        "4 -> 8 workers raised item reads {ratio:.2}x ({four:.0}/s -> {eight:.0}/s)"
+    );
+}
