@@ -194,6 +194,9 @@ fn pinned_latest(now: std::time::SystemTime) -> String {
     format!("{AT_TIMESTAMP_PREFIX}{millis}")
 }
 
+/// A pinned time further ahead of this worker's clock than this is pinned again to now.
+const PIN_AHEAD_LIMIT_MS: i64 = 60_000;
+
 /// The time of a pinned `LATEST` checkpoint.
 fn pinned_millis(checkpoint: &str) -> Option<i64> {
     let digits = checkpoint.strip_prefix(AT_TIMESTAMP_PREFIX)?;
@@ -288,7 +291,20 @@ pub async fn consume(
                 Err(e @ (AwsError::Invalid { .. } | AwsError::NotFound { .. })) => {
                     // A pinned time "in the future" (this worker's clock ahead of Kinesis')
                     // becomes valid as time passes: wait, never give the shard up for it.
-                    if last_processed.is_none() && pinned_millis(&start_at).is_some() {
+                    // One beyond this worker's own clock (written by hand, or a clock that
+                    // stepped back) is not waited for: pinned again to now.
+                    if matches!(e, AwsError::Invalid { .. })
+                        && last_processed.is_none()
+                        && let Some(at) = pinned_millis(&start_at)
+                    {
+                        let now = pinned_latest(std::time::SystemTime::now());
+                        if pinned_millis(&now).is_some_and(|now| at > now + PIN_AHEAD_LIMIT_MS) {
+                            match store.checkpoint(&held, &me, &now).await {
+                                Ok(()) => start_at = now,
+                                Err(e) if e.is_condition_failed() => return ConsumerExit::Lost,
+                                Err(_) => {}
+                            }
+                        }
                         tracing::warn!(shard = %shard, error = %e, "pinned LATEST refused; retrying");
                         ctx.state.read_failed(&shard, e.to_string());
                         pause(backoff.next_wait(), &stop, &mut fence).await;

@@ -70,6 +70,8 @@ enum Admin {
         #[arg(long)]
         json: bool,
     },
+    /// Print every lease's checkpoint as JSON (shard id → checkpoint).
+    Checkpoints,
     /// Reshard to N open shards stepwise (at most x2 or /2 per call), waiting for ACTIVE.
     Reshard {
         #[arg(value_parser = clap::value_parser!(u64).range(1..=10000))]
@@ -222,6 +224,19 @@ async fn admin(settings: Settings, cmd: Admin) -> ExitCode {
     let aws = AwsClients::from_env(Metrics::new()).await;
     let stream = settings.stream_name.clone();
     let result = match cmd {
+        Admin::Checkpoints => {
+            let store = kds_worker::leases::LeaseStore::new(aws.clone(), settings.lease_table());
+            store.scan().await.map(|leases| {
+                let map: std::collections::BTreeMap<String, String> = leases
+                    .into_iter()
+                    .map(|l| (l.shard_id, l.checkpoint))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&map).expect("serialisable")
+                );
+            })
+        }
         Admin::Snapshot { json } => {
             kds_worker::admin::snapshot(&aws, &settings)
                 .await

@@ -7,8 +7,9 @@
 //! (SIGSTOP … SIGCONT: a stalled process that wakes after its leases were taken, as after a
 //! cut network), a reshard 30 ↔ 60, or a scale 3 ↔ 4. Then the producer stops, every
 //! record must be processed, and `kds-worker admin audit` counts overlaps (two workers
-//! reading one shard at once), lost records and duplicates. Overlaps and lost records fail
-//! the run; duplicates are allowed only after a kill or a freeze, and counted. The record and
+//! reading one shard at once), lost records and duplicates; the lease table's checkpoints,
+//! sampled after every action, must never move back. Overlaps, lost records and checkpoint
+//! regressions fail the run; duplicates are allowed only after a kill or a freeze, and counted. The record and
 //! process logs stay in `.lab/chaos-evidence/` after the lab is cleaned up.
 
 use std::collections::BTreeMap;
@@ -93,6 +94,10 @@ struct Outcome {
     duplicates: usize,
     overlaps: usize,
     lost: usize,
+    /// Times a lease's checkpoint was seen lower than at an earlier sample.
+    checkpoint_regressions: usize,
+    /// Checkpoint samples taken (one after every action, one at the end).
+    checkpoint_samples: usize,
     drained_seconds: f64,
     by_worker: BTreeMap<String, usize>,
     /// The first few overlapping reads, as the audit reports them.
@@ -157,10 +162,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let repeats_allowed = outcome.actions.keys().any(|a| a.may_repeat());
     ensure!(
-        outcome.overlaps == 0 && outcome.lost == 0,
-        "chaos found {} overlapping reads and {} lost records (seed {seed})",
+        outcome.overlaps == 0 && outcome.lost == 0 && outcome.checkpoint_regressions == 0,
+        "chaos found {} overlapping reads, {} lost records and {} checkpoint regressions (seed {seed})",
         outcome.overlaps,
-        outcome.lost
+        outcome.lost,
+        outcome.checkpoint_regressions
     );
     ensure!(
         outcome.duplicates == 0 || repeats_allowed,
@@ -178,6 +184,7 @@ fn inject(lab: &mut Local, args: &Args, seed: u64) -> anyhow::Result<Outcome> {
     let run_for = Duration::from_secs_f64(args.minutes * 60.0);
     let mut actions: BTreeMap<Action, u32> = BTreeMap::new();
     let mut log = Vec::new();
+    let mut checkpoints = Checkpoints::default();
     let (mut shards, mut workers) = (30u64, 3u64);
     while began.elapsed() < run_for {
         std::thread::sleep(Duration::from_secs(rng.range(2, 6)));
@@ -224,7 +231,15 @@ fn inject(lab: &mut Local, args: &Args, seed: u64) -> anyhow::Result<Outcome> {
             }
         };
         *actions.entry(action).or_default() += 1;
-        let line = format!("{at:>6.1}s {line}");
+        let regressed = checkpoints.sample(lab)?;
+        let line = if regressed.is_empty() {
+            format!("{at:>6.1}s {line}")
+        } else {
+            format!(
+                "{at:>6.1}s {line}; CHECKPOINT MOVED BACK: {}",
+                regressed.join(", ")
+            )
+        };
         eprintln!("  {line}");
         log.push(line);
     }
@@ -246,6 +261,13 @@ fn inject(lab: &mut Local, args: &Args, seed: u64) -> anyhow::Result<Outcome> {
             Err(e) => format!("audit failed: {e:#}"),
         },
     )?;
+    let regressed = checkpoints.sample(lab)?;
+    if !regressed.is_empty() {
+        log.push(format!(
+            "at the end: CHECKPOINT MOVED BACK: {}",
+            regressed.join(", ")
+        ));
+    }
     Ok(Outcome {
         seed,
         minutes: args.minutes,
@@ -256,10 +278,68 @@ fn inject(lab: &mut Local, args: &Args, seed: u64) -> anyhow::Result<Outcome> {
         duplicates: audit.duplicates,
         overlaps: audit.overlaps.len(),
         lost: audit.lost.len(),
+        checkpoint_regressions: checkpoints.regressions,
+        checkpoint_samples: checkpoints.samples,
         drained_seconds: drained.as_secs_f64(),
         by_worker: audit.by_worker,
         overlap_examples: audit.overlaps.iter().take(5).cloned().collect(),
     })
+}
+
+/// The highest checkpoint seen per lease, and how often one was seen lower later.
+#[derive(Default)]
+struct Checkpoints {
+    highest: BTreeMap<String, String>,
+    regressions: usize,
+    samples: usize,
+}
+
+impl Checkpoints {
+    /// Reads every checkpoint; returns the leases whose checkpoint moved back since.
+    fn sample(&mut self, lab: &Local) -> anyhow::Result<Vec<String>> {
+        let now = crate::lab::retrying(
+            "reading the checkpoints",
+            crate::lab::STATUS_READ_DEADLINE,
+            || lab.checkpoints(),
+        )?;
+        self.samples += 1;
+        let mut regressed = Vec::new();
+        for (shard, cp) in now {
+            match self.highest.get(&shard) {
+                Some(prev) if position_cmp(&cp, prev) == Some(std::cmp::Ordering::Less) => {
+                    regressed.push(format!("{shard} {prev} -> {cp}"));
+                    self.regressions += 1;
+                }
+                Some(prev) if position_cmp(&cp, prev) == Some(std::cmp::Ordering::Equal) => {}
+                // New, further on, or not comparable (a pinned LATEST): the one to beat.
+                _ => {
+                    self.highest.insert(shard, cp);
+                }
+            }
+        }
+        Ok(regressed)
+    }
+}
+
+/// Orders two checkpoints of one lease: `TRIM_HORIZON` < sequence numbers (by value) <
+/// `SHARD_END`; `None` for what does not compare (`LATEST`, a pinned time).
+fn position_cmp(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    fn rank(cp: &str) -> Option<(u8, &str)> {
+        match cp {
+            "TRIM_HORIZON" => Some((0, "")),
+            "SHARD_END" => Some((2, "")),
+            seq if !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()) => {
+                Some((1, seq.trim_start_matches('0')))
+            }
+            _ => None,
+        }
+    }
+    let ((ra, sa), (rb, sb)) = (rank(a)?, rank(b)?);
+    Some(
+        ra.cmp(&rb)
+            .then(sa.len().cmp(&sb.len()))
+            .then_with(|| sa.cmp(sb)),
+    )
 }
 
 fn print(o: &Outcome) {
@@ -281,12 +361,29 @@ fn print(o: &Outcome) {
         "records: {} produced, {} processed, {} duplicated, {} lost; overlapping reads: {}; drained in {:.1}s",
         o.produced, o.processed, o.duplicates, o.lost, o.overlaps, o.drained_seconds
     );
+    println!(
+        "checkpoints: {} samples, {} moved back",
+        o.checkpoint_samples, o.checkpoint_regressions
+    );
     println!("by worker: {:?}", o.by_worker);
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Rng;
+    use super::{Rng, position_cmp};
+    use std::cmp::Ordering::{Greater, Less};
+
+    #[test]
+    fn checkpoints_order_like_positions_in_a_shard() {
+        assert_eq!(position_cmp("TRIM_HORIZON", "4960"), Some(Less));
+        assert_eq!(
+            position_cmp("4960", "10"),
+            Some(Greater),
+            "by value, not text"
+        );
+        assert_eq!(position_cmp("SHARD_END", "99999"), Some(Greater));
+        assert_eq!(position_cmp("AT_TIMESTAMP:5", "1"), None);
+    }
 
     #[test]
     fn a_seed_replays_the_same_sequence() {

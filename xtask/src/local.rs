@@ -434,6 +434,15 @@ impl Local {
         self.wait_ready()
     }
 
+    /// Every lease's checkpoint (shard id → checkpoint): `kds-worker admin checkpoints`.
+    pub fn checkpoints(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let out = self.worker_cli(&["admin", "checkpoints"])?;
+        if self.runner.dry_run {
+            return Ok(BTreeMap::new());
+        }
+        serde_json::from_str(&out).context("parsing the checkpoints")
+    }
+
     /// Names of the running workers.
     pub fn worker_names(&self) -> Vec<String> {
         self.state.workers.keys().cloned().collect()
