@@ -51,7 +51,7 @@
               pkgs.cmake
               pkgs.perl
             ];
-            buildInputs = lib.optionals pkgs.stdenv.isDarwin [ pkgs.libiconv ];
+            buildInputs = lib.optionals pkgs.stdenv.hostPlatform.isDarwin [ pkgs.libiconv ];
           };
 
           # One dependency build shared by every package and check.
@@ -142,6 +142,31 @@
             export AWS_EC2_METADATA_DISABLED=true
           '';
 
+          # `nix build .#image && ./result | docker load` (or `minikube image load`). Linux only.
+          image = pkgs.dockerTools.streamLayeredImage {
+            name = imageName;
+            tag = imageTag;
+            # ISO 8601 (what stream_layered_image.py parses), from the commit's time: the same
+            # source gives the same image.
+            created =
+              let
+                d = self.lastModifiedDate or "19700101000000";
+                part = start: len: builtins.substring start len d;
+              in
+              "${part 0 4}-${part 4 2}-${part 6 2}T${part 8 2}:${part 10 2}:${part 12 2}Z";
+            contents = [
+              kds-worker
+              pkgs.cacert
+            ];
+            # The StatefulSet runs as 65532 with a read-only root: nothing to write here.
+            config = {
+              Entrypoint = [ (lib.getExe kds-worker) ];
+              User = "65532:65532";
+              ExposedPorts."8080/tcp" = { };
+              Env = [ "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt" ];
+            };
+          };
+
           checks = {
             kds-clippy = craneLib.cargoClippy (
               commonArgs
@@ -150,7 +175,11 @@
                 cargoClippyExtraArgs = "--all-targets -- -D warnings";
               }
             );
-            kds-fmt = craneLib.cargoFmt { inherit src; };
+            kds-fmt = craneLib.cargoFmt {
+              inherit src;
+              pname = "kds-lease-lab";
+              version = "0.1.0";
+            };
             kds-doc = craneLib.cargoDoc (commonArgs // { inherit cargoArtifacts; });
             # Pure logic: policy, election, assignment (proptest), config (figment::Jail), xtask plans.
             kds-unit-tests = craneLib.cargoNextest (
@@ -168,7 +197,11 @@
               }
             );
           }
-          // lib.optionalAttrs pkgs.stdenv.isLinux {
+          // lib.optionalAttrs pkgs.stdenv.hostPlatform.isLinux {
+            # The image script really streams a tarball (building it only writes the script).
+            kds-image-streams = pkgs.runCommand "kds-image-streams" { } ''
+              ${image} | tar -t > $out
+            '';
             # The Linux build sandbox has a private loopback: the emulators run inside it.
             kds-emulator-tests = craneLib.cargoNextest (
               commonArgs
@@ -189,24 +222,8 @@
               ;
             default = kds-worker;
           }
-          // lib.optionalAttrs pkgs.stdenv.isLinux {
-            # `nix build .#image && ./result | docker load` (or `minikube image load`).
-            image = pkgs.dockerTools.streamLayeredImage {
-              name = imageName;
-              tag = imageTag;
-              created = "@${toString self.lastModified}";
-              contents = [
-                kds-worker
-                pkgs.cacert
-              ];
-              # The StatefulSet runs as 65532 with a read-only root: nothing to write here.
-              config = {
-                Entrypoint = [ (lib.getExe kds-worker) ];
-                User = "65532:65532";
-                ExposedPorts."8080/tcp" = { };
-                Env = [ "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt" ];
-              };
-            };
+          // lib.optionalAttrs pkgs.stdenv.hostPlatform.isLinux {
+            inherit image;
           };
 
           devShell = craneLib.devShell {

@@ -44,10 +44,11 @@ impl Xtask {
     }
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// Runs the lab end to end with the xtask binary `exe`.
+pub fn run(exe: &Path) -> anyhow::Result<()> {
     let lab = project_root().join(".lab").join("e2e");
     let x = Xtask {
-        exe: std::env::current_exe()?,
+        exe: exe.to_path_buf(),
         lab: lab.clone(),
     };
     // A leftover from an interrupted run is cleaned first.

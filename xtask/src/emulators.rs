@@ -62,11 +62,16 @@ fn kinesis_dir(pins: &Pins) -> PathBuf {
     tools_dir().join(format!("kinesis-mock-{}", pins.kinesis.version))
 }
 
+/// kinesis-mock's `main.js` (its `server.json` lies beside it): in `XTASK_KINESIS_MOCK_DIR`
+/// when set (`nix develop` points it at the flake's copy), else in the installed package.
 fn kinesis_main(pins: &Pins) -> PathBuf {
-    kinesis_dir(pins)
-        .join("node_modules")
-        .join(&pins.kinesis.npm_package)
-        .join("main.js")
+    match std::env::var_os("XTASK_KINESIS_MOCK_DIR") {
+        Some(dir) => PathBuf::from(dir).join("main.js"),
+        None => kinesis_dir(pins)
+            .join("node_modules")
+            .join(&pins.kinesis.npm_package)
+            .join("main.js"),
+    }
 }
 
 fn moto_venv(pins: &Pins) -> PathBuf {

@@ -69,7 +69,15 @@ impl Kube {
             vec![
                 (
                     "nix".into(),
-                    args(["build", ".#image", "--out-link", ".lab/image"]),
+                    // A default Nix install has flakes off: enable them for this call only.
+                    args([
+                        "--extra-experimental-features",
+                        "nix-command flakes",
+                        "build",
+                        ".#image",
+                        "--out-link",
+                        ".lab/image",
+                    ]),
                 ),
                 (
                     "sh".into(),
@@ -128,11 +136,27 @@ impl Driver for Kube {
                 &args(["start", "-p", PROFILE, "--cpus", "2", "--memory", "4096"]),
             )?;
         }
-        for (program, a) in Self::image_plan(self.nix) {
-            r.run(&program, &a)?;
+        let mut nix_image = self.nix;
+        if nix_image {
+            let built = Self::image_plan(true)
+                .iter()
+                .try_for_each(|(program, a)| r.run(program, a));
+            if let Err(e) = built {
+                let why = format!("{e:#}");
+                eprintln!(
+                    "nix could not build the image ({}); building it from the Dockerfile instead",
+                    why.lines().next().unwrap_or("")
+                );
+                nix_image = false;
+            }
+        }
+        if !nix_image {
+            for (program, a) in Self::image_plan(false) {
+                r.run(&program, &a)?;
+            }
         }
         if self.minikube {
-            let source = if self.nix {
+            let source = if nix_image {
                 ".lab/kds-worker-image.tar"
             } else {
                 IMAGE
@@ -297,14 +321,34 @@ impl Driver for Kube {
         self.recent_events()
     }
 
+    /// Idempotent: a cluster that is already gone (or stopped) is not an error, `--all` always
+    /// reaches `minikube delete`, and the lab's files go with it, so the lab is no longer
+    /// "set up" afterwards.
     fn cleanup(&mut self, all: bool) -> anyhow::Result<()> {
-        self.runner.run(
+        let deleted = self.runner.run(
             "kubectl",
             &self.kubectl(&["delete", "-k", "manifests/", "--ignore-not-found"]),
-        )?;
+        );
+        if let Err(e) = &deleted {
+            eprintln!(
+                "kubectl delete failed ({}); the cluster may be gone already",
+                format!("{e:#}").lines().next().unwrap_or("")
+            );
+        }
         if all && self.minikube {
             self.runner
                 .run("minikube", &args(["delete", "-p", PROFILE]))?;
+        }
+        if !self.runner.dry_run {
+            let lab = crate::util::lab_dir();
+            for file in [
+                "state.json",
+                "kds-worker-image.tar",
+                "image",
+                "configmap.yaml",
+            ] {
+                let _ = std::fs::remove_file(lab.join(file));
+            }
         }
         Ok(())
     }
@@ -368,12 +412,27 @@ mod tests {
         let mut k = dry(true, true);
         k.setup(30, 3).unwrap();
         let c = k.runner.commands();
-        assert_eq!(c[1], "nix build .#image --out-link .lab/image");
+        assert_eq!(
+            c[1],
+            "nix --extra-experimental-features 'nix-command flakes' build .#image --out-link .lab/image"
+        );
         assert_eq!(c[2], "sh -c '.lab/image > .lab/kds-worker-image.tar'");
         assert_eq!(
             c[3],
             "minikube -p kds-lab image load .lab/kds-worker-image.tar"
         );
+    }
+
+    #[test]
+    fn cleanup_all_deletes_the_manifests_then_the_profile() {
+        let mut k = dry(true, true);
+        k.cleanup(true).unwrap();
+        let c = k.runner.commands();
+        assert!(
+            c[0].contains("delete -k manifests/ --ignore-not-found"),
+            "{c:?}"
+        );
+        assert_eq!(c[1], "minikube delete -p kds-lab");
     }
 
     #[test]

@@ -138,6 +138,33 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
+/// Starts `bin args` detached from this command, output to `log`, and returns its pid. Its
+/// own process group: Ctrl-C on this command does not take the lab down.
+fn spawn_detached(
+    bin: &std::path::Path,
+    args: &[String],
+    env: Vec<(String, String)>,
+    log: std::fs::File,
+) -> anyhow::Result<u32> {
+    let handle = duct::cmd(bin, args)
+        .full_env(env)
+        .stdin_null()
+        .stdout_file(log.try_clone()?)
+        .stderr_file(log)
+        .before_spawn(|c| {
+            use std::os::unix::process::CommandExt;
+            c.process_group(0);
+            Ok(())
+        })
+        .unchecked()
+        .start()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = handle.pids()[0];
+    // The lab outlives this command: never wait for (or kill) it on drop.
+    std::mem::forget(handle);
+    Ok(pid)
+}
+
 /// SIGTERM, then SIGKILL if it has not exited within `grace`.
 fn stop_process(pid: u32, grace: Duration) {
     if !alive(pid) {
@@ -269,25 +296,12 @@ impl Local {
             ])
             .collect();
         std::fs::create_dir_all(records_dir())?;
-        let handle = duct::cmd(
+        let pid = spawn_detached(
             &bin,
-            ["--config".to_owned(), config_path().display().to_string()],
-        )
-        .full_env(env)
-        .stdin_null()
-        .stdout_file(log.try_clone()?)
-        .stderr_file(log)
-        // Its own process group: Ctrl-C on this command does not take the lab down.
-        .before_spawn(|c| {
-            use std::os::unix::process::CommandExt;
-            c.process_group(0);
-            Ok(())
-        })
-        .unchecked()
-        .start()
-        .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = handle.pids()[0];
-        std::mem::forget(handle);
+            &["--config".to_owned(), config_path().display().to_string()],
+            env,
+            log,
+        )?;
         self.state
             .workers
             .insert(name.to_owned(), WorkerProcess { pid, port });
@@ -364,21 +378,7 @@ impl Local {
             .create(true)
             .append(true)
             .open(logs_dir().join("producer.log"))?;
-        let handle = duct::cmd(&bin, args)
-            .full_env(self.worker_env())
-            .stdin_null()
-            .stdout_file(log.try_clone()?)
-            .stderr_file(log)
-            .before_spawn(|c| {
-                use std::os::unix::process::CommandExt;
-                c.process_group(0);
-                Ok(())
-            })
-            .unchecked()
-            .start()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        self.state.producer_pid = Some(handle.pids()[0]);
-        std::mem::forget(handle);
+        self.state.producer_pid = Some(spawn_detached(&bin, &args, self.worker_env(), log)?);
         self.save()
     }
 

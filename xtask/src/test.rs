@@ -39,6 +39,11 @@ struct Step {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let sh = Shell::new()?;
     sh.change_dir(project_root());
+    // The lab steps run this very binary; `cargo test --workspace` may rebuild it in place
+    // (workspace-wide features), so they run a copy taken now.
+    let exe = lab_dir().join("bin").join("xtask");
+    std::fs::create_dir_all(lab_dir().join("bin"))?;
+    std::fs::copy(std::env::current_exe()?, &exe)?;
     let mut steps: Vec<Step> = Vec::new();
     let mut step = |name: &'static str, f: &mut dyn FnMut() -> anyhow::Result<()>| -> bool {
         eprintln!("\n==> {name}");
@@ -97,11 +102,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         emu.stop();
     }
     if !args.no_lab {
-        step("lab-e2e", &mut || crate::e2e::run());
+        step("lab-e2e", &mut || crate::e2e::run(&exe));
         step("chaos", &mut || {
             // A short run with a fixed seed (the same actions every time); its own process,
             // so its lab dir does not leak into this one.
-            let exe = std::env::current_exe()?;
             let (minutes, seed) = (CHAOS_MINUTES.to_string(), CHAOS_SEED.to_string());
             Ok(cmd!(sh, "{exe} chaos --minutes {minutes} --seed {seed}").run()?)
         });
