@@ -266,6 +266,14 @@ async fn admin(settings: Settings, cmd: Admin) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A missing stream or table has its own exit code, so a script can tell "create the
+        // stream first" from "AWS is down".
+        Err(e @ kds_worker::aws::AwsError::NotFound { .. }) => {
+            eprintln!(
+                "kds-worker admin: {e} (does stream {stream:?} exist? `kds-worker init --shards N` creates it and the tables)"
+            );
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("kds-worker admin: {e}");
             ExitCode::FAILURE
@@ -387,18 +395,25 @@ async fn run(settings: Settings) -> ExitCode {
     if let Some(log) = record_log {
         worker = worker.with_processor(log);
     }
-    if let Err(e) = worker.prepare().await {
-        tracing::error!(error = %e, "cannot start");
-        eprintln!("kds-worker: {e}");
-        return match e {
-            StartError::UnknownStream { .. } => ExitCode::from(3),
-            StartError::Aws(_) => ExitCode::FAILURE,
-        };
-    }
+    // Serve /health, /ready and /metrics from the start: a worker waiting for its stream
+    // says so on /ready instead of being invisible.
     let stop = CancellationToken::new();
     tokio::spawn(shutdown_signal(stop.clone()));
     let server = tokio::spawn(http::serve(listener, worker.state(), stop.clone()));
-    worker.run(stop).await;
+    match worker.wait_to_start(&stop).await {
+        Ok(true) => worker.run(stop.clone()).await,
+        Ok(false) => tracing::info!("stopped before starting"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("kds-worker: {e}");
+            stop.cancel();
+            let _ = server.await;
+            return match e {
+                StartError::UnknownStream { .. } => ExitCode::from(3),
+                StartError::Aws(_) => ExitCode::FAILURE,
+            };
+        }
+    }
     let _ = server.await;
     ExitCode::SUCCESS
 }

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub worker_id_conflict: Gauge,
     /// Start-up calls retried after throttling or a transient error.
     pub start_retries: Counter,
+    /// 1 while the worker waits at start for its stream to be created.
+    pub stream_missing: Gauge,
     pub records_processed: Family<crate::consumer::ShardLabel, Counter>,
     pub bytes_processed: Family<crate::consumer::ShardLabel, Counter>,
 }
@@ -171,6 +173,11 @@ impl Metrics {
             "start_retries",
             "Start-up AWS calls retried after throttling or a transient error",
             self.start_retries.clone(),
+        );
+        r.register(
+            "stream_missing",
+            "1 while the worker waits at start for its stream to be created (it reads nothing until then)",
+            self.stream_missing.clone(),
         );
         r.register(
             "records_processed",

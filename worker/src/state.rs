@@ -56,6 +56,8 @@ struct Inner {
     /// The coordinator's Kinesis calls about the stream that fail (`ListShards`,
     /// `DescribeStreamSummary`): since when, and the last error.
     failing_stream_calls: BTreeMap<&'static str, (Instant, String)>,
+    /// What start-up is waiting for (the stream to exist, AWS to answer); `None` once started.
+    start_wait: Option<String>,
     /// Changes every time the fence is up (raised by the watchdog, seen up when a heartbeat
     /// lands, or a second instance of this worker id): a consumer acquired before a change
     /// must not read after it, even if the fence has dropped again meanwhile.
@@ -154,6 +156,7 @@ impl WorkerState {
                 last_heartbeat_error: None,
                 failing_reads: BTreeMap::new(),
                 failing_stream_calls: BTreeMap::new(),
+                start_wait: None,
                 last_limit_read_ok: None,
                 last_limit_read_error: None,
                 limit_problem: None,
@@ -168,6 +171,21 @@ impl WorkerState {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave the plain values inconsistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start-up is waiting for `what` (`None`: no longer waiting). While it waits, that is the
+    /// one reason `/ready` gives: nothing else has started.
+    /// Waiting is not stuck: `/health` stays 200, and each loop's allowance starts when the
+    /// wait ends.
+    pub fn set_start_wait(&self, what: Option<String>) {
+        let mut g = self.lock();
+        if g.start_wait.is_some() && what.is_none() {
+            let now = Instant::now();
+            for name in LOOPS {
+                g.loop_beats.insert(name, now);
+            }
+        }
+        g.start_wait = what;
     }
 
     pub fn beat(&self, loop_name: &'static str) {
@@ -506,6 +524,9 @@ impl WorkerState {
     pub fn not_ready_reasons(&self) -> Vec<String> {
         let g = self.lock();
         let now = Instant::now();
+        if let Some(waiting) = &g.start_wait {
+            return vec![waiting.clone()];
+        }
         let mut reasons = Vec::new();
         if let Some(other) = &g.instance_conflict {
             reasons.push(format!(
@@ -584,6 +605,9 @@ impl WorkerState {
     /// Loops that have not gone round within the allowed time; empty when healthy.
     pub fn stuck_loops(&self) -> Vec<String> {
         let g = self.lock();
+        if g.start_wait.is_some() {
+            return Vec::new();
+        }
         let now = Instant::now();
         // A loop iteration may wait on one AWS call with retries; it must not take longer than
         // the failover timeout plus that call's own time limit.

@@ -176,6 +176,73 @@ impl Worker {
         Ok(())
     }
 
+    /// What `kds-worker run` does instead of [`Worker::prepare`]: a worker started before its
+    /// stream (a StatefulSet applied together with the Job that creates the stream), or before
+    /// AWS answers, waits instead of exiting into a crash loop. While it waits `/ready`
+    /// names what it waits for and `kds_stream_missing` is 1; it retries with the
+    /// [`StartRetry`] backoff (never more than `max_delay` apart), without an attempt limit.
+    /// Returns `Ok(false)` if `stop` is cancelled first. Errors that waiting cannot fix (access
+    /// denied, a malformed request) still end the start.
+    pub async fn wait_to_start(&self, stop: &CancellationToken) -> Result<bool, StartError> {
+        let s = &self.ctx.state.settings;
+        let state = &self.ctx.state;
+        let policy = self.ctx.start_retry;
+        let mut retry = 0u32;
+        loop {
+            retry = retry.saturating_add(1);
+            let delay = policy.delay(retry, jitter());
+            let waiting = match crate::inputs::open_shard_count(&self.ctx.aws, &s.stream_name).await
+            {
+                Ok(_) => break,
+                Err(AwsError::NotFound { .. }) => {
+                    state.metrics.stream_missing.set(1);
+                    tracing::warn!(
+                        stream = %s.stream_name,
+                        attempt = retry,
+                        "the stream does not exist yet; checking again in {delay:?}"
+                    );
+                    format!(
+                        "waiting for stream {:?} to be created (create it, or run `kds-worker init --shards N`)",
+                        s.stream_name
+                    )
+                }
+                Err(e) if e.is_transient() => {
+                    state.metrics.start_retries.inc();
+                    tracing::warn!(
+                        error = %e,
+                        attempt = retry,
+                        "DescribeStreamSummary failed at start; retrying in {delay:?}"
+                    );
+                    format!("waiting for Kinesis to answer DescribeStreamSummary: {e}")
+                }
+                Err(e) => {
+                    state.set_start_wait(None);
+                    state.metrics.stream_missing.set(0);
+                    return Err(e.into());
+                }
+            };
+            state.set_start_wait(Some(waiting));
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(false),
+                _ = sleep(delay) => {}
+            }
+        }
+        state.metrics.stream_missing.set(0);
+        if retry > 1 {
+            tracing::info!(stream = %s.stream_name, attempts = retry, "the stream exists; starting");
+        }
+        state.set_start_wait(Some("creating the lease and metadata tables".to_owned()));
+        let (lease_table, meta_table) = (s.lease_table(), s.meta_table());
+        let made = self
+            .retrying("creating the tables", || {
+                schema::ensure_tables(&self.ctx.aws, &lease_table, &meta_table)
+            })
+            .await;
+        state.set_start_wait(None);
+        made?;
+        Ok(true)
+    }
+
     /// Runs `call` until it succeeds, fails for good, or [`StartRetry::attempts`] are spent.
     async fn retrying<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, AwsError>
     where

@@ -1,5 +1,6 @@
-//! The `kds-worker` binary as an operator meets it: bad configuration, unknown streams,
-//! `init`, `config`, and a real process serving its endpoints and exiting 0 on SIGTERM.
+//! The `kds-worker` binary as an operator meets it: bad configuration, a stream created after
+//! the worker started, `init`, `config`, and a real process serving its endpoints and exiting
+//! 0 on SIGTERM.
 
 mod support;
 
@@ -18,6 +19,30 @@ fn worker_bin() -> Command {
     }
     c.env("KDS_LOG_FORMAT", "pretty");
     c
+}
+
+/// A worker process killed when the test ends, passed or not (a panicking test must not leave
+/// it running).
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reap {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reap {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 async fn table_exists(aws: &kds_worker::aws::AwsClients, table: &str) -> bool {
@@ -89,20 +114,169 @@ async fn bad_configuration_exits_2_naming_the_key_and_writes_nothing() {
     }
 }
 
+/// A worker started before its stream (a StatefulSet applied with the Job that creates it)
+/// waits instead of exiting into a crash loop: `/ready` 503 naming the stream, `/health` 200,
+/// `kds_stream_missing 1`, nothing written; once the stream exists it starts and reads. An
+/// admin command on a missing stream still exits 3.
 #[tokio::test]
-async fn unknown_stream_fails_clearly_and_writes_nothing() {
+async fn a_missing_stream_is_waited_for_then_read() {
     let aws = aws().await;
-    let app = unique("nostream");
+    let (app, stream) = (unique("nostream"), unique("late"));
     let out = worker_bin()
+        .args(["admin", "reshard", "4"])
         .env("KDS_APP_NAME", &app)
-        .env("KDS_STREAM_NAME", unique("missing"))
-        .env("KDS_WORKER_COUNT_SOURCE", "heartbeats")
-        .env("KDS_HTTP_ADDR", "127.0.0.1:0")
+        .env("KDS_STREAM_NAME", &stream)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(
+        stderr.contains(&stream) && stderr.contains("kds-worker init"),
+        "{stderr}"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = Reap(
+        worker_bin()
+            .env("KDS_APP_NAME", &app)
+            .env("KDS_STREAM_NAME", &stream)
+            .env("KDS_WORKER_ID", "late-0")
+            .env("KDS_WORKER_COUNT_SOURCE", "heartbeats")
+            .env("KDS_HEARTBEAT_INTERVAL", "300ms")
+            .env("KDS_FAILOVER_TIMEOUT", "2s")
+            .env("KDS_HTTP_ADDR", addr.to_string())
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (body, _) = wait_for(
+        Duration::from_secs(20),
+        "/ready to say the worker waits for its stream",
+        || {
+            let exited = child.try_wait().unwrap();
+            async move {
+                assert!(exited.is_none(), "the worker exited: {exited:?}");
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(_) => {
+                        let (code, body) = http_get(addr, "/ready").await;
+                        (code == 503 && body.contains("waiting for stream")).then_some(body)
+                    }
+                    Err(_) => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert!(body.contains(&stream), "{body}");
+    assert_eq!(http_get(addr, "/health").await.0, 200);
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    assert!(metrics.contains("kds_stream_missing 1"), "{metrics}");
+    assert!(
+        !table_exists(&aws, &app).await,
+        "a waiting worker wrote a table"
+    );
+
+    create_stream(&aws, &stream, 2).await;
+    let created = tokio::time::Instant::now();
+    wait_for(
+        Duration::from_secs(60),
+        "the worker to start once the stream exists",
+        || {
+            let exited = child.try_wait().unwrap();
+            async move {
+                assert!(exited.is_none(), "the worker exited: {exited:?}");
+                (http_get(addr, "/ready").await.0 == 200).then_some(())
+            }
+        },
+    )
+    .await;
+    eprintln!("ready {:?} after the stream was created", created.elapsed());
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    assert!(metrics.contains("kds_stream_missing 0"), "{metrics}");
+    wait_for(
+        Duration::from_secs(30),
+        "the worker to lease both shards",
+        || async move {
+            let (_, status) = http_get(addr, "/status").await;
+            let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+            (status["leases_held"] == 2 && status["coverage"]["readable_shards"] == 2).then_some(())
+        },
+    )
+    .await;
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (status, _) = wait_for(Duration::from_secs(10), "exit after SIGTERM", || {
+        let s = child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0));
+}
+
+/// SIGTERM while waiting for the stream: exit 0 at once, nothing written.
+#[tokio::test]
+async fn a_worker_waiting_for_its_stream_stops_on_sigterm() {
+    let aws = aws().await;
+    let app = unique("nostream");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = Reap(
+        worker_bin()
+            .env("KDS_APP_NAME", &app)
+            .env("KDS_STREAM_NAME", unique("never"))
+            .env("KDS_WORKER_COUNT_SOURCE", "heartbeats")
+            .env("KDS_HTTP_ADDR", addr.to_string())
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the worker to be waiting",
+        || async move {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(_) => (http_get(addr, "/ready")
+                    .await
+                    .1
+                    .contains("waiting for stream"))
+                .then_some(()),
+                Err(_) => None,
+            }
+        },
+    )
+    .await;
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (status, _) = wait_for(Duration::from_secs(5), "exit after SIGTERM", || {
+        let s = child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0));
     assert!(!table_exists(&aws, &app).await);
     assert!(!table_exists(&aws, &format!("{app}_meta")).await);
 }
