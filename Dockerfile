@@ -1,5 +1,7 @@
 # The worker image without Nix (`cargo xtask setup` uses `nix build .#image` when Nix is
-# installed). Same user, entrypoint and tag as the Nix image: see flake.nix.
+# installed). Same user and entrypoint as the Nix image (flake.nix); `setup` tags it with the
+# start of its image id, so a rebuilt worker rolls out and an unchanged one does not.
+# The Rust version is rust-toolchain.toml's.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./

@@ -17,9 +17,10 @@
       ];
       forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
-      # The tag `cargo xtask setup` loads and manifests/statefulset.yaml runs.
+      # The image name manifests/ run; `cargo xtask setup` sets the tag (see `image` below).
       imageName = "kds-worker";
-      imageTag = "dev";
+      # rustup's and CI's Rust; the flake builds with nixpkgs' rustc (see devShell's warning).
+      rustChannel = (builtins.fromTOML (builtins.readFile ./rust-toolchain.toml)).toolchain.channel;
 
       perSystem =
         pkgs:
@@ -145,7 +146,10 @@
           # `nix build .#image && ./result | docker load` (or `minikube image load`). Linux only.
           image = pkgs.dockerTools.streamLayeredImage {
             name = imageName;
-            tag = imageTag;
+            # No fixed tag: Nix tags the image with a hash of its contents, so a rebuilt worker
+            # gets a new tag and `cargo xtask setup` rolls the StatefulSet onto it (an
+            # unchanged one keeps its tag and nothing restarts).
+            tag = null;
             # ISO 8601 (what stream_layered_image.py parses), from the commit's time: the same
             # source gives the same image.
             created =
@@ -163,7 +167,10 @@
               Entrypoint = [ (lib.getExe kds-worker) ];
               User = "65532:65532";
               ExposedPorts."8080/tcp" = { };
-              Env = [ "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt" ];
+              Env = [
+                "PATH=${kds-worker}/bin"
+                "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt"
+              ];
             };
           };
 
@@ -250,6 +257,9 @@
             # Records the pinned tools' versions; `cargo xtask doctor` compares what is on PATH
             # later (outside the shell too) against them.
             shellHook = ''
+              ${lib.optionalString (lib.versions.majorMinor pkgs.rustc.version != lib.versions.majorMinor rustChannel) ''
+                echo "kds-lease-lab: warning: nixpkgs' rustc is ${pkgs.rustc.version}, rust-toolchain.toml pins ${rustChannel}: clippy may differ from CI's" >&2
+              ''}
               mkdir -p .lab
               for t in "kubectl version --client" "minikube version --short" "awslocal --version" "node --version" "cargo --version"; do
                 printf '%s\t%s\n' "''${t%% *}" "$($t 2>&1 | head -n 1)"

@@ -4,6 +4,7 @@
 use std::process::Command;
 
 use crate::kube::nix_available;
+use crate::lab::DriverKind;
 
 /// (tool, version flag, needed for, pinned version in flake.nix if any)
 const TOOLS: &[(&str, &str, &str)] = &[
@@ -71,6 +72,20 @@ pub fn run() -> anyhow::Result<()> {
                 missing.push(*tool);
             }
         }
+    }
+    println!();
+    // What the README's first command needs, judged like `setup` judges it.
+    let probe = crate::preflight::Probe::run();
+    let needs = crate::preflight::needs(DriverKind::Minikube, &probe);
+    println!("the Minikube path (`cargo xtask setup`):");
+    for need in &needs {
+        match &need.problem {
+            None => println!("  ok       {}", need.what),
+            Some(fix) => println!("  MISSING  {fix}"),
+        }
+    }
+    if needs.iter().any(|n| n.problem.is_some()) {
+        println!("  or, with none of that: `cargo xtask setup --driver local`");
     }
     println!();
     if nix_available() {

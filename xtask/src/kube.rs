@@ -10,7 +10,11 @@ use crate::util::project_root;
 pub const PROFILE: &str = "kds-lab";
 pub const NAMESPACE: &str = "kds-lab";
 pub const STATEFULSET: &str = "kds-consumer";
-pub const IMAGE: &str = "kds-worker:dev";
+/// The image name manifests/ run; `setup` sets the tag to the image's content hash.
+pub const IMAGE_NAME: &str = "kds-worker";
+/// What `docker build` tags before the content tag is known.
+const BUILD_TAG: &str = "kds-worker:build";
+const IMAGE_TARBALL: &str = "kds-worker-image.tar";
 const SELECTOR: &str = "app.kubernetes.io/name=kds-consumer";
 const CONFIG: &str = "/etc/kds-worker/config.toml";
 const TIMEOUT: &str = "--timeout=600s";
@@ -63,30 +67,62 @@ impl Kube {
         self.kubectl(&a)
     }
 
-    /// `nix build .#image` where Nix can build Linux images, else the Dockerfile.
-    pub fn image_plan(nix_available: bool) -> Vec<(String, Vec<String>)> {
-        if nix_available {
-            vec![
-                (
-                    "nix".into(),
-                    // A default Nix install has flakes off: enable them for this call only.
-                    args([
-                        "--extra-experimental-features",
-                        "nix-command flakes",
-                        "build",
-                        ".#image",
-                        "--out-link",
-                        ".lab/image",
-                    ]),
+    /// Builds the image and returns its content tag: Nix tags it with a hash of its contents
+    /// (`tag = null` in flake.nix), read back from the tarball's manifest; a Docker build is
+    /// tagged with the start of its image id. A rebuilt worker gets a new tag, an unchanged one
+    /// the same, so applying the manifests rolls the StatefulSet exactly when the worker
+    /// changed. Nix failing (flakes refused, no build user) falls back to Docker with a reason.
+    fn build_image(&self) -> anyhow::Result<ImageBuild> {
+        let r = &self.runner;
+        if self.nix {
+            match self.build_with_nix() {
+                Ok(built) => return Ok(built),
+                Err(e) => eprintln!(
+                    "nix could not build the image ({}); building it from the Dockerfile instead",
+                    format!("{e:#}").lines().next().unwrap_or("")
                 ),
-                (
-                    "sh".into(),
-                    args(["-c", ".lab/image > .lab/kds-worker-image.tar"]),
-                ),
-            ]
-        } else {
-            vec![("docker".into(), args(["build", "-t", IMAGE, "."]))]
+            }
         }
+        r.run("docker", &args(["build", "-t", BUILD_TAG, "."]))?;
+        let id = r.output(
+            "docker",
+            &args(["image", "inspect", "--format", "{{.Id}}", BUILD_TAG]),
+        )?;
+        let tag = if r.dry_run {
+            "<image-id>".to_owned()
+        } else {
+            docker_content_tag(&id)?
+        };
+        let image = format!("{IMAGE_NAME}:{tag}");
+        r.run("docker", &args(["tag", BUILD_TAG, &image]))?;
+        Ok(ImageBuild { tag, load: image })
+    }
+
+    fn build_with_nix(&self) -> anyhow::Result<ImageBuild> {
+        let r = &self.runner;
+        let lab = crate::util::lab_dir();
+        let (link, tar) = (lab.join("image"), lab.join(IMAGE_TARBALL));
+        let (link, tar) = (link.display().to_string(), tar.display().to_string());
+        // A default Nix install has flakes off: enable them for this call only.
+        r.run(
+            "nix",
+            &args([
+                "--extra-experimental-features",
+                "nix-command flakes",
+                "build",
+                ".#image",
+                "--out-link",
+                &link,
+            ]),
+        )?;
+        r.run("sh", &args(["-c", &format!("'{link}' > '{tar}'")]))?;
+        let manifest = r.output("tar", &args(["-xOf", &tar, "manifest.json"]))?;
+        let tag = if r.dry_run {
+            "<nix-hash>".to_owned()
+        } else {
+            tarball_tag(&manifest)?
+        };
+        Ok(ImageBuild { tag, load: tar })
     }
 
     fn recent_events(&self) -> String {
@@ -107,13 +143,116 @@ impl Kube {
     }
 }
 
+/// The image built, and what `minikube image load` takes (a tarball or an image name).
+struct ImageBuild {
+    tag: String,
+    load: String,
+}
+
+/// `docker image inspect --format {{.Id}}` (`sha256:<64 hex>`) → its first 12 hex digits.
+fn docker_content_tag(id: &str) -> anyhow::Result<String> {
+    let hex = id.trim().trim_start_matches("sha256:");
+    anyhow::ensure!(
+        hex.len() >= 12 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+        "`docker image inspect` gave {id:?}, not an image id"
+    );
+    Ok(hex[..12].to_owned())
+}
+
+/// The tag in a `docker save`-format tarball's manifest.json (`[{"RepoTags": ["name:tag"]}]`).
+fn tarball_tag(manifest: &str) -> anyhow::Result<String> {
+    let v: serde_json::Value = serde_json::from_str(manifest)
+        .map_err(|e| anyhow::anyhow!("the image tarball's manifest.json: {e}"))?;
+    let repo_tag = v[0]["RepoTags"][0].as_str().ok_or_else(|| {
+        anyhow::anyhow!("the image tarball's manifest.json names no tag: {manifest}")
+    })?;
+    match repo_tag.split_once(':') {
+        Some((name, tag)) if name == IMAGE_NAME && !tag.is_empty() => Ok(tag.to_owned()),
+        _ => anyhow::bail!("the image tarball is tagged {repo_tag:?}, not {IMAGE_NAME}:<tag>"),
+    }
+}
+
+/// Linux with a Nix that has flakes (2.4 or later): the image is built with Nix.
+/// manifests/configmap.yaml as written in the checkout.
+fn read_configmap() -> anyhow::Result<String> {
+    let path = project_root().join("manifests/configmap.yaml");
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
 pub fn nix_available() -> bool {
     cfg!(target_os = "linux")
         && std::process::Command::new("nix")
             .arg("--version")
             .output()
-            .is_ok_and(|o| o.status.success())
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| crate::preflight::parse_nix_version(&String::from_utf8_lossy(&o.stdout)))
+            .is_some_and(|v| v >= (2, 4))
 }
+
+/// A short content hash (FNV-1a, 64 bits) of text, for the pod template annotation that rolls
+/// the workers when their configuration changes.
+pub fn content_hash(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// `from` → `to` as a relative path (kustomize resources are relative to the overlay).
+fn relative(from: &std::path::Path, to: &std::path::Path) -> String {
+    let (from, to): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec!["..".to_owned(); from.len() - common];
+    parts.extend(
+        to[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    parts.join("/")
+}
+
+/// The kustomize overlay `setup` applies: manifests/ with the image's content tag, the
+/// replica count asked for, and the ConfigMap's hash on the pod template (so a configuration
+/// restored by re-running `setup` rolls the workers, and an unchanged one does not).
+pub fn overlay(
+    manifests: &std::path::Path,
+    dir: &std::path::Path,
+    tag: &str,
+    replicas: u64,
+    configmap: &str,
+) -> String {
+    let base = relative(dir, manifests);
+    let hash = content_hash(configmap);
+    format!(
+        r#"# Written by `cargo xtask setup` and applied with `kubectl apply -k`; not edited by hand.
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {base}
+images:
+  - name: {IMAGE_NAME}
+    newTag: "{tag}"
+patches:
+  - target:
+      kind: StatefulSet
+      name: {STATEFULSET}
+    patch: |-
+      - op: replace
+        path: /spec/replicas
+        value: {replicas}
+      - op: add
+        path: /spec/template/metadata/annotations/{CONFIG_ANNOTATION_PATH}
+        value: "{hash}"
+"#
+    )
+}
+
+/// The pod template annotation carrying the configuration's hash (`/` escaped for JSON Patch).
+const CONFIG_ANNOTATION: &str = "kds-lab/config-hash";
+const CONFIG_ANNOTATION_PATH: &str = "kds-lab~1config-hash";
 
 impl Driver for Kube {
     fn kind(&self) -> DriverKind {
@@ -128,52 +267,68 @@ impl Driver for Kube {
         &self.runner
     }
 
+    /// LocalStack ready → init Job done (stream and tables) → workers rolled out → reshard.
+    /// The workers are applied with LocalStack and wait for their stream (`/ready` says so)
+    /// rather than crash-looping; the reshard runs in a worker pod, so it comes last.
     fn setup(&mut self, shards: u32, workers: u32) -> anyhow::Result<()> {
+        if self.minikube {
+            let memory = crate::preflight::MINIKUBE_MEMORY_MIB.to_string();
+            self.runner.run(
+                "minikube",
+                &args(["start", "-p", PROFILE, "--cpus", "2", "--memory", &memory]),
+            )?;
+        }
+        // From here on something exists: the state file says so, and `cleanup` removes it.
+        if !self.runner.dry_run {
+            crate::lab::save_state(&crate::lab::State {
+                driver: self.kind(),
+                local: None,
+            })?;
+        }
+        let image = self.build_image()?;
         let r = &self.runner;
         if self.minikube {
             r.run(
                 "minikube",
-                &args(["start", "-p", PROFILE, "--cpus", "2", "--memory", "4096"]),
+                &args(["-p", PROFILE, "image", "load", &image.load]),
             )?;
-        }
-        let mut nix_image = self.nix;
-        if nix_image {
-            let built = Self::image_plan(true)
-                .iter()
-                .try_for_each(|(program, a)| r.run(program, a));
-            if let Err(e) = built {
-                let why = format!("{e:#}");
-                eprintln!(
-                    "nix could not build the image ({}); building it from the Dockerfile instead",
-                    why.lines().next().unwrap_or("")
-                );
-                nix_image = false;
-            }
-        }
-        if !nix_image {
-            for (program, a) in Self::image_plan(false) {
-                r.run(&program, &a)?;
-            }
-        }
-        if self.minikube {
-            let source = if nix_image {
-                ".lab/kds-worker-image.tar"
-            } else {
-                IMAGE
-            };
-            r.run("minikube", &args(["-p", PROFILE, "image", "load", source]))?;
         } else {
             eprintln!(
-                "cluster driver: make {IMAGE} pullable by your cluster (push it, or `kind load docker-image {IMAGE}`)"
+                "cluster driver: make {IMAGE_NAME}:{} pullable by your cluster (push it, or `kind load docker-image {IMAGE_NAME}:{}`)",
+                image.tag, image.tag
             );
         }
-        r.run("kubectl", &self.kubectl(&["apply", "-k", "manifests/"]))?;
+        let root = project_root();
+        let configmap = read_configmap()?;
+        let dir = crate::util::lab_dir().join("kustomize");
+        std::fs::create_dir_all(&dir)?;
+        let kustomization = overlay(
+            &root.join("manifests"),
+            &dir,
+            &image.tag,
+            u64::from(workers),
+            &configmap,
+        );
+        std::fs::write(dir.join("kustomization.yaml"), kustomization)?;
+        // A Job's pod template cannot change (a new image tag would be refused): the init Job
+        // is deleted and runs again; it leaves an existing stream and tables as they are.
+        r.run(
+            "kubectl",
+            &self.kubectl(&["delete", "job/kds-init", "--ignore-not-found"]),
+        )?;
+        let dir = dir.display().to_string();
+        r.run("kubectl", &self.kubectl(&["apply", "-k", &dir]))?;
         self.wait(&["rollout", "status", "deployment/localstack", TIMEOUT])?;
         self.wait(&["wait", "--for=condition=complete", "job/kds-init", TIMEOUT])?;
+        self.wait(&[
+            "rollout",
+            "status",
+            &format!("statefulset/{STATEFULSET}"),
+            TIMEOUT,
+        ])?;
         if shards != 30 {
             self.set_shards(u64::from(shards))?;
         }
-        self.set_workers(u64::from(workers))?;
         Ok(())
     }
 
@@ -197,20 +352,27 @@ impl Driver for Kube {
         ])
     }
 
+    /// The ConfigMap with the new cap, and its hash on the pod template: a rolling update.
     fn set_cap(&mut self, cap: u64) -> anyhow::Result<()> {
-        let path = project_root().join("manifests/configmap.yaml");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let changed = crate::local::replace_cap(&text, cap)?;
+        let changed = crate::local::replace_cap(&read_configmap()?, cap)?;
         let out = crate::util::lab_dir().join("configmap.yaml");
         std::fs::create_dir_all(crate::util::lab_dir())?;
-        std::fs::write(&out, changed)?;
+        std::fs::write(&out, &changed)?;
         let out = out.display().to_string();
         self.runner
             .run("kubectl", &self.kubectl(&["apply", "-f", &out]))?;
+        let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
+            CONFIG_ANNOTATION: content_hash(&changed)
+        }}}}});
         self.runner.run(
             "kubectl",
-            &self.kubectl(&["rollout", "restart", &format!("statefulset/{STATEFULSET}")]),
+            &self.kubectl(&[
+                "patch",
+                &format!("statefulset/{STATEFULSET}"),
+                "--type=merge",
+                "-p",
+                &patch.to_string(),
+            ]),
         )?;
         self.wait(&[
             "rollout",
@@ -341,14 +503,10 @@ impl Driver for Kube {
         }
         if !self.runner.dry_run {
             let lab = crate::util::lab_dir();
-            for file in [
-                "state.json",
-                "kds-worker-image.tar",
-                "image",
-                "configmap.yaml",
-            ] {
+            for file in ["state.json", IMAGE_TARBALL, "image", "configmap.yaml"] {
                 let _ = std::fs::remove_file(lab.join(file));
             }
+            let _ = std::fs::remove_dir_all(lab.join("kustomize"));
         }
         Ok(())
     }
@@ -387,21 +545,34 @@ mod tests {
         }
     }
 
+    fn position(c: &[String], needle: &str) -> usize {
+        c.iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in {c:#?}"))
+    }
+
     #[test]
     fn minikube_setup_plan() {
         let mut k = dry(true, false);
         k.setup(30, 3).unwrap();
+        let c = k.runner.commands();
         let k_ = "kubectl --context kds-lab -n kds-lab";
+        let lab = crate::util::lab_dir()
+            .join("kustomize")
+            .display()
+            .to_string();
         assert_eq!(
-            k.runner.commands(),
+            c,
             vec![
                 "minikube start -p kds-lab --cpus 2 --memory 4096".to_owned(),
-                "docker build -t kds-worker:dev .".into(),
-                "minikube -p kds-lab image load kds-worker:dev".into(),
-                format!("{k_} apply -k manifests/"),
+                "docker build -t kds-worker:build .".into(),
+                "docker image inspect --format {{.Id}} kds-worker:build".into(),
+                "docker tag kds-worker:build kds-worker:<image-id>".into(),
+                "minikube -p kds-lab image load kds-worker:<image-id>".into(),
+                format!("{k_} delete job/kds-init --ignore-not-found"),
+                format!("{k_} apply -k {lab}"),
                 format!("{k_} rollout status deployment/localstack --timeout=600s"),
                 format!("{k_} wait --for=condition=complete job/kds-init --timeout=600s"),
-                format!("{k_} scale statefulset/kds-consumer --replicas=3"),
                 format!("{k_} rollout status statefulset/kds-consumer --timeout=600s"),
             ]
         );
@@ -412,15 +583,91 @@ mod tests {
         let mut k = dry(true, true);
         k.setup(30, 3).unwrap();
         let c = k.runner.commands();
+        let lab = crate::util::lab_dir();
+        let tar = lab.join("kds-worker-image.tar").display().to_string();
         assert_eq!(
             c[1],
-            "nix --extra-experimental-features 'nix-command flakes' build .#image --out-link .lab/image"
+            format!(
+                "nix --extra-experimental-features 'nix-command flakes' build .#image --out-link {}",
+                lab.join("image").display()
+            )
         );
-        assert_eq!(c[2], "sh -c '.lab/image > .lab/kds-worker-image.tar'");
+        assert!(
+            c[2].starts_with("sh -c") && c[2].ends_with(&format!("> '{tar}''")),
+            "{}",
+            c[2]
+        );
+        assert_eq!(c[3], format!("tar -xOf {tar} manifest.json"));
+        assert_eq!(c[4], format!("minikube -p kds-lab image load {tar}"));
+    }
+
+    #[test]
+    fn setup_orders_localstack_init_workers_then_reshard() {
+        let mut k = dry(false, false);
+        k.setup(60, 5).unwrap();
+        let c = k.runner.commands();
+        assert!(c.iter().all(|l| !l.starts_with("minikube")));
+        let localstack = position(&c, "rollout status deployment/localstack");
+        let init = position(&c, "job/kds-init --timeout");
+        let workers = position(&c, "rollout status statefulset/kds-consumer");
+        // The reshard runs in a worker pod: after the workers are up.
+        let reshard = position(
+            &c,
+            "exec kds-consumer-0 -c worker -- kds-worker --config /etc/kds-worker/config.toml admin reshard 60",
+        );
+        assert!(
+            localstack < init && init < workers && workers < reshard,
+            "{c:#?}"
+        );
+        // The init Job's pod template cannot change: it is deleted before the apply.
+        assert!(position(&c, "delete job/kds-init") < position(&c, "apply -k"));
+    }
+
+    #[test]
+    fn the_overlay_sets_the_content_tag_replicas_and_config_hash() {
+        let root = std::path::Path::new("/src/lab-checkout");
+        let text = overlay(
+            &root.join("manifests"),
+            &root.join(".lab/kustomize"),
+            "0123456789ab",
+            5,
+            "max_leases_cap = 80",
+        );
+        assert!(text.contains("resources:\n  - ../../manifests\n"), "{text}");
+        assert!(text.contains("  - name: kds-worker\n    newTag: \"0123456789ab\"\n"));
+        assert!(text.contains("path: /spec/replicas\n        value: 5\n"));
+        let hash = content_hash("max_leases_cap = 80");
+        assert!(text.contains(&format!("kds-lab~1config-hash\n        value: \"{hash}\"")));
+        // Another configuration, another hash: applying it rolls the workers.
+        assert_ne!(hash, content_hash("max_leases_cap = 100"));
+        // A lab directory outside the checkout still finds the manifests.
+        let elsewhere = overlay(
+            &root.join("manifests"),
+            std::path::Path::new("/tmp/lab/kustomize"),
+            "t",
+            3,
+            "",
+        );
+        assert!(
+            elsewhere.contains("  - ../../../src/lab-checkout/manifests\n"),
+            "{elsewhere}"
+        );
+    }
+
+    #[test]
+    fn content_tags_are_read_from_docker_and_the_nix_tarball() {
         assert_eq!(
-            c[3],
-            "minikube -p kds-lab image load .lab/kds-worker-image.tar"
+            docker_content_tag("sha256:0123456789abcdef0123\n").unwrap(),
+            "0123456789ab"
         );
+        assert!(docker_content_tag("Error: no such image").is_err());
+        assert_eq!(
+            tarball_tag(r#"[{"Config":"c.json","RepoTags":["kds-worker:5x1v8r2q"],"Layers":[]}]"#)
+                .unwrap(),
+            "5x1v8r2q"
+        );
+        assert!(tarball_tag(r#"[{"RepoTags":["other:1"]}]"#).is_err());
+        assert!(tarball_tag("not json").is_err());
     }
 
     #[test]
@@ -436,29 +683,11 @@ mod tests {
     }
 
     #[test]
-    fn cluster_setup_has_no_minikube_and_no_context() {
-        let mut k = dry(false, false);
-        k.setup(60, 5).unwrap();
-        let c = k.runner.commands();
-        assert!(c.iter().all(|l| !l.starts_with("minikube")));
-        assert!(c.contains(&"kubectl -n kds-lab apply -k manifests/".to_owned()));
-        // A non-default shard count reshards through a worker pod, after the init Job.
-        assert!(c.contains(
-            &"kubectl -n kds-lab exec kds-consumer-0 -c worker -- kds-worker --config /etc/kds-worker/config.toml admin reshard 60"
-                .to_owned()
-        ));
-        assert!(c.contains(
-            &"kubectl -n kds-lab scale statefulset/kds-consumer --replicas=5".to_owned()
-        ));
-    }
-
-    #[test]
     fn scenario_actions_plan() {
         let mut k = dry(true, false);
         k.set_shards(300).unwrap();
         k.restart_all().unwrap();
         k.set_cap(100).unwrap();
-        k.cleanup(true).unwrap();
         let c = k.runner.commands();
         let k_ = "kubectl --context kds-lab -n kds-lab";
         assert_eq!(
@@ -476,17 +705,17 @@ mod tests {
             format!("{k_} rollout status statefulset/kds-consumer --timeout=600s")
         );
         assert!(c[3].starts_with(&format!("{k_} apply -f ")) && c[3].ends_with("configmap.yaml"));
-        assert_eq!(
-            c[4],
-            format!("{k_} rollout restart statefulset/kds-consumer")
+        // The new ConfigMap's hash on the pod template: a rolling update.
+        assert!(
+            c[4].starts_with(&format!(
+                "{k_} patch statefulset/kds-consumer --type=merge -p "
+            )) && c[4].contains("kds-lab/config-hash"),
+            "{}",
+            c[4]
         );
-        assert_eq!(
-            c[6],
-            format!("{k_} delete -k manifests/ --ignore-not-found")
-        );
-        assert_eq!(c[7], "minikube delete -p kds-lab");
         let written =
             std::fs::read_to_string(crate::util::lab_dir().join("configmap.yaml")).unwrap();
         assert!(written.contains("max_leases_cap = 100"));
+        assert!(c[4].contains(&content_hash(&written)));
     }
 }

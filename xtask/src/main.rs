@@ -14,6 +14,7 @@ mod measure;
 mod monitor;
 mod nix;
 mod nixpins;
+mod preflight;
 mod scenario;
 mod test;
 #[cfg(test)]
@@ -26,8 +27,8 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 
-use crate::lab::{DriverKind, Runner, load_state, open_driver, require_lab, save_state};
-use crate::scenario::{MAX_SHARDS, MAX_WORKERS, parse_count};
+use crate::lab::{DriverKind, Runner, load_state, open_driver, require_lab};
+use crate::scenario::{MAX_WORKERS, parse_count, parse_shards};
 
 #[derive(Parser)]
 #[command(
@@ -160,7 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             shards,
             workers,
         } => {
-            let shards = parse_count("--shards", &shards, MAX_SHARDS)?;
+            let shards = parse_shards("--shards", &shards)?;
             let workers = parse_count("--workers", &workers, MAX_WORKERS)?;
             let remembered = load_state()?.map(|s| s.driver);
             let kind = driver.or(remembered).unwrap_or(DriverKind::Minikube);
@@ -171,13 +172,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "a {old:?} lab is set up here; run `cargo xtask cleanup` before setting up a {new:?} one"
                 );
             }
-            let mut d = open_driver(kind, Runner::new(dry)?)?;
-            if !dry && kind != DriverKind::Local {
-                save_state(&lab::State {
-                    driver: kind,
-                    local: None,
-                })?;
+            // Everything the driver needs is checked before anything is changed or recorded.
+            if !dry
+                && let Some(refusal) =
+                    preflight::refusal(kind, &preflight::needs(kind, &preflight::Probe::run()))
+            {
+                bail!(refusal);
             }
+            let mut d = open_driver(kind, Runner::new(dry)?)?;
             d.setup(shards as u32, workers as u32)?;
             if kind != DriverKind::Local {
                 kube::wait_pods_ready(d.as_ref(), Duration::from_secs(600))?;
@@ -208,11 +210,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Bad numbers are refused before anything changes.
             let plan: Vec<scenario::Scenario> = match which {
                 ScenarioCmd::ScaleShards { shards } => vec![
-                    catalog.get("scale-shards")?.with_param(
-                        shards
-                            .map(|s| parse_count("shards", &s, MAX_SHARDS))
-                            .transpose()?,
-                    )?,
+                    catalog
+                        .get("scale-shards")?
+                        .with_param(shards.map(|s| parse_shards("shards", &s)).transpose()?)?,
                 ],
                 ScenarioCmd::ScaleWorkers { workers } => vec![
                     catalog.get("scale-workers")?.with_param(
@@ -287,6 +287,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cleanup { all } => match load_state()? {
             Some(state) => open_driver(state.driver, Runner::new(dry)?)?.cleanup(all),
+            // The lab is gone but `--all` still deletes the Minikube profile, if minikube is
+            // here (`minikube delete` of a missing profile succeeds): a profile left by an
+            // earlier `cleanup` or a failed setup is never stranded.
+            None if all && preflight::Probe::run().minikube => {
+                println!(
+                    "no lab set up here; deleting the Minikube profile {}",
+                    kube::PROFILE
+                );
+                Runner::new(dry)?.run("minikube", &lab::args(["delete", "-p", kube::PROFILE]))
+            }
             None => {
                 println!("nothing to clean up (no lab set up here)");
                 Ok(())

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::lab::{Audit, Driver, Snapshot};
 use crate::util::{project_root, secs};
 
-/// Most shards one scenario may ask for (the emulators and LocalStack are set up for it).
-pub const MAX_SHARDS: u64 = 10_000;
+/// Most shards the lab may ask for: LocalStack's `KINESIS_SHARD_LIMIT` in
+/// manifests/localstack.yaml (a tidy test keeps them equal; kinesis-mock allows more).
+pub const MAX_SHARDS: u64 = 2_000;
 pub const MAX_WORKERS: u64 = 100;
 /// How long a scenario may take to converge: lease-cap (30 → 300 shards, 240 leases acquired)
 /// took 116 s on a loaded 2-core machine with records flowing; three times that for a slower one.
@@ -107,6 +108,15 @@ pub fn parse_count(what: &str, text: &str, max: u64) -> anyhow::Result<u64> {
         bail!("{what} must be from 1 to {max}, not {n}");
     }
     Ok(n as u64)
+}
+
+/// A shard count from the command line, at most [`MAX_SHARDS`] (saying why).
+pub fn parse_shards(what: &str, text: &str) -> anyhow::Result<u64> {
+    parse_count(what, text, MAX_SHARDS).map_err(|e| {
+        e.context(format!(
+            "the lab's LocalStack allows {MAX_SHARDS} shards (KINESIS_SHARD_LIMIT in manifests/localstack.yaml)"
+        ))
+    })
 }
 
 impl Scenario {

@@ -18,10 +18,10 @@ fn readme_names_the_test_command_and_ci_runs_it() {
 
 #[test]
 fn manifests_use_the_image_xtask_builds() {
-    let sts = read("manifests/statefulset.yaml");
-    assert!(sts.contains(&format!("image: {}", crate::kube::IMAGE)));
-    let job = read("manifests/init-job.yaml");
-    assert!(job.contains(&format!("image: {}", crate::kube::IMAGE)));
+    // `setup` replaces the tag with the image's content hash (kustomize `images:`).
+    let image = format!("image: {}:dev", crate::kube::IMAGE_NAME);
+    assert!(read("manifests/statefulset.yaml").contains(&image));
+    assert!(read("manifests/init-job.yaml").contains(&image));
     assert!(
         read("manifests/namespace.yaml").contains(&format!("name: {}", crate::kube::NAMESPACE))
     );
@@ -67,7 +67,29 @@ fn flake_inputs_are_nixpkgs_and_crane_only() {
         inputs.contains("github:NixOS/nixpkgs/nixos-26.05")
             && inputs.contains("github:ipetkov/crane")
     );
-    // The image the flake builds is the one the manifests run.
-    assert!(flake.contains("imageName = \"kds-worker\"") && flake.contains("imageTag = \"dev\""));
-    assert_eq!(crate::kube::IMAGE, "kds-worker:dev");
+    // The image the flake builds is the one the manifests run, tagged by its contents.
+    assert!(flake.contains("imageName = \"kds-worker\"") && flake.contains("tag = null;"));
+    assert_eq!(crate::kube::IMAGE_NAME, "kds-worker");
+}
+
+#[test]
+fn one_shard_limit_for_xtask_and_localstack() {
+    let localstack = read("manifests/localstack.yaml");
+    let at = localstack
+        .find("name: KINESIS_SHARD_LIMIT")
+        .expect("manifests/localstack.yaml sets KINESIS_SHARD_LIMIT");
+    let value = localstack[at..]
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().strip_prefix("value: "))
+        .map(|v| v.trim_matches('"'))
+        .expect("KINESIS_SHARD_LIMIT has a value on the next line");
+    assert_eq!(value, crate::scenario::MAX_SHARDS.to_string());
+    let emulators = read("lab/emulators.toml");
+    let mock: u64 = emulators
+        .lines()
+        .find_map(|l| l.strip_prefix("shard_limit = "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("lab/emulators.toml sets kinesis-mock's shard_limit");
+    assert!(mock >= crate::scenario::MAX_SHARDS);
 }
