@@ -6,6 +6,7 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
+COPY model model
 COPY worker worker
 COPY xtask xtask
 RUN cargo build --release --locked -p kds-worker

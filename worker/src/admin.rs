@@ -2,12 +2,10 @@
 //! state, stepwise resharding, and a record producer. In a cluster they run through
 //! `kubectl exec` in a worker pod, so the lab needs no AWS CLI.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ScalingType};
-use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::assignment::readable_shards;
@@ -15,38 +13,9 @@ use crate::aws::{AwsClients, AwsError, call};
 use crate::config::Settings;
 use crate::inputs::open_shard_count;
 use crate::leases::LeaseStore;
+pub use crate::model::{LeaseSummary, Snapshot};
 use crate::schema::wait_stream_active;
-use crate::store::{CoordinatorRow, HeartbeatRow, LimitReadError, LimitRecord, MetaStore};
-
-/// Everything the lab checks and the monitor shows, read in one go.
-#[derive(Debug, Clone, Serialize)]
-pub struct Snapshot {
-    pub stream: String,
-    pub open_shards: u64,
-    pub lease_limits: Option<LimitRecord>,
-    /// Why the `lease_limits` item cannot be obeyed (then `lease_limits` is `None`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lease_limits_problem: Option<String>,
-    pub coordinator: Option<CoordinatorRow>,
-    pub heartbeats: Vec<HeartbeatRow>,
-    pub leases: LeaseSummary,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct LeaseSummary {
-    /// Lease items (including finished parents still listed by the stream).
-    pub total: u64,
-    /// Shards that may be read now.
-    pub readable: u64,
-    /// Readable shards without an owner.
-    pub unowned_readable: u64,
-    /// Parents read to `SHARD_END`.
-    pub finished: u64,
-    /// Closed parents not yet read to the end (their children wait).
-    pub parents_pending: u64,
-    /// Readable leases per owner.
-    pub by_owner: BTreeMap<String, u64>,
-}
+use crate::store::{LimitReadError, MetaStore};
 
 pub async fn snapshot(aws: &AwsClients, settings: &Settings) -> Result<Snapshot, AwsError> {
     let meta = MetaStore::new(aws.clone(), settings.meta_table());
@@ -55,7 +24,6 @@ pub async fn snapshot(aws: &AwsClients, settings: &Settings) -> Result<Snapshot,
         .await?;
     let readable = readable_shards(&leases, None);
     let mut summary = LeaseSummary {
-        total: leases.len() as u64,
         readable: readable.len() as u64,
         finished: leases.iter().filter(|l| l.is_finished()).count() as u64,
         parents_pending: crate::assignment::blocking_parents(&leases).len() as u64,

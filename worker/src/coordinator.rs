@@ -74,7 +74,7 @@ pub fn describe_change(old: Option<&LimitRecord>, new: &LimitRecord) -> String {
             ", capacity deficit {} shards (cap {}: {} workers would cover them)",
             new.capacity_deficit,
             new.cap,
-            new.shard_count.div_ceil(new.cap.max(1))
+            new.workers_needed()
         ));
     }
     line

@@ -1,5 +1,6 @@
 //! The formula's inputs from outside: open shards (Kinesis) and desired replicas (Kubernetes).
-//! Only the coordinator uses these.
+//! The coordinator reads them every round; every worker checks the stream once at start, and
+//! the admin commands read it for the lab.
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -13,6 +14,25 @@ use crate::aws::{AwsClients, AwsError, call};
 
 /// `DescribeStreamSummary.OpenShardCount`: closed parents after a reshard are not counted.
 pub async fn open_shard_count(aws: &AwsClients, stream: &str) -> Result<u64, AwsError> {
+    Ok(stream_summary(aws, stream).await?.open_shards)
+}
+
+/// What `DescribeStreamSummary` says about the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSummary {
+    /// `CREATING`, `ACTIVE`, `UPDATING` or `DELETING`.
+    pub status: String,
+    pub open_shards: u64,
+}
+
+impl StreamSummary {
+    /// A stream still being created has no shards to list or read yet.
+    pub fn is_creating(&self) -> bool {
+        self.status == "CREATING"
+    }
+}
+
+pub async fn stream_summary(aws: &AwsClients, stream: &str) -> Result<StreamSummary, AwsError> {
     let out = call(
         &aws.metrics,
         "kinesis",
@@ -23,10 +43,15 @@ pub async fn open_shard_count(aws: &AwsClients, stream: &str) -> Result<u64, Aws
             .send(),
     )
     .await?;
-    Ok(out
-        .stream_description_summary()
-        .map(|d| d.open_shard_count().max(0) as u64)
-        .unwrap_or(0))
+    let summary = out.stream_description_summary();
+    Ok(StreamSummary {
+        status: summary
+            .map(|d| d.stream_status().as_str().to_owned())
+            .unwrap_or_default(),
+        open_shards: summary
+            .map(|d| d.open_shard_count().max(0) as u64)
+            .unwrap_or(0),
+    })
 }
 
 /// One shard of the stream as `ListShards` describes it.

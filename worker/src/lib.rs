@@ -22,9 +22,13 @@ pub mod inputs;
 pub mod lease_manager;
 pub mod leases;
 pub mod metrics;
-pub mod policy;
 pub mod schema;
 pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod worker;
+
+/// The fleet's shared data (its own crate, so the lab reads it without the AWS SDK).
+pub use kds_model as model;
+/// The lease-limit policy: a pure function of the fleet's inputs.
+pub use kds_model::policy;

@@ -247,7 +247,7 @@ async fn admin(settings: Settings, cmd: Admin) -> ExitCode {
                             serde_json::to_string_pretty(&snap).expect("serialisable")
                         );
                     } else {
-                        print_snapshot(&snap);
+                        print!("{snap}");
                     }
                 })
         }
@@ -270,7 +270,9 @@ async fn admin(settings: Settings, cmd: Admin) -> ExitCode {
         // stream first" from "AWS is down".
         Err(e @ kds_worker::aws::AwsError::NotFound { .. }) => {
             eprintln!(
-                "kds-worker admin: {e} (does stream {stream:?} exist? `kds-worker init --shards N` creates it and the tables)"
+                "kds-worker admin: {e} (stream {stream:?}, tables {:?} and {:?}: `kds-worker init --shards N` creates them)",
+                settings.lease_table(),
+                settings.meta_table()
             );
             ExitCode::from(3)
         }
@@ -279,46 +281,6 @@ async fn admin(settings: Settings, cmd: Admin) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn print_snapshot(s: &kds_worker::admin::Snapshot) {
-    println!("stream {}: {} open shards", s.stream, s.open_shards);
-    match &s.lease_limits {
-        Some(l) => println!(
-            "lease_limits v{} (epoch {}, by {}): max_leases_per_worker {} = min(cap {}, ceil({} / {})); deficit {}",
-            l.version,
-            l.epoch,
-            l.computed_by,
-            l.max_leases_per_worker,
-            l.cap,
-            l.shard_count,
-            l.worker_count,
-            l.capacity_deficit
-        ),
-        None => match &s.lease_limits_problem {
-            Some(problem) => println!("lease_limits: {problem}"),
-            None => println!("lease_limits: none yet"),
-        },
-    }
-    match &s.coordinator {
-        Some(c) if !c.owner.is_empty() => println!(
-            "coordinator {} (epoch {}, renewed {})",
-            c.owner, c.epoch, c.renewed_at
-        ),
-        Some(c) => println!("coordinator: vacant (epoch {})", c.epoch),
-        None => println!("coordinator: none yet"),
-    }
-    for h in &s.heartbeats {
-        let held = s.leases.by_owner.get(&h.worker_id).copied().unwrap_or(0);
-        println!(
-            "worker {}: {held} leases (heartbeat {} at {})",
-            h.worker_id, h.counter, h.renewed_at
-        );
-    }
-    println!(
-        "leases: {} readable, {} unowned, {} finished parents",
-        s.leases.readable, s.leases.unowned_readable, s.leases.finished
-    );
 }
 
 async fn init(settings: Settings, shards: u32) -> ExitCode {

@@ -12,57 +12,13 @@ use aws_sdk_dynamodb::types::{
 use serde::Serialize;
 
 use crate::aws::{AwsClients, AwsError, call};
+pub use crate::model::{CoordinatorRow, HeartbeatRow, LimitRecord};
 use crate::schema::{
     COORDINATOR_ITEM, LEASE_LIMITS_ITEM, META_KEY, TTL_ATTRIBUTE, WORKER_ITEM_PREFIX,
     worker_item_key,
 };
 
 type Item = HashMap<String, AttributeValue>;
-
-/// The coordinator item as read. `owner` is empty while the post is vacant (after a step-down).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CoordinatorRow {
-    pub owner: String,
-    pub epoch: u64,
-    pub counter: u64,
-    pub renewed_at: String,
-    /// The claimant's `failover_timeout` in milliseconds (`None` in items written before it
-    /// was published): followers wait at least this long before taking over.
-    pub failover_ms: Option<u64>,
-}
-
-impl CoordinatorRow {
-    pub fn is_vacant(&self) -> bool {
-        self.owner.is_empty()
-    }
-
-    /// The owner's published `failover_timeout`.
-    pub fn failover(&self) -> Option<Duration> {
-        self.failover_ms.map(Duration::from_millis)
-    }
-}
-
-/// A heartbeat item as read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HeartbeatRow {
-    pub worker_id: String,
-    pub counter: u64,
-    pub leases_held: u64,
-    pub renewed_at: String,
-    /// The process (instance id) that writes this row; `None` in items written before
-    /// instances were recorded.
-    pub instance: Option<String>,
-    /// The writer's `failover_timeout` in milliseconds: observers judge this row dead only
-    /// after max(their own timeout, this).
-    pub failover_ms: Option<u64>,
-}
-
-impl HeartbeatRow {
-    /// The writer's published `failover_timeout`.
-    pub fn failover(&self) -> Option<Duration> {
-        self.failover_ms.map(Duration::from_millis)
-    }
-}
 
 /// Who writes a heartbeat: the configured worker id, this process's random instance id (two
 /// processes started with one worker id must not both process records) and the failover
@@ -78,22 +34,6 @@ impl HeartbeatOwner {
     fn failover_ms(&self) -> u64 {
         u64::try_from(self.failover.as_millis()).unwrap_or(u64::MAX)
     }
-}
-
-/// The `lease_limits` item.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LimitRecord {
-    pub max_leases_per_worker: u64,
-    pub shard_count: u64,
-    pub worker_count: u64,
-    pub desired_workers: Option<u64>,
-    pub live_workers: u64,
-    pub cap: u64,
-    pub capacity_deficit: u64,
-    pub epoch: u64,
-    pub version: u64,
-    pub computed_by: String,
-    pub updated_at: String,
 }
 
 /// A `lease_limits` item that cannot be obeyed: what was wrong with it, and the epoch and

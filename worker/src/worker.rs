@@ -24,7 +24,8 @@ use crate::store::{
 
 /// How start-up calls are retried after throttling or a transient error: every pod of a
 /// StatefulSet restarting at once shares `DescribeStreamSummary`'s 20 calls per second per
-/// account. Bounded: after `attempts` calls the worker gives up (exit 1).
+/// account. [`Worker::prepare`] and table creation give up after `attempts` calls; waiting for
+/// the stream ([`Worker::wait_to_start`]) uses the same delays without a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StartRetry {
     /// Calls in all, the first included (each is itself retried by the SDK).
@@ -191,9 +192,26 @@ impl Worker {
         loop {
             retry = retry.saturating_add(1);
             let delay = policy.delay(retry, jitter());
-            let waiting = match crate::inputs::open_shard_count(&self.ctx.aws, &s.stream_name).await
-            {
-                Ok(_) => break,
+            // SIGTERM is honoured at once, even in the middle of a call.
+            let answer = tokio::select! {
+                _ = stop.cancelled() => return Ok(false),
+                answer = crate::inputs::stream_summary(&self.ctx.aws, &s.stream_name) => answer,
+            };
+            let waiting = match answer {
+                Ok(summary) if !summary.is_creating() => break,
+                // The Job that creates the stream has started it: nothing to list or read yet.
+                Ok(_) => {
+                    state.metrics.stream_missing.set(1);
+                    tracing::info!(
+                        stream = %s.stream_name,
+                        attempt = retry,
+                        "the stream is being created; checking again in {delay:?}"
+                    );
+                    format!(
+                        "waiting for stream {:?} to become ACTIVE (CREATING)",
+                        s.stream_name
+                    )
+                }
                 Err(AwsError::NotFound { .. }) => {
                     state.metrics.stream_missing.set(1);
                     tracing::warn!(
@@ -207,6 +225,8 @@ impl Worker {
                     )
                 }
                 Err(e) if e.is_transient() => {
+                    // Whether the stream exists is unknown again.
+                    state.metrics.stream_missing.set(0);
                     state.metrics.start_retries.inc();
                     tracing::warn!(
                         error = %e,
@@ -229,18 +249,20 @@ impl Worker {
         }
         state.metrics.stream_missing.set(0);
         if retry > 1 {
-            tracing::info!(stream = %s.stream_name, attempts = retry, "the stream exists; starting");
+            tracing::info!(stream = %s.stream_name, attempts = retry, "the stream is ACTIVE; starting");
         }
         state.set_start_wait(Some("creating the lease and metadata tables".to_owned()));
         let (lease_table, meta_table) = (s.lease_table(), s.meta_table());
-        let made = self
-            .retrying("creating the tables", || {
+        let made = tokio::select! {
+            _ = stop.cancelled() => return Ok(false),
+            made = self.retrying("creating the tables", || {
                 schema::ensure_tables(&self.ctx.aws, &lease_table, &meta_table)
-            })
-            .await;
-        state.set_start_wait(None);
+            }) => made,
+        };
         made?;
-        Ok(true)
+        state.set_start_wait(None);
+        // Stopped just as the start finished: nothing may be written after SIGTERM.
+        Ok(!stop.is_cancelled())
     }
 
     /// Runs `call` until it succeeds, fails for good, or [`StartRetry::attempts`] are spent.

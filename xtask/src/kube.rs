@@ -115,7 +115,8 @@ impl Kube {
                 &link,
             ]),
         )?;
-        r.run("sh", &args(["-c", &format!("'{link}' > '{tar}'")]))?;
+        // The paths are arguments, not script text: any character in them is safe.
+        r.run("sh", &args(["-c", "\"$0\" > \"$1\"", &link, &tar]))?;
         let manifest = r.output("tar", &args(["-xOf", &tar, "manifest.json"]))?;
         let tag = if r.dry_run {
             "<nix-hash>".to_owned()
@@ -172,13 +173,13 @@ fn tarball_tag(manifest: &str) -> anyhow::Result<String> {
     }
 }
 
-/// Linux with a Nix that has flakes (2.4 or later): the image is built with Nix.
 /// manifests/configmap.yaml as written in the checkout.
 fn read_configmap() -> anyhow::Result<String> {
     let path = project_root().join("manifests/configmap.yaml");
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// Linux with a Nix that has flakes (2.4 or later): the image is built with Nix.
 pub fn nix_available() -> bool {
     cfg!(target_os = "linux")
         && std::process::Command::new("nix")
@@ -293,14 +294,24 @@ impl Driver for Kube {
                 &args(["-p", PROFILE, "image", "load", &image.load]),
             )?;
         } else {
+            // A Nix image exists only as a tarball; a Docker build is in the local engine.
+            let how = if image.load.ends_with(".tar") {
+                format!(
+                    "`kind load image-archive {}`, or `docker load -i` it and push",
+                    image.load
+                )
+            } else {
+                format!("push it, or `kind load docker-image {}`", image.load)
+            };
             eprintln!(
-                "cluster driver: make {IMAGE_NAME}:{} pullable by your cluster (push it, or `kind load docker-image {IMAGE_NAME}:{}`)",
-                image.tag, image.tag
+                "cluster driver: make {IMAGE_NAME}:{} pullable by your cluster ({how})",
+                image.tag
             );
         }
         let root = project_root();
         let configmap = read_configmap()?;
-        let dir = crate::util::lab_dir().join("kustomize");
+        // Absolute, so the overlay's relative path to manifests/ is right wherever the lab is.
+        let dir = std::path::absolute(crate::util::lab_dir().join("kustomize"))?;
         std::fs::create_dir_all(&dir)?;
         let kustomization = overlay(
             &root.join("manifests"),
@@ -491,11 +502,23 @@ impl Driver for Kube {
             "kubectl",
             &self.kubectl(&["delete", "-k", "manifests/", "--ignore-not-found"]),
         );
-        if let Err(e) = &deleted {
-            eprintln!(
-                "kubectl delete failed ({}); the cluster may be gone already",
-                format!("{e:#}").lines().next().unwrap_or("")
-            );
+        if let Err(e) = deleted {
+            let why = format!("{e:#}");
+            let why = why.lines().next().unwrap_or("");
+            // A stopped or deleted Minikube profile took the lab with it (or `--all` is
+            // about to); anything else may have left the lab running: keep its record.
+            let gone = self.minikube
+                && (all
+                    || self
+                        .runner
+                        .output("minikube", &args(["status", "-p", PROFILE]))
+                        .is_err());
+            if !gone {
+                anyhow::bail!(
+                    "kubectl could not delete the lab ({why}); it may still be running, so .lab/state.json is kept: fix the cluster access and run `cargo xtask cleanup` again"
+                );
+            }
+            eprintln!("kubectl delete failed ({why}); the cluster is stopped or gone");
         }
         if all && self.minikube {
             self.runner
@@ -592,11 +615,8 @@ mod tests {
                 lab.join("image").display()
             )
         );
-        assert!(
-            c[2].starts_with("sh -c") && c[2].ends_with(&format!("> '{tar}''")),
-            "{}",
-            c[2]
-        );
+        let link = lab.join("image").display().to_string();
+        assert_eq!(c[2], format!("sh -c '\"$0\" > \"$1\"' {link} {tar}"));
         assert_eq!(c[3], format!("tar -xOf {tar} manifest.json"));
         assert_eq!(c[4], format!("minikube -p kds-lab image load {tar}"));
     }

@@ -133,59 +133,9 @@ pub fn args<const N: usize>(a: [&str; N]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
-/// The fleet as the worker's `admin snapshot --json` reports it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub open_shards: u64,
-    pub lease_limits: Option<Limits>,
-    pub coordinator: Option<Coordinator>,
-    #[serde(default)]
-    pub heartbeats: Vec<Heartbeat>,
-    #[serde(default)]
-    pub leases: LeaseSummary,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Limits {
-    pub max_leases_per_worker: u64,
-    pub shard_count: u64,
-    pub worker_count: u64,
-    pub desired_workers: Option<u64>,
-    pub live_workers: u64,
-    pub cap: u64,
-    pub capacity_deficit: u64,
-    pub epoch: u64,
-    pub version: u64,
-    pub computed_by: String,
-    pub updated_at: String,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Coordinator {
-    pub owner: String,
-    pub epoch: u64,
-    pub counter: u64,
-    pub renewed_at: String,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Heartbeat {
-    pub worker_id: String,
-    pub counter: u64,
-    pub leases_held: u64,
-    pub renewed_at: String,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct LeaseSummary {
-    pub total: u64,
-    pub readable: u64,
-    pub unowned_readable: u64,
-    pub finished: u64,
-    #[serde(default)]
-    pub parents_pending: u64,
-    pub by_owner: BTreeMap<String, u64>,
-}
+/// The fleet as the worker's `admin snapshot --json` reports it: the worker's own type, so a
+/// renamed field fails to parse instead of reading as zero.
+pub use kds_model::Snapshot;
 
 /// One worker as the platform sees it (pod or process).
 #[derive(Debug, Clone, Serialize)]

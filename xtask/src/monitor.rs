@@ -59,39 +59,8 @@ pub fn text(view: &View) -> String {
         "driver {}   stream: {} open shards\n",
         view.driver, s.open_shards
     ));
-    match &s.lease_limits {
-        Some(l) => {
-            out.push_str(&format!(
-                "lease_limits v{}: max_leases_per_worker = {} = min(cap {}, ceil({} shards / {} workers))\n",
-                l.version, l.max_leases_per_worker, l.cap, l.shard_count, l.worker_count
-            ));
-            out.push_str(&format!(
-                "  live workers {}, desired {}, computed by {} (epoch {}) at {}\n",
-                l.live_workers,
-                l.desired_workers.map_or("-".into(), |d| d.to_string()),
-                l.computed_by,
-                l.epoch,
-                l.updated_at
-            ));
-            if l.capacity_deficit > 0 {
-                out.push_str(&format!(
-                    "  CAPACITY DEFICIT: {} shards cannot be leased at cap {}; {} workers would cover them\n",
-                    l.capacity_deficit,
-                    l.cap,
-                    l.shard_count.div_ceil(l.cap.max(1))
-                ));
-            }
-        }
-        None => out.push_str("lease_limits: not published yet\n"),
-    }
-    match &s.coordinator {
-        Some(c) if !c.owner.is_empty() => out.push_str(&format!(
-            "coordinator {} (epoch {}, renewal {} at {})\n",
-            c.owner, c.epoch, c.counter, c.renewed_at
-        )),
-        Some(c) => out.push_str(&format!("coordinator: vacant (epoch {})\n", c.epoch)),
-        None => out.push_str("coordinator: none\n"),
-    }
+    // The limit, its inputs, any deficit and the coordinator, as the worker renders them.
+    out.push_str(&s.limits().to_string());
     if let Some(r) = &view.records {
         out.push_str(&format!(
             "records: {} produced, {} processed, {} duplicated, {} not yet processed, {} overlapping reads\n",
@@ -115,10 +84,12 @@ pub fn text(view: &View) -> String {
             bar(held, limit, 20)
         ));
     }
-    let leased: u64 = s.leases.by_owner.values().sum();
     out.push_str(&format!(
-        "coverage: {leased}/{} readable shards leased, {} unowned, {} parents finished\n",
-        s.leases.readable, s.leases.unowned_readable, s.leases.finished
+        "coverage: {}/{} readable shards leased, {} unowned, {} parents finished\n",
+        s.leases.leased(),
+        s.leases.readable,
+        s.leases.unowned_readable,
+        s.leases.finished
     ));
     out
 }
@@ -266,30 +237,35 @@ pub fn live(driver: &dyn Driver, interval: Duration) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::{Coordinator, LeaseSummary, Limits};
+    use kds_model::{CoordinatorRow, LeaseSummary, LimitRecord};
 
     #[test]
     fn text_view_shows_formula_coordinator_workers_and_deficit() {
         let view = View {
             driver: "local".into(),
             snapshot: Snapshot {
+                stream: "kds-lab".into(),
                 open_shards: 300,
-                lease_limits: Some(Limits {
+                lease_limits_problem: None,
+                lease_limits: Some(LimitRecord {
                     max_leases_per_worker: 80,
                     shard_count: 300,
                     worker_count: 3,
+                    desired_workers: None,
+                    live_workers: 3,
                     cap: 80,
                     capacity_deficit: 60,
                     epoch: 2,
                     version: 7,
                     computed_by: "kds-consumer-1".into(),
-                    ..Default::default()
+                    updated_at: "t".into(),
                 }),
-                coordinator: Some(Coordinator {
+                coordinator: Some(CoordinatorRow {
                     owner: "kds-consumer-1".into(),
                     epoch: 2,
                     counter: 10,
                     renewed_at: "t".into(),
+                    failover_ms: None,
                 }),
                 heartbeats: vec![],
                 leases: LeaseSummary {

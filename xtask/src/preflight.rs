@@ -38,12 +38,16 @@ impl Need {
 #[derive(Debug, Clone, Default)]
 pub struct Probe {
     pub minikube: bool,
+    /// `minikube status -p kds-lab` succeeds: the profile runs (and already has its memory).
+    pub profile_running: bool,
     pub kubectl: bool,
     /// `kubectl config current-context` names a context.
     pub kube_context: Option<String>,
     pub docker_cli: bool,
     /// `docker info` (or `podman info`) answers: the engine is running.
     pub container_engine: Option<&'static str>,
+    /// `docker info` answers (the Dockerfile build needs Docker itself, not Podman).
+    pub docker_running: bool,
     /// `nix --version`, if Nix is installed.
     pub nix_version: Option<(u32, u32)>,
     /// MemAvailable (Linux); `None` where it cannot be read.
@@ -84,7 +88,8 @@ impl Probe {
                     .filter(|c| !c.is_empty())
             })
             .flatten();
-        let container_engine = if ok("docker", &["info"]) {
+        let docker_running = ok("docker", &["info"]);
+        let container_engine = if docker_running {
             Some("docker")
         } else if ok("podman", &["info"]) {
             Some("podman")
@@ -98,8 +103,11 @@ impl Probe {
             .ok()
             .filter(|o| o.status.success())
             .and_then(|o| parse_nix_version(&String::from_utf8_lossy(&o.stdout)));
+        let minikube = present("minikube");
         Probe {
-            minikube: present("minikube"),
+            profile_running: minikube && ok("minikube", &["status", "-p", crate::kube::PROFILE]),
+            minikube,
+            docker_running,
             kubectl,
             kube_context,
             docker_cli: present("docker"),
@@ -117,7 +125,15 @@ pub fn parse_nix_version(text: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
+/// MemAvailable in MiB; `XTASK_ASSUME_FREE_MIB` stands in for it (tests, or a host whose
+/// /proc/meminfo does not tell the truth, such as some containers).
 fn available_mib() -> Option<u64> {
+    if let Some(v) = std::env::var("XTASK_ASSUME_FREE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Some(v);
+    }
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -166,9 +182,8 @@ pub fn needs(kind: DriverKind, p: &Probe) -> Vec<Need> {
             ),
         });
     }
-    // Minikube runs its node in the container engine; the image is built with Nix or Docker.
-    let needs_engine = kind == DriverKind::Minikube || !nix_builds_images(p);
-    if needs_engine {
+    // Minikube runs its node in Docker or Podman.
+    if kind == DriverKind::Minikube {
         out.push(match p.container_engine {
             Some(engine) => Need::ok(format!("{engine} running")),
             None if p.docker_cli => Need::missing(
@@ -181,7 +196,21 @@ pub fn needs(kind: DriverKind, p: &Probe) -> Vec<Need> {
             ),
         });
     }
+    // Without Nix the image is built from the Dockerfile: that needs Docker itself.
+    if !nix_builds_images(p) {
+        let said_already = kind == DriverKind::Minikube && p.container_engine.is_none();
+        if p.docker_running {
+            out.push(Need::ok("docker (builds the image)"));
+        } else if !said_already {
+            out.push(Need::missing(
+                "docker (builds the image)",
+                "the image is built with `docker build` (no Nix 2.4+ here) and docker does not answer: start Docker, or install Nix (`nix develop`)",
+            ));
+        }
+    }
+    // A running profile already has its memory; starting one needs it free.
     if kind == DriverKind::Minikube
+        && !p.profile_running
         && let Some(free) = p.available_mib
     {
         let want = MINIKUBE_MEMORY_MIB + MEMORY_HEADROOM_MIB;
@@ -230,10 +259,12 @@ mod tests {
     fn all_present() -> Probe {
         Probe {
             minikube: true,
+            profile_running: false,
             kubectl: true,
             kube_context: Some("kind-kind".into()),
             docker_cli: true,
             container_engine: Some("docker"),
+            docker_running: true,
             nix_version: None,
             available_mib: Some(16_000),
         }
@@ -289,10 +320,11 @@ mod tests {
     fn a_stopped_engine_is_told_apart_from_a_missing_one() {
         let p = Probe {
             container_engine: None,
+            docker_running: false,
             ..all_present()
         };
         let lines = problems(DriverKind::Minikube, &p);
-        assert_eq!(lines.len(), 1);
+        assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(lines[0].contains("does not answer"), "{lines:?}");
         let p = Probe {
             docker_cli: false,
@@ -302,17 +334,27 @@ mod tests {
     }
 
     #[test]
-    fn podman_counts_as_an_engine() {
-        let p = Probe {
+    fn podman_runs_the_node_but_without_nix_docker_builds_the_image() {
+        let podman = Probe {
             docker_cli: false,
+            docker_running: false,
             container_engine: Some("podman"),
             ..all_present()
         };
-        assert!(problems(DriverKind::Minikube, &p).is_empty());
+        let lines = problems(DriverKind::Minikube, &podman);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("docker build"), "{lines:?}");
+        let with_nix = Probe {
+            nix_version: Some((2, 18)),
+            ..podman
+        };
+        if cfg!(target_os = "linux") {
+            assert!(problems(DriverKind::Minikube, &with_nix).is_empty());
+        }
     }
 
     #[test]
-    fn too_little_memory_for_the_profile_is_refused() {
+    fn too_little_memory_for_the_profile_is_refused_unless_it_runs_already() {
         let p = Probe {
             available_mib: Some(3000),
             ..all_present()
@@ -325,6 +367,12 @@ mod tests {
         );
         // A cluster's memory is not this machine's.
         assert!(problems(DriverKind::Cluster, &p).is_empty());
+        // Re-running setup: the running profile holds its memory already.
+        let running = Probe {
+            profile_running: true,
+            ..p
+        };
+        assert!(problems(DriverKind::Minikube, &running).is_empty());
     }
 
     #[test]
@@ -337,6 +385,7 @@ mod tests {
         let nix = Probe {
             nix_version: Some((2, 8)),
             container_engine: None,
+            docker_running: false,
             docker_cli: false,
             ..all_present()
         };

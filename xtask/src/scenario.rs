@@ -184,11 +184,16 @@ pub struct Outcome {
     pub records: Option<RecordCounts>,
 }
 
-/// What the formula and the table say must hold once the fleet has converged.
+/// What the formula and the table say must hold once the fleet has converged: the worker's
+/// own policy ([`kds_model::compute`]) with every desired worker live.
 pub fn expectations(shards: u64, workers: u64, cap: u64) -> (u64, u64) {
-    let limit = shards.div_ceil(workers.max(1)).min(cap);
-    let deficit = shards.saturating_sub(cap * workers);
-    (limit, deficit)
+    let l = kds_model::compute(kds_model::FleetInputs {
+        open_shards: shards,
+        live_workers: workers,
+        desired_workers: Some(workers),
+        cap,
+    });
+    (l.max_leases_per_worker, l.capacity_deficit)
 }
 
 /// Why `snap` does not (yet) show the converged state; empty when it does.
@@ -222,7 +227,7 @@ pub fn unmet(
             l.capacity_deficit
         ));
     }
-    let leased: u64 = snap.leases.by_owner.values().sum();
+    let leased = snap.leases.leased();
     let want_leased = snap.leases.readable.min(workers * limit);
     if snap.leases.parents_pending > 0 {
         why.push(format!(
@@ -348,7 +353,13 @@ pub fn run_one(driver: &mut dyn Driver, s: &Scenario) -> anyhow::Result<Outcome>
         expected_limit: limit,
         observed_limit: None,
         capacity_deficit: None,
-        workers_needed: shards.div_ceil(cap.max(1)),
+        workers_needed: kds_model::compute(kds_model::FleetInputs {
+            open_shards: shards,
+            live_workers: workers,
+            desired_workers: Some(workers),
+            cap,
+        })
+        .workers_needed,
         epoch_before,
         epoch_after: None,
         max_unowned_seen: 0,

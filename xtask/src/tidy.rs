@@ -93,3 +93,117 @@ fn one_shard_limit_for_xtask_and_localstack() {
         .expect("lab/emulators.toml sets kinesis-mock's shard_limit");
     assert!(mock >= crate::scenario::MAX_SHARDS);
 }
+
+#[test]
+fn the_dockerfile_copies_every_workspace_member() {
+    let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).unwrap();
+    let dockerfile = read("Dockerfile");
+    for member in manifest["workspace"]["members"].as_array().unwrap() {
+        let m = member.as_str().unwrap();
+        assert!(
+            dockerfile.contains(&format!("COPY {m} {m}")),
+            "the Dockerfile does not copy workspace member {m}: `docker build` would fail"
+        );
+    }
+}
+
+/// Files tracked by git, relative to the root.
+fn tracked_files() -> Vec<String> {
+    let out = std::process::Command::new("git")
+        .args(["ls-files", "--cached", "--others", "--exclude-standard"])
+        .current_dir(project_root())
+        .output()
+        .expect("git ls-files");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Path-like words in `text`: `worker/src/store.rs`, `lab/README.md`, `moto_serial.py`.
+fn path_words(text: &str) -> Vec<String> {
+    const TOP: &[&str] = &[
+        "worker/",
+        "xtask/",
+        "model/",
+        "lab/",
+        "manifests/",
+        "docs/",
+        ".ci/",
+        ".github/",
+    ];
+    const SOURCE: &[&str] = &[".rs", ".md", ".nix", ".py"];
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || "._/-".contains(c)))
+        .map(|w| w.trim_end_matches(['.', '/']))
+        .filter(|w| {
+            TOP.iter().any(|t| w.starts_with(t) && w.len() > t.len())
+                || (!w.contains('/') && SOURCE.iter().any(|s| w.ends_with(s) && w.len() > s.len()))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Files of other projects that comments name on purpose.
+const ELSEWHERE: &[&str] = &[
+    // nixpkgs' dockerTools script that parses the image's `created`.
+    "stream_layered_image.py",
+];
+
+/// A comment (or a doc) that names a file sends the reader to it: the file must exist.
+#[test]
+fn comments_name_only_files_that_exist() {
+    let files = tracked_files();
+    let exists = |word: &str| {
+        if ELSEWHERE.contains(&word) {
+            return true;
+        }
+        if word.contains('/') {
+            // A path, or a directory holding tracked files.
+            files
+                .iter()
+                .any(|f| f == word || f.starts_with(&format!("{word}/")))
+        } else {
+            files.iter().any(|f| f.rsplit('/').next() == Some(word))
+        }
+    };
+    let mut missing = Vec::new();
+    for file in &files {
+        let marker = match file.rsplit('.').next() {
+            Some("rs") => "//",
+            Some("toml" | "nix" | "py" | "yaml" | "yml") => "#",
+            Some("md") => "",
+            _ => continue,
+        };
+        let Ok(text) = std::fs::read_to_string(project_root().join(file)) else {
+            continue;
+        };
+        for (n, line) in text.lines().enumerate() {
+            let comment = if marker.is_empty() {
+                line
+            } else {
+                match line.find(marker) {
+                    Some(at) => &line[at..],
+                    None => continue,
+                }
+            };
+            for word in path_words(comment) {
+                if !exists(&word) {
+                    missing.push(format!("{file}:{}: {word}", n + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "comments name files that do not exist:\n  {}",
+        missing.join("\n  ")
+    );
+}
+
+#[test]
+fn path_words_are_found() {
+    assert_eq!(
+        path_words("see worker/src/store.rs and moto_serial.py, not config.toml or e.g."),
+        ["worker/src/store.rs", "moto_serial.py"]
+    );
+}

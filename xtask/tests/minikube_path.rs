@@ -45,6 +45,8 @@ impl Lab {
             .env("PATH", path)
             .env("STANDIN_DIR", &self.root)
             .env("XTASK_LAB_DIR", &self.lab)
+            // The host's free memory is not what these tests are about.
+            .env("XTASK_ASSUME_FREE_MIB", "16000")
             .envs(env.iter().copied())
             .output()
             .unwrap();
@@ -264,11 +266,36 @@ fn setup_scenarios_monitor_and_cleanup_through_the_minikube_driver() {
     );
 }
 
-/// `cleanup` (without --all) keeps the profile; `cleanup --all` later still removes it.
+/// A Nix that cannot build (no build users, flakes refused) falls back to the Dockerfile with
+/// a one-line reason; the Docker image is tagged by its id. `cleanup` (without --all) keeps
+/// the profile; `cleanup --all` later still removes it.
 #[test]
-fn cleanup_then_cleanup_all_still_deletes_the_profile() {
+fn docker_fallback_then_cleanup_then_cleanup_all() {
     let lab = Lab::new("twice");
-    lab.ok(&["setup"], &[]);
+    let out = lab.xtask(&["setup"], &[("STANDIN_NIX_FAILS", "1")]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nix could not build the image (") && stderr.contains("Dockerfile instead"),
+        "{stderr}"
+    );
+    let calls = lab.calls();
+    let build = index(&calls, "docker build -t kds-worker:build .");
+    let tag = index(&calls, "docker tag kds-worker:build kds-worker:");
+    let load = index(&calls, "minikube -p kds-lab image load kds-worker:");
+    assert!(build < tag && tag < load, "{calls:#?}");
+    let running = lab.cluster()["ns"]["sts"]["template"]["image"].clone();
+    let tag = running
+        .as_str()
+        .unwrap()
+        .strip_prefix("kds-worker:")
+        .unwrap()
+        .to_owned();
+    assert!(
+        tag.len() == 12 && tag.chars().all(|c| c.is_ascii_hexdigit()),
+        "{tag}"
+    );
+    assert!(calls[load].ends_with(&tag));
     lab.ok(&["cleanup"], &[]);
     assert!(!lab.state_file().exists());
     let c = lab.cluster();

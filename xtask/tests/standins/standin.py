@@ -13,7 +13,7 @@ waited for, but only once LocalStack is ready; worker pods are not ready until t
 `admin snapshot --json` is the converged lease table of that model:
 limit = min(cap, ceil(shards / workers)), each worker holding up to the limit.
 
-Knobs (environment): STANDIN_MINIKUBE_START_FAILS=1, STANDIN_DOCKER_DOWN=1,
+Knobs (environment): STANDIN_MINIKUBE_START_FAILS=1, STANDIN_DOCKER_DOWN=1, STANDIN_NIX_FAILS=1,
 STANDIN_IMAGE_CONTENT (what the worker image is built from; another value, another image).
 """
 
@@ -77,6 +77,15 @@ def minikube(args, st):
             st["profile"] = {"running": True, "images": []}
         st["profile"]["running"] = True
         print(f'* Done! kubectl is now configured to use "{PROFILE}" cluster')
+        return
+    if args[:1] == ["status"]:
+        # Exit 0 only for a running profile, as minikube does (7: stopped, 85: no profile).
+        if st["profile"] is None:
+            die(f'* Profile "{PROFILE}" not found.', 85)
+        if not st["profile"]["running"]:
+            print("host: Stopped")
+            sys.exit(7)
+        print("host: Running\nkubelet: Running\napiserver: Running")
         return
     if args[:1] == ["stop"]:
         if st["profile"]:
@@ -147,6 +156,8 @@ def nix(args, st):
     if "build" in args:
         if args[args.index("build") + 1] != ".#image":
             die(f"standin nix: unexpected build {args}", 64)
+        if os.environ.get("STANDIN_NIX_FAILS"):
+            die("error: cannot build '/nix/store/...-stream-kds-worker.drv': no build users available")
         if "nix-command flakes" not in args:
             die("error: experimental Nix feature 'nix-command' is disabled")
         link = args[args.index("--out-link") + 1]
@@ -224,6 +235,7 @@ def snapshot(ns):
         owners[f"kds-consumer-{i}"] = held
     now = "2026-11-28T12:00:00Z"
     return {
+        "stream": "kds-lab",
         "open_shards": shards,
         "lease_limits": {
             "max_leases_per_worker": limit,
@@ -243,7 +255,6 @@ def snapshot(ns):
             {"worker_id": w, "counter": 1, "leases_held": n, "renewed_at": now} for w, n in owners.items()
         ],
         "leases": {
-            "total": shards,
             "readable": shards,
             "unowned_readable": left,
             "finished": 0,
@@ -281,7 +292,7 @@ def kubectl(args, st):
         ov = read_overlay(args[2])
         image = f"kds-worker:{ov['tag']}"
         if image not in st["profile"]["images"]:
-            # Applied anyway; the pods would sit in ErrImageNeverPull. Recorded, then asserted.
+            # Applied anyway; the pods would sit in ErrImagePull. Recorded, then asserted.
             st.setdefault("pulls_of_missing_images", []).append(image)
         configmap = open(os.path.join(ov["base"], "configmap.yaml")).read()
         if ns is None:

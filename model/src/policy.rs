@@ -4,10 +4,10 @@
 //!
 //! No I/O here: the coordinator gathers the inputs, calls [`compute`] and publishes the result.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the coordinator knows about the fleet when it computes the limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetInputs {
     /// `DescribeStreamSummary.OpenShardCount`.
     pub open_shards: u64,
@@ -20,7 +20,7 @@ pub struct FleetInputs {
 }
 
 /// The published decision and the numbers that explain it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseLimit {
     pub max_leases_per_worker: u64,
     /// The divisor actually used: `min(desired, live)` with a desired count, else `live`,
