@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::consumer::RecordProcessor;
+use crate::processor::RecordProcessor;
 
 /// One processed record.
 #[derive(Debug, Clone, PartialEq, Eq)]

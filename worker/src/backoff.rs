@@ -60,6 +60,45 @@ fn unit_random() -> f64 {
     })
 }
 
+/// How start-up calls are retried after throttling or a transient error: every pod of a
+/// StatefulSet restarting at once shares `DescribeStreamSummary`'s 20 calls per second per
+/// account. [`Worker::prepare`] and table creation give up after `attempts` calls; waiting for
+/// the stream ([`Worker::wait_to_start`]) uses the same delays without a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartRetry {
+    /// Calls in all, the first included (each is itself retried by the SDK).
+    pub attempts: u32,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for StartRetry {
+    /// 8 calls; waits of at most 0.5, 1, 2, 4, 8, 16, 20 s (each at least half that):
+    /// at most about 50 s of waiting in all.
+    fn default() -> Self {
+        StartRetry {
+            attempts: 8,
+            first_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(20),
+        }
+    }
+}
+
+impl StartRetry {
+    /// The wait before retry `retry` (1 for the first): exponential up to `max_delay`, of
+    /// which half is fixed and half random (`jitter` in 0..1), so restarting pods spread out.
+    pub fn delay(&self, retry: u32, jitter: f64) -> Duration {
+        let factor = 2u32.saturating_pow(retry.saturating_sub(1));
+        let full = self.first_delay.saturating_mul(factor).min(self.max_delay);
+        full / 2 + (full / 2).mul_f64(jitter.clamp(0.0, 1.0))
+    }
+}
+
+/// A random number in 0..1 for jitter.
+pub fn jitter() -> f64 {
+    unit_random()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +128,22 @@ mod tests {
         let draws: std::collections::BTreeSet<u64> =
             (0..100).map(|_| (unit_random() * 1000.0) as u64).collect();
         assert!(draws.len() > 50, "{} distinct of 100", draws.len());
+    }
+
+    #[test]
+    fn start_backoff_is_exponential_bounded_and_jittered() {
+        let p = StartRetry::default();
+        assert_eq!(p.delay(1, 0.0), Duration::from_millis(250));
+        assert_eq!(p.delay(1, 1.0), Duration::from_millis(500));
+        assert_eq!(p.delay(2, 0.0), Duration::from_millis(500));
+        assert_eq!(p.delay(4, 1.0), Duration::from_secs(4));
+        assert_eq!(p.delay(7, 1.0), Duration::from_secs(20), "capped");
+        assert_eq!(p.delay(60, 0.5), Duration::from_secs(15), "no overflow");
+        let total: Duration = (1..p.attempts).map(|r| p.delay(r, 1.0)).sum();
+        assert!(total <= Duration::from_secs(60), "{total:?}");
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j), "{j}");
+        }
     }
 }

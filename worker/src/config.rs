@@ -700,6 +700,42 @@ pub fn describe_file(file: &ConfigFile) -> String {
     }
 }
 
+/// When to checkpoint and how to pace reads.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerTuning {
+    pub checkpoint_every_records: u64,
+    pub checkpoint_every: Duration,
+    /// Wait after an empty read (Kinesis allows 5 GetRecords/s per shard); each further
+    /// empty read waits one more of these, up to `idle_poll_max`.
+    pub idle_wait: Duration,
+    /// The longest wait between reads of an idle shard (the `idle_poll_max` setting).
+    pub idle_poll_max: Duration,
+    pub max_records_per_call: i32,
+}
+
+impl Default for ConsumerTuning {
+    fn default() -> Self {
+        ConsumerTuning {
+            checkpoint_every_records: 1000,
+            checkpoint_every: Duration::from_secs(5),
+            idle_wait: Duration::from_secs(1),
+            idle_poll_max: Duration::from_secs(5),
+            max_records_per_call: 1000,
+        }
+    }
+}
+
+impl Settings {
+    /// How consumers checkpoint and pace their reads: the defaults, with this
+    /// configuration's `idle_poll_max`.
+    pub fn consumer_tuning(&self) -> ConsumerTuning {
+        ConsumerTuning {
+            idle_poll_max: self.idle_poll_max,
+            ..ConsumerTuning::default()
+        }
+    }
+}
+
 #[cfg(test)]
 // figment::Jail's closures must return figment's (large) error type.
 #[allow(clippy::result_large_err)]

@@ -17,12 +17,12 @@ use tracing::Instrument;
 
 use crate::assignment::{self, Action, FleetView};
 use crate::config::WorkerCountSource;
+use crate::context::Context;
 use crate::election::LivenessTracker;
 use crate::inputs::{ShardInfo, list_shards, open_shard_count, watch_desired_replicas};
 use crate::leases::{Lease, LeaseStore, Pending};
 use crate::policy::{self, FleetInputs};
 use crate::store::{LimitRecord, now_iso8601};
-use crate::worker::Context;
 
 /// The fields whose change warrants a new `lease_limits` version.
 fn same_decision(a: &LimitRecord, b: &LimitRecord) -> bool {

@@ -17,9 +17,9 @@ use tracing::Instrument;
 
 use crate::assignment;
 use crate::consumer::{ConsumerExit, consume};
+use crate::context::Context;
 use crate::leases::{Held, Lease, LeaseStore, Pending};
 use crate::metrics::{OperationLabels, ReasonLabels};
-use crate::worker::Context;
 
 /// How long a lease that could not be read waits before this worker tries it again (an
 /// operator may have repaired its checkpoint meanwhile).

@@ -27,6 +27,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// The shard a per-shard metric is about.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ShardLabel {
+    pub shard: String,
+}
+
 /// Every metric the worker exports. Cheap to clone (all handles are shared).
 #[derive(Clone, Default)]
 pub struct Metrics {
@@ -57,8 +63,8 @@ pub struct Metrics {
     pub start_retries: Counter,
     /// 1 while the worker waits at start for its stream to be created.
     pub stream_missing: Gauge,
-    pub records_processed: Family<crate::consumer::ShardLabel, Counter>,
-    pub bytes_processed: Family<crate::consumer::ShardLabel, Counter>,
+    pub records_processed: Family<ShardLabel, Counter>,
+    pub bytes_processed: Family<ShardLabel, Counter>,
 }
 
 impl Metrics {

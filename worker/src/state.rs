@@ -96,7 +96,7 @@ pub struct WorkerState {
     pub instance: String,
     pub metrics: Metrics,
     /// Records and bytes per shard (the default record processor), for `/status`.
-    pub counting: crate::consumer::CountingProcessor,
+    pub counting: crate::processor::CountingProcessor,
     started: Instant,
     inner: Mutex<Inner>,
     /// True while this worker must not process records (see [`WorkerState::may_process`]).
@@ -130,7 +130,7 @@ pub struct StatusReport {
 
 impl WorkerState {
     pub fn new(settings: Settings, metrics: Metrics) -> Self {
-        let counting = crate::consumer::CountingProcessor::new(
+        let counting = crate::processor::CountingProcessor::new(
             metrics.records_processed.clone(),
             metrics.bytes_processed.clone(),
         );

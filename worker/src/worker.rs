@@ -12,86 +12,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::aws::{AwsClients, AwsError};
+use crate::backoff::{StartRetry, jitter};
 use crate::config::Settings;
-use crate::consumer::{ConsumerTuning, RecordProcessor};
+use crate::context::Context;
 use crate::coordinator;
 use crate::election::{CoordinatorObserver, Holder, HolderObserver, Verdict, claim_epoch};
+use crate::processor::RecordProcessor;
 use crate::schema;
 use crate::state::{Role, WorkerState};
 use crate::store::{
     HeartbeatOwner, HeartbeatRow, LimitReadError, LimitRecord, MetaStore, next_version, now_iso8601,
 };
-
-/// How start-up calls are retried after throttling or a transient error: every pod of a
-/// StatefulSet restarting at once shares `DescribeStreamSummary`'s 20 calls per second per
-/// account. [`Worker::prepare`] and table creation give up after `attempts` calls; waiting for
-/// the stream ([`Worker::wait_to_start`]) uses the same delays without a limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StartRetry {
-    /// Calls in all, the first included (each is itself retried by the SDK).
-    pub attempts: u32,
-    pub first_delay: Duration,
-    pub max_delay: Duration,
-}
-
-impl Default for StartRetry {
-    /// 8 calls; waits of at most 0.5, 1, 2, 4, 8, 16, 20 s (each at least half that):
-    /// at most about 50 s of waiting in all.
-    fn default() -> Self {
-        StartRetry {
-            attempts: 8,
-            first_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(20),
-        }
-    }
-}
-
-impl StartRetry {
-    /// The wait before retry `retry` (1 for the first): exponential up to `max_delay`, of
-    /// which half is fixed and half random (`jitter` in 0..1), so restarting pods spread out.
-    pub fn delay(&self, retry: u32, jitter: f64) -> Duration {
-        let factor = 2u32.saturating_pow(retry.saturating_sub(1));
-        let full = self.first_delay.saturating_mul(factor).min(self.max_delay);
-        full / 2 + (full / 2).mul_f64(jitter.clamp(0.0, 1.0))
-    }
-}
-
-/// A random number in 0..1 (for jitter; not for anything that must be unpredictable).
-fn jitter() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Everything the loops share.
-pub struct Context {
-    pub state: Arc<WorkerState>,
-    pub aws: AwsClients,
-    pub meta: MetaStore,
-    pub kube: Option<kube::Client>,
-    /// The application's record processor, called after the built-in counting.
-    pub processor: Option<Arc<dyn RecordProcessor>>,
-    pub consumer_tuning: ConsumerTuning,
-    pub start_retry: StartRetry,
-}
-
-impl Context {
-    /// This process as the writer of its heartbeat.
-    pub fn heartbeat_owner(&self) -> HeartbeatOwner {
-        let s = &self.state.settings;
-        HeartbeatOwner {
-            worker_id: s.worker_id.clone(),
-            instance: self.state.instance.clone(),
-            failover: s.failover_timeout,
-        }
-    }
-}
 
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -108,10 +39,7 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(settings: Settings, aws: AwsClients, kube: Option<kube::Client>) -> Self {
-        let consumer_tuning = ConsumerTuning {
-            idle_poll_max: settings.idle_poll_max,
-            ..ConsumerTuning::default()
-        };
+        let consumer_tuning = settings.consumer_tuning();
         let state = Arc::new(WorkerState::new(settings, aws.metrics.clone()));
         let meta = MetaStore::new(aws.clone(), state.settings.meta_table());
         Worker {
@@ -130,11 +58,6 @@ impl Worker {
     /// Hands every batch of records to `processor` too (after the built-in counting).
     pub fn with_processor(mut self, processor: Arc<dyn RecordProcessor>) -> Self {
         self.ctx.processor = Some(processor);
-        self
-    }
-
-    pub fn with_consumer_tuning(mut self, tuning: ConsumerTuning) -> Self {
-        self.ctx.consumer_tuning = tuning;
         self
     }
 
@@ -819,26 +742,4 @@ async fn stop_duties_at_deadline(ctx: &Context, term: Term) {
         s.term_after()
     );
     term.abandon(ctx).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn start_backoff_is_exponential_bounded_and_jittered() {
-        let p = StartRetry::default();
-        assert_eq!(p.delay(1, 0.0), Duration::from_millis(250));
-        assert_eq!(p.delay(1, 1.0), Duration::from_millis(500));
-        assert_eq!(p.delay(2, 0.0), Duration::from_millis(500));
-        assert_eq!(p.delay(4, 1.0), Duration::from_secs(4));
-        assert_eq!(p.delay(7, 1.0), Duration::from_secs(20), "capped");
-        assert_eq!(p.delay(60, 0.5), Duration::from_secs(15), "no overflow");
-        let total: Duration = (1..p.attempts).map(|r| p.delay(r, 1.0)).sum();
-        assert!(total <= Duration::from_secs(60), "{total:?}");
-        for _ in 0..100 {
-            let j = jitter();
-            assert!((0.0..1.0).contains(&j), "{j}");
-        }
-    }
 }

@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use kds_worker::aws::AwsClients;
-use kds_worker::consumer::{LATEST, RecordProcessor};
+use kds_worker::consumer::LATEST;
 use kds_worker::lease_manager::UNREADABLE_RETRY;
 use kds_worker::leases::TRIM_HORIZON;
 use kds_worker::metrics::ApiCallLabels;
+use kds_worker::processor::RecordProcessor;
 use kds_worker::schema::LEASE_KEY;
 use kds_worker::state::WorkerState;
 use support::ledger::{Ledger, Producer, Report};

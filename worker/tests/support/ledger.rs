@@ -9,7 +9,7 @@ use std::time::Duration;
 
 pub use kds_worker::audit::{self, Event, Report};
 use kds_worker::aws::AwsClients;
-use kds_worker::consumer::RecordProcessor;
+use kds_worker::processor::RecordProcessor;
 
 /// A record processor shared by every worker of a test: logs (worker, shard, sequence, data)
 /// in one global order (the lock serialises workers' calls).

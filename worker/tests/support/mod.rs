@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use kds_worker::aws::AwsClients;
 use kds_worker::config::{LogFormat, Settings, WorkerCountSource};
-use kds_worker::consumer::RecordProcessor;
 use kds_worker::leases::{Lease, LeaseStore};
 use kds_worker::metrics::Metrics;
+use kds_worker::processor::RecordProcessor;
 use kds_worker::state::{Role, WorkerState};
 use kds_worker::store::MetaStore;
 use kds_worker::worker::Worker;

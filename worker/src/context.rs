@@ -1,0 +1,34 @@
+//! What every loop of a worker shares, built once by [`crate::worker::Worker::new`].
+
+use std::sync::Arc;
+
+use crate::aws::AwsClients;
+use crate::backoff::StartRetry;
+use crate::config::ConsumerTuning;
+use crate::processor::RecordProcessor;
+use crate::state::WorkerState;
+use crate::store::{HeartbeatOwner, MetaStore};
+
+/// Everything the loops share.
+pub struct Context {
+    pub state: Arc<WorkerState>,
+    pub aws: AwsClients,
+    pub meta: MetaStore,
+    pub kube: Option<kube::Client>,
+    /// The application's record processor, called after the built-in counting.
+    pub processor: Option<Arc<dyn RecordProcessor>>,
+    pub consumer_tuning: ConsumerTuning,
+    pub start_retry: StartRetry,
+}
+
+impl Context {
+    /// This process as the writer of its heartbeat.
+    pub fn heartbeat_owner(&self) -> HeartbeatOwner {
+        let s = &self.state.settings;
+        HeartbeatOwner {
+            worker_id: s.worker_id.clone(),
+            instance: self.state.instance.clone(),
+            failover: s.failover_timeout,
+        }
+    }
+}
