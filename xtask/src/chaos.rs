@@ -19,8 +19,9 @@ use anyhow::ensure;
 use serde::Serialize;
 
 use crate::lab::Audit;
-use crate::lab::{Driver, Runner, wait_until};
+use crate::lab::{Driver, wait_until};
 use crate::local::Local;
+use crate::runner::Runner;
 use crate::util::{project_root, secs};
 
 #[derive(clap::Args, Debug)]

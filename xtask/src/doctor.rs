@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use crate::kube::nix_available;
-use crate::lab::DriverKind;
+use crate::state::DriverKind;
 
 /// (tool, version flag, needed for, pinned version in flake.nix if any)
 const TOOLS: &[(&str, &str, &str)] = &[

@@ -4,10 +4,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::lab::{Driver, DriverKind, Runner, Snapshot, WorkerView, args, wait_until};
+use crate::config_file::{read_cap, replace_cap};
+use crate::lab::{Driver, Snapshot, WorkerView, wait_until};
+use crate::runner::{Runner, args};
+use crate::state::DriverKind;
 use crate::util::project_root;
 
 pub const PROFILE: &str = "kds-lab";
+/// Memory `minikube start` gives the profile (MiB); preflight wants it free.
+pub const MINIKUBE_MEMORY_MIB: u64 = 4096;
 pub const NAMESPACE: &str = "kds-lab";
 pub const STATEFULSET: &str = "kds-consumer";
 /// The image name manifests/ run; `setup` sets the tag to the image's content hash.
@@ -187,7 +192,7 @@ pub fn nix_available() -> bool {
             .output()
             .ok()
             .filter(|o| o.status.success())
-            .and_then(|o| crate::preflight::parse_nix_version(&String::from_utf8_lossy(&o.stdout)))
+            .and_then(|o| crate::util::parse_nix_version(&String::from_utf8_lossy(&o.stdout)))
             .is_some_and(|v| v >= (2, 4))
 }
 
@@ -273,7 +278,7 @@ impl Driver for Kube {
     /// rather than crash-looping; the reshard runs in a worker pod, so it comes last.
     fn setup(&mut self, shards: u32, workers: u32) -> anyhow::Result<()> {
         if self.minikube {
-            let memory = crate::preflight::MINIKUBE_MEMORY_MIB.to_string();
+            let memory = MINIKUBE_MEMORY_MIB.to_string();
             self.runner.run(
                 "minikube",
                 &args(["start", "-p", PROFILE, "--cpus", "2", "--memory", &memory]),
@@ -281,7 +286,7 @@ impl Driver for Kube {
         }
         // From here on something exists: the state file says so, and `cleanup` removes it.
         if !self.runner.dry_run {
-            crate::lab::save_state(&crate::lab::State {
+            crate::state::save_state(&crate::state::State {
                 driver: self.kind(),
                 local: None,
             })?;
@@ -365,7 +370,7 @@ impl Driver for Kube {
 
     /// The ConfigMap with the new cap, and its hash on the pod template: a rolling update.
     fn set_cap(&mut self, cap: u64) -> anyhow::Result<()> {
-        let changed = crate::local::replace_cap(&read_configmap()?, cap)?;
+        let changed = replace_cap(&read_configmap()?, cap)?;
         let out = crate::util::lab_dir().join("configmap.yaml");
         std::fs::create_dir_all(crate::util::lab_dir())?;
         std::fs::write(&out, &changed)?;
@@ -465,7 +470,7 @@ impl Driver for Kube {
                 "jsonpath={.data.config\\.toml}",
             ]),
         )?;
-        Ok(crate::local::read_cap(&out).unwrap_or(80))
+        Ok(read_cap(&out).unwrap_or(80))
     }
 
     fn logs(&self, follow: bool, worker: Option<u32>) -> anyhow::Result<()> {

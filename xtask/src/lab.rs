@@ -1,137 +1,15 @@
 //! Lab state, the command runner (with `--dry-run`) and the driver interface every command
 //! goes through.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde::{Deserialize, Serialize};
-use xshell::{Shell, cmd};
 
-use crate::util::{lab_dir, project_root, secs};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DriverKind {
-    /// A Minikube profile `kds-lab` (started, image loaded, deleted by `cleanup --all`).
-    Minikube,
-    /// The current kube context; no cluster lifecycle.
-    Cluster,
-    /// No cluster, no Docker: emulators on loopback and worker processes, state under .lab/.
-    Local,
-}
-
-/// `.lab/state.json`: what `setup` created, so later commands find it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct State {
-    pub driver: DriverKind,
-    #[serde(default)]
-    pub local: Option<crate::local::LocalState>,
-}
-
-pub fn state_path() -> PathBuf {
-    lab_dir().join("state.json")
-}
-
-pub fn load_state() -> anyhow::Result<Option<State>> {
-    let path = state_path();
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| {
-            format!("{} is damaged; run `cargo xtask cleanup`", path.display())
-        })?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-/// Written to a temporary file and renamed: a crash never leaves half a state file.
-pub fn save_state(state: &State) -> anyhow::Result<()> {
-    let path = state_path();
-    std::fs::create_dir_all(lab_dir())?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(state)?)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(())
-}
-
-pub fn require_lab() -> anyhow::Result<State> {
-    load_state()?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "no lab is set up here (no {}): run `cargo xtask setup` first",
-            state_path().display()
-        )
-    })
-}
-
-/// Runs external commands, or with `--dry-run` only prints (and records) them.
-pub struct Runner {
-    pub dry_run: bool,
-    pub sh: Shell,
-    pub log: RefCell<Vec<String>>,
-}
-
-impl Runner {
-    pub fn new(dry_run: bool) -> anyhow::Result<Self> {
-        let sh = Shell::new()?;
-        sh.change_dir(project_root());
-        Ok(Runner {
-            dry_run,
-            sh,
-            log: RefCell::new(Vec::new()),
-        })
-    }
-
-    fn note(&self, program: &str, args: &[String]) {
-        let line = std::iter::once(program.to_owned())
-            .chain(args.iter().map(|a| {
-                if a.contains(' ') || a.is_empty() {
-                    format!("'{a}'")
-                } else {
-                    a.clone()
-                }
-            }))
-            .collect::<Vec<_>>()
-            .join(" ");
-        if self.dry_run {
-            println!("{line}");
-        }
-        self.log.borrow_mut().push(line);
-    }
-
-    /// Runs `program args`, output to the terminal.
-    pub fn run(&self, program: &str, args: &[String]) -> anyhow::Result<()> {
-        self.note(program, args);
-        if self.dry_run {
-            return Ok(());
-        }
-        cmd!(self.sh, "{program} {args...}")
-            .run()
-            .with_context(|| format!("`{program}` failed"))
-    }
-
-    /// Runs `program args` and returns its stdout (empty in a dry run).
-    pub fn output(&self, program: &str, args: &[String]) -> anyhow::Result<String> {
-        self.note(program, args);
-        if self.dry_run {
-            return Ok(String::new());
-        }
-        cmd!(self.sh, "{program} {args...}")
-            .quiet()
-            .read()
-            .with_context(|| format!("`{program} {}` failed", args.join(" ")))
-    }
-
-    #[cfg(test)]
-    pub fn commands(&self) -> Vec<String> {
-        self.log.borrow().clone()
-    }
-}
-
-pub fn args<const N: usize>(a: [&str; N]) -> Vec<String> {
-    a.iter().map(|s| s.to_string()).collect()
-}
+use crate::runner::Runner;
+use crate::state::DriverKind;
+use crate::util::secs;
 
 /// The fleet as the worker's `admin snapshot --json` reports it: the worker's own type, so a
 /// renamed field fails to parse instead of reading as zero.
@@ -182,14 +60,6 @@ pub struct Audit {
     /// Produced records (of those audited) nobody processed yet.
     pub lost: Vec<String>,
     pub by_worker: BTreeMap<String, usize>,
-}
-
-pub fn open_driver(kind: DriverKind, runner: Runner) -> anyhow::Result<Box<dyn Driver>> {
-    Ok(match kind {
-        DriverKind::Local => Box::new(crate::local::Local::open(runner)?),
-        DriverKind::Minikube => Box::new(crate::kube::Kube::new(runner, true)),
-        DriverKind::Cluster => Box::new(crate::kube::Kube::new(runner, false)),
-    })
 }
 
 /// An error that ends a [`wait_until`] at once (a process died; waiting will not help).

@@ -10,12 +10,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde::{Deserialize, Serialize};
 
+use crate::config_file::replace_cap;
 use crate::emulators;
-use crate::lab::{
-    Audit, Driver, DriverKind, Runner, Snapshot, State, WorkerView, save_state, wait_until,
-};
+use crate::lab::{Audit, Driver, Snapshot, WorkerView, wait_until};
+use crate::runner::Runner;
+use crate::state::{DriverKind, LocalState, State, WorkerProcess, save_state};
 use crate::util::{free_port, http_status, lab_dir, project_root};
 
 pub const STREAM: &str = "kds-lab-stream";
@@ -23,25 +23,6 @@ pub const APP: &str = "kds-consumer-app";
 const READY_DEADLINE: Duration = Duration::from_secs(120);
 /// Records per second the lab's producer puts while it is set up.
 pub const LAB_RECORD_RATE: u64 = 10;
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct LocalState {
-    pub kinesis_url: String,
-    pub dynamodb_url: String,
-    pub emulator_pids: Vec<u32>,
-    /// Worker name (`kds-consumer-N`) → process.
-    pub workers: BTreeMap<String, WorkerProcess>,
-    pub cap: u64,
-    /// The lab's record producer (`kds-worker admin produce --out`), while it runs.
-    #[serde(default)]
-    pub producer_pid: Option<u32>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerProcess {
-    pub pid: u32,
-    pub port: u16,
-}
 
 pub struct Local {
     runner: Runner,
@@ -88,36 +69,6 @@ pub fn config_toml(cap: u64) -> String {
          idle_poll_max = \"20s\"\n\
          log_format = \"json\"\n"
     )
-}
-
-/// Replaces the value of `max_leases_cap` in a config.toml (or a ConfigMap holding one).
-pub fn replace_cap(text: &str, cap: u64) -> anyhow::Result<String> {
-    let mut found = false;
-    let out: Vec<String> = text
-        .lines()
-        .map(|line| {
-            let trimmed = line.trim_start();
-            if trimmed.starts_with("max_leases_cap") && trimmed.contains('=') {
-                found = true;
-                let indent = &line[..line.len() - trimmed.len()];
-                format!("{indent}max_leases_cap = {cap}")
-            } else {
-                line.to_owned()
-            }
-        })
-        .collect();
-    if !found {
-        bail!("no `max_leases_cap = …` line to change");
-    }
-    Ok(out.join("\n") + "\n")
-}
-
-pub fn read_cap(text: &str) -> Option<u64> {
-    text.lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("max_leases_cap"))
-        .and_then(|l| l.split('=').nth(1))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Is `pid` a live process (not a zombie)?
@@ -182,7 +133,7 @@ fn stop_process(pid: u32, grace: Duration) {
 
 impl Local {
     pub fn open(runner: Runner) -> anyhow::Result<Self> {
-        let state = crate::lab::load_state()?
+        let state = crate::state::load_state()?
             .and_then(|s| s.local)
             .unwrap_or_default();
         Ok(Local { runner, state })
@@ -502,7 +453,7 @@ impl Driver for Local {
     fn setup(&mut self, shards: u32, workers: u32) -> anyhow::Result<()> {
         self.runner.run(
             "cargo",
-            &crate::lab::args(["build", "--quiet", "-p", "kds-worker"]),
+            &crate::runner::args(["build", "--quiet", "-p", "kds-worker"]),
         )?;
         if !self.emulators_running() {
             if self.runner.dry_run {
@@ -726,7 +677,7 @@ impl Driver for Local {
         }
         self.stop_producer();
         if !self.runner.dry_run {
-            let _ = std::fs::remove_file(crate::lab::state_path());
+            let _ = std::fs::remove_file(crate::state::state_path());
             let _ = std::fs::remove_file(config_path());
             let _ = std::fs::remove_dir_all(records_dir());
             if all {
@@ -744,18 +695,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cap_is_replaced_in_place() {
-        let cm = "data:\n  config.toml: |\n    stream_name = \"s\"\n    max_leases_cap = 80\n";
-        let out = replace_cap(cm, 100).unwrap();
-        assert!(out.contains("    max_leases_cap = 100\n"));
-        assert_eq!(read_cap(&out), Some(100));
-        assert!(replace_cap("stream_name = \"s\"\n", 5).is_err());
-    }
-
-    #[test]
     fn local_config_is_a_valid_worker_config_shape() {
         let text = config_toml(80);
-        assert_eq!(read_cap(&text), Some(80));
+        assert_eq!(crate::config_file::read_cap(&text), Some(80));
         assert!(text.contains("worker_count_source = \"heartbeats\""));
     }
 }

@@ -4,6 +4,7 @@
 //! tools take `--dry-run` to print the commands instead.
 
 mod chaos;
+mod config_file;
 mod doctor;
 mod e2e;
 mod emulators;
@@ -15,7 +16,9 @@ mod monitor;
 mod nix;
 mod nixpins;
 mod preflight;
+mod runner;
 mod scenario;
+mod state;
 mod test;
 #[cfg(test)]
 mod tidy;
@@ -27,8 +30,10 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 
-use crate::lab::{DriverKind, Runner, load_state, open_driver, require_lab};
+use crate::lab::Driver;
+use crate::runner::Runner;
 use crate::scenario::{MAX_WORKERS, parse_count, parse_shards};
+use crate::state::{DriverKind, load_state, require_lab};
 
 #[derive(Parser)]
 #[command(
@@ -138,6 +143,15 @@ enum ScenarioCmd {
     Run { name: String },
     /// List the catalog.
     List,
+}
+
+/// The driver a lab was (or is being) set up with.
+fn open_driver(kind: DriverKind, runner: Runner) -> anyhow::Result<Box<dyn Driver>> {
+    Ok(match kind {
+        DriverKind::Local => Box::new(crate::local::Local::open(runner)?),
+        DriverKind::Minikube => Box::new(crate::kube::Kube::new(runner, true)),
+        DriverKind::Cluster => Box::new(crate::kube::Kube::new(runner, false)),
+    })
 }
 
 fn main() {
@@ -295,7 +309,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "no lab set up here; deleting the Minikube profile {}",
                     kube::PROFILE
                 );
-                Runner::new(dry)?.run("minikube", &lab::args(["delete", "-p", kube::PROFILE]))
+                Runner::new(dry)?.run("minikube", &runner::args(["delete", "-p", kube::PROFILE]))
             }
             None => {
                 println!("nothing to clean up (no lab set up here)");

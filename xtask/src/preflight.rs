@@ -4,10 +4,10 @@
 
 use std::process::{Command, Stdio};
 
-use crate::lab::DriverKind;
+use crate::kube::{MINIKUBE_MEMORY_MIB, PROFILE};
+use crate::state::DriverKind;
+use crate::util::parse_nix_version;
 
-/// Memory `minikube start` is given (MiB); the machine needs it free, plus room for itself.
-pub const MINIKUBE_MEMORY_MIB: u64 = 4096;
 const MEMORY_HEADROOM_MIB: u64 = 512;
 
 /// One thing a driver needs, found or not.
@@ -105,7 +105,7 @@ impl Probe {
             .and_then(|o| parse_nix_version(&String::from_utf8_lossy(&o.stdout)));
         let minikube = present("minikube");
         Probe {
-            profile_running: minikube && ok("minikube", &["status", "-p", crate::kube::PROFILE]),
+            profile_running: minikube && ok("minikube", &["status", "-p", PROFILE]),
             minikube,
             docker_running,
             kubectl,
@@ -116,13 +116,6 @@ impl Probe {
             available_mib: available_mib(),
         }
     }
-}
-
-/// `nix (Nix) 2.8.0` → (2, 8).
-pub fn parse_nix_version(text: &str) -> Option<(u32, u32)> {
-    let v = text.split_whitespace().last()?;
-    let mut parts = v.split('.');
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// MemAvailable in MiB; `XTASK_ASSUME_FREE_MIB` stands in for it (tests, or a host whose
@@ -403,12 +396,5 @@ mod tests {
             ..all_present()
         };
         assert!(problems(DriverKind::Cluster, &p)[0].contains("use-context"));
-    }
-
-    #[test]
-    fn nix_versions_parse() {
-        assert_eq!(parse_nix_version("nix (Nix) 2.8.0\n"), Some((2, 8)));
-        assert_eq!(parse_nix_version("nix (Nix) 2.24.10"), Some((2, 24)));
-        assert_eq!(parse_nix_version("garbage"), None);
     }
 }

@@ -69,3 +69,22 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 pub fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
+
+/// `nix (Nix) 2.8.0` → (2, 8).
+pub fn parse_nix_version(text: &str) -> Option<(u32, u32)> {
+    let v = text.split_whitespace().last()?;
+    let mut parts = v.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_versions_parse() {
+        assert_eq!(parse_nix_version("nix (Nix) 2.8.0\n"), Some((2, 8)));
+        assert_eq!(parse_nix_version("nix (Nix) 2.24.10"), Some((2, 24)));
+        assert_eq!(parse_nix_version("garbage"), None);
+    }
+}
