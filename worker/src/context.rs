@@ -32,3 +32,11 @@ impl Context {
         }
     }
 }
+
+/// The pacing of every loop: a tick each `period`, and a late tick delays the next rather than
+/// firing a burst to catch up (a slow AWS call must not be followed by a volley of calls).
+pub fn ticker(period: std::time::Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval(period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}

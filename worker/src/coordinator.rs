@@ -11,13 +11,13 @@ use futures::StreamExt;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior, interval};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::assignment::{self, Action, FleetView};
 use crate::config::WorkerCountSource;
-use crate::context::Context;
+use crate::context::{Context, ticker};
 use crate::election::LivenessTracker;
 use crate::inputs::{ShardInfo, list_shards, open_shard_count, watch_desired_replicas};
 use crate::leases::{Lease, LeaseStore, Pending};
@@ -337,10 +337,8 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
         }
     }
 
-    let mut shard_tick = interval(s.shard_poll_interval);
-    shard_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut heartbeat_tick = interval(s.heartbeat_interval);
-    heartbeat_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut shard_tick = ticker(s.shard_poll_interval);
+    let mut heartbeat_tick = ticker(s.heartbeat_interval);
     let mut liveness = LivenessTracker::default();
     // The lease table sync and the assignment run beside the publication loop: creating
     // hundreds of lease items after a reshard must not delay the new limit.

@@ -1,7 +1,6 @@
 //! `GET /health`, `/ready`, `/metrics`, `/status` on hyper 1.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -79,11 +78,6 @@ pub fn route(state: &WorkerState, method: &Method, path: &str) -> Response<Body>
             "not found: try /health, /ready, /metrics or /status\n",
         ),
     }
-}
-
-/// Binds `addr`; the listener is returned so callers (tests) can learn the port of `:0`.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 /// Serves until `stop` is cancelled, then lets open requests finish (up to 5 s).

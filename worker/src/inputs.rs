@@ -60,8 +60,6 @@ pub struct ShardInfo {
     pub shard_id: String,
     /// Parent and adjacent parent (after a merge), where the service reports them.
     pub parents: Vec<String>,
-    /// Closed by a reshard: it has an ending sequence number.
-    pub closed: bool,
 }
 
 /// Every shard of the stream, open and closed, all pages. Follow-up pages carry only the
@@ -87,9 +85,6 @@ pub async fn list_shards(aws: &AwsClients, stream: &str) -> Result<Vec<ShardInfo
             shards.push(ShardInfo {
                 shard_id: shard.shard_id().to_owned(),
                 parents,
-                closed: shard
-                    .sequence_number_range()
-                    .is_some_and(|r| r.ending_sequence_number().is_some()),
             });
         }
         match out.next_token() {

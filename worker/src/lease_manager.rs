@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior, interval};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::assignment;
 use crate::consumer::{ConsumerExit, consume};
-use crate::context::Context;
+use crate::context::{Context, ticker};
 use crate::leases::{Held, Lease, LeaseStore, Pending};
 use crate::metrics::{OperationLabels, ReasonLabels};
 
@@ -114,8 +114,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     // Since when this worker holds more than the published limit.
     let mut over_limit_since: Option<Instant> = None;
     // One round per heartbeat; also at once when the fence changes or a new limit arrives.
-    let mut tick = interval(s.heartbeat_interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut tick = ticker(s.heartbeat_interval);
     let mut fence = ctx.state.fence();
     loop {
         tokio::select! {

@@ -322,7 +322,7 @@ async fn run(settings: Settings) -> ExitCode {
             }
         },
     };
-    let listener = match http::bind(settings.http_addr).await {
+    let listener = match tokio::net::TcpListener::bind(settings.http_addr).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!(

@@ -259,10 +259,6 @@ impl MetaStore {
         }
     }
 
-    pub fn table(&self) -> &str {
-        &self.table
-    }
-
     async fn get(&self, key: &str) -> Result<Option<Item>, AwsError> {
         let out = call(
             &self.aws.metrics,

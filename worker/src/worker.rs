@@ -4,17 +4,16 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior, interval, sleep, sleep_until, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::aws::{AwsClients, AwsError};
 use crate::backoff::{StartRetry, jitter};
 use crate::config::Settings;
-use crate::context::Context;
+use crate::context::{Context, ticker};
 use crate::coordinator;
 use crate::election::{CoordinatorObserver, Holder, HolderObserver, Verdict, claim_epoch};
 use crate::processor::RecordProcessor;
@@ -286,12 +285,6 @@ impl<T> Drop for AbortOnDrop<T> {
             h.abort();
         }
     }
-}
-
-fn ticker(period: Duration) -> tokio::time::Interval {
-    let mut t = interval(period);
-    t.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    t
 }
 
 /// Renews the heartbeat every interval, each write bounded by one interval (a slower write

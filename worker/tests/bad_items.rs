@@ -216,7 +216,7 @@ struct Http {
 
 impl Http {
     async fn serve(state: Arc<WorkerState>) -> Http {
-        let listener = kds_worker::http::bind("127.0.0.1:0".parse().unwrap())
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();

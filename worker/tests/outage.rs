@@ -18,7 +18,7 @@ async fn dynamodb_outage_turns_ready_503_and_recovers() {
     let aws = aws_with_dynamodb(&proxy.url()).await;
 
     let worker = TestWorker::start(settings(&app, &stream, "w0"), aws, None).await;
-    let listener = http::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     tokio::spawn(http::serve(listener, worker.state.clone(), stop.clone()));
