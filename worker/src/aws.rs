@@ -11,7 +11,7 @@ use aws_config::timeout::TimeoutConfig;
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 
-use crate::metrics::Metrics;
+use crate::metrics::{CallOutcome, Metrics};
 
 /// Upper bound of one AWS call including the SDK's retries. Loops are judged stuck only after
 /// the failover timeout plus this.
@@ -113,27 +113,27 @@ impl AwsError {
 /// one of its reasons (listed in the message, as DynamoDB writes it:
 /// `... [None, ConditionalCheckFailed]`) says so; a conflict with another transaction or a
 /// throttled item is worth another try.
-fn classify(code: Option<&str>, message: Option<&str>) -> &'static str {
+fn classify(code: Option<&str>, message: Option<&str>) -> CallOutcome {
     match code {
-        Some("ConditionalCheckFailedException") => "conditional_check_failed",
+        Some("ConditionalCheckFailedException") => CallOutcome::ConditionalCheckFailed,
         Some("TransactionCanceledException") => {
             if message.is_some_and(|m| m.contains("ConditionalCheckFailed")) {
-                "conditional_check_failed"
+                CallOutcome::ConditionalCheckFailed
             } else {
-                "transaction_conflict"
+                CallOutcome::TransactionConflict
             }
         }
-        Some("ResourceNotFoundException") => "not_found",
-        Some("ResourceInUseException") => "already_exists",
-        Some("InvalidArgumentException") => "invalid_argument",
+        Some("ResourceNotFoundException") => CallOutcome::NotFound,
+        Some("ResourceInUseException") => CallOutcome::AlreadyExists,
+        Some("InvalidArgumentException") => CallOutcome::InvalidArgument,
         Some(c)
             if c.contains("Throttl")
                 || c.contains("LimitExceeded")
                 || c.contains("ThroughputExceeded") =>
         {
-            "throttled"
+            CallOutcome::Throttled
         }
-        _ => "error",
+        _ => CallOutcome::Error,
     }
 }
 
@@ -151,7 +151,7 @@ where
 {
     match request.await {
         Ok(v) => {
-            metrics.record_call(service, operation, "ok");
+            metrics.record_call(service, operation, CallOutcome::Ok);
             Ok(v)
         }
         Err(err) => {
@@ -163,11 +163,14 @@ where
                 None => aws_sdk_dynamodb::error::DisplayErrorContext(&err).to_string(),
             };
             Err(match outcome {
-                "conditional_check_failed" => AwsError::ConditionFailed { operation },
-                "not_found" => AwsError::NotFound { operation, message },
-                "already_exists" => AwsError::AlreadyExists { operation },
-                "invalid_argument" => AwsError::Invalid { operation, message },
-                _ => AwsError::Unavailable { operation, message },
+                CallOutcome::ConditionalCheckFailed => AwsError::ConditionFailed { operation },
+                CallOutcome::NotFound => AwsError::NotFound { operation, message },
+                CallOutcome::AlreadyExists => AwsError::AlreadyExists { operation },
+                CallOutcome::InvalidArgument => AwsError::Invalid { operation, message },
+                CallOutcome::Ok
+                | CallOutcome::TransactionConflict
+                | CallOutcome::Throttled
+                | CallOutcome::Error => AwsError::Unavailable { operation, message },
             })
         }
     }
@@ -223,33 +226,37 @@ pub async fn scan_all_with(
 #[cfg(test)]
 mod tests {
     use super::classify;
+    use crate::metrics::CallOutcome;
 
     #[test]
     fn error_codes_map_to_outcomes() {
         let code = |c| classify(Some(c), None);
         assert_eq!(
             code("ConditionalCheckFailedException"),
-            "conditional_check_failed"
+            CallOutcome::ConditionalCheckFailed
         );
         let cancelled = |m| classify(Some("TransactionCanceledException"), Some(m));
         assert_eq!(
             cancelled(
                 "Transaction cancelled, please refer cancellation reasons for specific reasons [ConditionalCheckFailed, None]"
             ),
-            "conditional_check_failed"
+            CallOutcome::ConditionalCheckFailed
         );
         assert_eq!(
             cancelled(
                 "Transaction cancelled, please refer cancellation reasons for specific reasons [None, TransactionConflict]"
             ),
-            "transaction_conflict"
+            CallOutcome::TransactionConflict
         );
-        assert_eq!(code("ResourceNotFoundException"), "not_found");
-        assert_eq!(code("ResourceInUseException"), "already_exists");
-        assert_eq!(code("ThrottlingException"), "throttled");
-        assert_eq!(code("ProvisionedThroughputExceededException"), "throttled");
-        assert_eq!(code("LimitExceededException"), "throttled");
-        assert_eq!(classify(None, None), "error");
+        assert_eq!(code("ResourceNotFoundException"), CallOutcome::NotFound);
+        assert_eq!(code("ResourceInUseException"), CallOutcome::AlreadyExists);
+        assert_eq!(code("ThrottlingException"), CallOutcome::Throttled);
+        assert_eq!(
+            code("ProvisionedThroughputExceededException"),
+            CallOutcome::Throttled
+        );
+        assert_eq!(code("LimitExceededException"), CallOutcome::Throttled);
+        assert_eq!(classify(None, None), CallOutcome::Error);
     }
 
     #[test]

@@ -13,9 +13,47 @@ use prometheus_client::registry::Registry;
 pub struct ApiCallLabels {
     pub service: &'static str,
     pub operation: &'static str,
-    /// `ok`, `conditional_check_failed`, `transaction_conflict`, `throttled`, `not_found`,
-    /// `already_exists`, `invalid_argument` or `error`.
-    pub outcome: &'static str,
+    pub outcome: CallOutcome,
+}
+
+/// How an AWS call ended, as the `outcome` label of `kds_aws_api_calls_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum CallOutcome {
+    Ok,
+    /// A conditional write lost (another writer was first), alone or inside a transaction.
+    ConditionalCheckFailed,
+    /// A transaction cancelled by a conflict with another one (worth another try).
+    TransactionConflict,
+    Throttled,
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    Error,
+}
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::ConditionalCheckFailed => "conditional_check_failed",
+            CallOutcome::TransactionConflict => "transaction_conflict",
+            CallOutcome::Throttled => "throttled",
+            CallOutcome::NotFound => "not_found",
+            CallOutcome::AlreadyExists => "already_exists",
+            CallOutcome::InvalidArgument => "invalid_argument",
+            CallOutcome::Error => "error",
+        }
+    }
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for CallOutcome {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -215,7 +253,7 @@ impl Metrics {
         &self,
         service: &'static str,
         operation: &'static str,
-        outcome: &'static str,
+        outcome: CallOutcome,
     ) {
         self.api_calls
             .get_or_create(&ApiCallLabels {
@@ -224,7 +262,7 @@ impl Metrics {
                 outcome,
             })
             .inc();
-        if outcome == "conditional_check_failed" {
+        if outcome == CallOutcome::ConditionalCheckFailed {
             self.conditional_write_conflicts
                 .get_or_create(&OperationLabels { operation })
                 .inc();
@@ -239,9 +277,13 @@ mod tests {
     #[test]
     fn calls_and_conflicts_are_exported() {
         let m = Metrics::new();
-        m.record_call("dynamodb", "UpdateItem", "ok");
-        m.record_call("dynamodb", "UpdateItem", "conditional_check_failed");
-        m.record_call("kinesis", "DescribeStreamSummary", "ok");
+        m.record_call("dynamodb", "UpdateItem", CallOutcome::Ok);
+        m.record_call(
+            "dynamodb",
+            "UpdateItem",
+            CallOutcome::ConditionalCheckFailed,
+        );
+        m.record_call("kinesis", "DescribeStreamSummary", CallOutcome::Ok);
         let text = m.encode();
         assert!(text.contains(
             r#"kds_aws_api_calls_total{service="dynamodb",operation="UpdateItem",outcome="ok"} 1"#
@@ -250,7 +292,7 @@ mod tests {
             text.contains(r#"kds_conditional_write_conflicts_total{operation="UpdateItem"} 1"#)
         );
         // Scraped again: the same registry, the new values.
-        m.record_call("kinesis", "DescribeStreamSummary", "ok");
+        m.record_call("kinesis", "DescribeStreamSummary", CallOutcome::Ok);
         assert!(m.encode().contains(
             r#"kds_aws_api_calls_total{service="kinesis",operation="DescribeStreamSummary",outcome="ok"} 2"#
         ));

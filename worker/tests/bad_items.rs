@@ -216,9 +216,7 @@ struct Http {
 
 impl Http {
     async fn serve(state: Arc<WorkerState>) -> Http {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(kds_worker::http::serve(listener, state, stop.clone()));
@@ -748,7 +746,7 @@ async fn a_latest_checkpoint_reads_only_what_comes_after() {
                 .get_or_create(&ApiCallLabels {
                     service: "kinesis",
                     operation: "GetShardIterator",
-                    outcome: "ok",
+                    outcome: kds_worker::metrics::CallOutcome::Ok,
                 })
                 .get();
             let leases = w.state.leases();
@@ -831,7 +829,7 @@ async fn a_latest_shard_handed_on_before_its_first_record_loses_nothing() {
                 .get_or_create(&ApiCallLabels {
                     service: "kinesis",
                     operation: "GetShardIterator",
-                    outcome: "ok",
+                    outcome: kds_worker::metrics::CallOutcome::Ok,
                 })
                 .get();
             let leases = first.state.leases();

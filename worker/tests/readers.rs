@@ -91,7 +91,7 @@ async fn a_join_hands_shards_over_without_double_reads() {
                 .get_or_create(&kds_worker::metrics::ApiCallLabels {
                     service: "dynamodb",
                     operation,
-                    outcome: "ok",
+                    outcome: kds_worker::metrics::CallOutcome::Ok,
                 })
                 .get()
         };
