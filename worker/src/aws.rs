@@ -176,23 +176,31 @@ where
     }
 }
 
-/// Every item of a (filtered) scan, all pages, strongly consistent. The tables this is used
-/// on hold O(workers) or O(shards) items.
+/// Which items a scan returns.
+#[derive(Debug, Clone, Copy)]
+pub enum ScanFilter<'a> {
+    All,
+    /// Items whose `attribute` (a string) begins with `prefix`.
+    BeginsWith {
+        attribute: &'a str,
+        prefix: &'a str,
+    },
+}
+
+/// How fresh a scan's reads are (a strongly consistent read costs twice as much).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    Strong,
+    Eventual,
+}
+
+/// Every item of a scan, all pages. The tables this is used on hold O(workers) or O(shards)
+/// items.
 pub async fn scan_all(
     aws: &AwsClients,
     table: &str,
-    filter: Option<(&str, &str, &str)>,
-) -> Result<Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>, AwsError>
-{
-    scan_all_with(aws, table, filter, true).await
-}
-
-/// [`scan_all`], strongly consistent or not.
-pub async fn scan_all_with(
-    aws: &AwsClients,
-    table: &str,
-    filter: Option<(&str, &str, &str)>,
-    consistent: bool,
+    filter: ScanFilter<'_>,
+    consistency: Consistency,
 ) -> Result<Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>, AwsError>
 {
     let mut items = Vec::new();
@@ -202,13 +210,12 @@ pub async fn scan_all_with(
             .dynamodb
             .scan()
             .table_name(table)
-            .consistent_read(consistent)
+            .consistent_read(consistency == Consistency::Strong)
             .set_exclusive_start_key(start.take());
-        // (expression over #a and :p, attribute, string value), e.g. a begins_with filter.
-        if let Some((expr, attr, prefix)) = filter {
+        if let ScanFilter::BeginsWith { attribute, prefix } = filter {
             req = req
-                .filter_expression(expr)
-                .expression_attribute_names("#a", attr)
+                .filter_expression("begins_with(#a, :p)")
+                .expression_attribute_names("#a", attribute)
                 .expression_attribute_values(
                     ":p",
                     aws_sdk_dynamodb::types::AttributeValue::S(prefix.to_owned()),

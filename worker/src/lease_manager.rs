@@ -126,7 +126,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             // A new limit (the first one at start, a lower one after a scale-up): obey it now.
             _ = ctx.state.limit_changed.notified() => {}
         }
-        ctx.state.beat("lease");
+        ctx.state.loop_went_round(crate::state::Loop::Lease);
         draining.retain(|_, h| !h.is_finished());
 
         // Consumers that ended by themselves (shard end, lost lease, fenced, unreadable).

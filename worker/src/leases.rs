@@ -18,6 +18,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use serde::Serialize;
 
 use crate::aws::{AwsClients, AwsError, call};
+use crate::aws::{Consistency, ScanFilter};
 use crate::schema::{LEASE_KEY, OWNER_INDEX};
 
 type Item = HashMap<String, AttributeValue>;
@@ -208,7 +209,13 @@ impl LeaseStore {
     /// conditionally on the owner and counter seen, so a stale item only makes a write fail.
     /// Only the coordinator (and the lab's snapshot) scans.
     pub async fn scan(&self) -> Result<Vec<Lease>, AwsError> {
-        let items = crate::aws::scan_all_with(&self.aws, &self.table, None, false).await?;
+        let items = crate::aws::scan_all(
+            &self.aws,
+            &self.table,
+            ScanFilter::All,
+            Consistency::Eventual,
+        )
+        .await?;
         let mut leases: Vec<Lease> = items.iter().filter_map(parse).collect();
         leases.sort_by(|a, b| a.shard_id.cmp(&b.shard_id));
         Ok(leases)

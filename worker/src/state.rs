@@ -18,7 +18,30 @@ pub enum Role {
 }
 
 /// The loops whose liveness `/health` reports.
-pub const LOOPS: &[&str] = &["heartbeat", "election", "limit", "lease"];
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Loop {
+    /// Renews this worker's heartbeat row (and raises the fence when it cannot).
+    Heartbeat,
+    /// Claims, renews or watches the coordinator post.
+    Election,
+    /// Reads the published limit.
+    Limit,
+    /// Acquires, renews and hands off shard leases.
+    Lease,
+}
+
+impl Loop {
+    pub const ALL: [Loop; 4] = [Loop::Heartbeat, Loop::Election, Loop::Limit, Loop::Lease];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Loop::Heartbeat => "heartbeat",
+            Loop::Election => "election",
+            Loop::Limit => "limit",
+            Loop::Lease => "lease",
+        }
+    }
+}
 
 pub use crate::assignment::Coverage;
 
@@ -64,7 +87,8 @@ struct Inner {
     fence_epoch: u64,
     /// When the last successful coordinator claim or renewal was sent.
     term_renewed: Option<Instant>,
-    loop_beats: BTreeMap<&'static str, Instant>,
+    /// When each loop last went round.
+    loops_alive: BTreeMap<Loop, Instant>,
 }
 
 /// A random 128-bit instance id (32 hex digits) for this process. Two processes started with
@@ -163,7 +187,7 @@ impl WorkerState {
                 instance_conflict: None,
                 fence_epoch: 0,
                 term_renewed: None,
-                loop_beats: BTreeMap::new(),
+                loops_alive: BTreeMap::new(),
             }),
         }
     }
@@ -181,15 +205,16 @@ impl WorkerState {
         let mut g = self.lock();
         if g.start_wait.is_some() && what.is_none() {
             let now = Instant::now();
-            for name in LOOPS {
-                g.loop_beats.insert(name, now);
+            for l in Loop::ALL {
+                g.loops_alive.insert(l, now);
             }
         }
         g.start_wait = what;
     }
 
-    pub fn beat(&self, loop_name: &'static str) {
-        self.lock().loop_beats.insert(loop_name, Instant::now());
+    /// `l` went round just now (what `/health` judges liveness by).
+    pub fn loop_went_round(&self, l: Loop) {
+        self.lock().loops_alive.insert(l, Instant::now());
     }
 
     pub fn set_role(&self, role: Role, epoch: u64) {
@@ -613,11 +638,12 @@ impl WorkerState {
         // the failover timeout plus that call's own time limit.
         let allowed = self.settings.failover_timeout + crate::aws::OPERATION_TIMEOUT;
         let mut stuck = Vec::new();
-        for name in LOOPS {
-            let last = g.loop_beats.get(name).copied().unwrap_or(self.started);
+        for l in Loop::ALL {
+            let last = g.loops_alive.get(&l).copied().unwrap_or(self.started);
             if now.duration_since(last) > allowed {
                 stuck.push(format!(
-                    "{name} loop silent for {:.1}s",
+                    "{} loop silent for {:.1}s",
+                    l.name(),
                     now.duration_since(last).as_secs_f64()
                 ));
             }

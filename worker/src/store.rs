@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::types::{
 };
 use serde::Serialize;
 
-use crate::aws::{AwsClients, AwsError, call};
+use crate::aws::{AwsClients, AwsError, Consistency, ScanFilter, call, scan_all};
 pub use crate::model::{CoordinatorRow, HeartbeatRow, LimitRecord};
 use crate::schema::{
     COORDINATOR_ITEM, LEASE_LIMITS_ITEM, META_KEY, TTL_ATTRIBUTE, WORKER_ITEM_PREFIX,
@@ -392,12 +392,11 @@ impl MetaStore {
 
     /// Every heartbeat item. The table holds O(workers) items, so a paginated scan is cheap.
     pub async fn scan_heartbeats(&self) -> Result<Vec<HeartbeatRow>, AwsError> {
-        let items = crate::aws::scan_all(
-            &self.aws,
-            &self.table,
-            Some(("begins_with(#a, :p)", META_KEY, WORKER_ITEM_PREFIX)),
-        )
-        .await?;
+        let heartbeats = ScanFilter::BeginsWith {
+            attribute: META_KEY,
+            prefix: WORKER_ITEM_PREFIX,
+        };
+        let items = scan_all(&self.aws, &self.table, heartbeats, Consistency::Strong).await?;
         let mut rows: Vec<HeartbeatRow> = items
             .iter()
             .filter_map(|item| {

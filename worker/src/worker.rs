@@ -303,7 +303,7 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        ctx.state.beat("heartbeat");
+        ctx.state.loop_went_round(crate::state::Loop::Heartbeat);
         let sent = Instant::now();
         let write = ctx.meta.heartbeat(
             &me,
@@ -434,7 +434,7 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        ctx.state.beat("limit");
+        ctx.state.loop_went_round(crate::state::Loop::Limit);
         match ctx.meta.read_limit().await {
             Ok(record) => {
                 if let Some(r) = &record
@@ -583,7 +583,7 @@ async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64
                 next_tick = Instant::now() + s.heartbeat_interval;
             }
         }
-        ctx.state.beat("election");
+        ctx.state.loop_went_round(crate::state::Loop::Election);
 
         if let Some(t) = term.as_mut() {
             if let Some(other) = ctx.state.instance_conflict() {
