@@ -19,22 +19,35 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/kds-worker/config.toml";
 /// Environment prefix of every key.
 pub const ENV_PREFIX: &str = "KDS_";
 
-/// Every configuration key, in the order `kds-worker config` prints them.
-pub const KEYS: &[&str] = &[
-    "app_name",
-    "stream_name",
-    "max_leases_cap",
-    "worker_id",
-    "worker_count_source",
-    "statefulset_name",
-    "namespace",
-    "shard_poll_interval",
-    "heartbeat_interval",
-    "failover_timeout",
-    "idle_poll_max",
-    "http_addr",
-    "log_format",
-    "record_log",
+/// A key's default when no layer sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyDefault {
+    /// This text, parsed like a configured value.
+    Text(&'static str),
+    /// Derived from where the worker runs (pod name, namespace, whether in a pod).
+    FromSurroundings,
+    /// None: the key is required (`stream_name`) or optional (`record_log`).
+    Unset,
+}
+
+/// Every configuration key with its default, in the order `kds-worker config` prints them.
+/// Each default is written here once; `Settings::from_figment` parses it like a configured
+/// value, so a default is held to the same rules.
+pub const KEYS: &[(&str, KeyDefault)] = &[
+    ("app_name", KeyDefault::Text("kds-consumer-app")),
+    ("stream_name", KeyDefault::Unset),
+    ("max_leases_cap", KeyDefault::Text("80")),
+    ("worker_id", KeyDefault::FromSurroundings),
+    ("worker_count_source", KeyDefault::Text("kubernetes")),
+    ("statefulset_name", KeyDefault::Text("kds-consumer")),
+    ("namespace", KeyDefault::FromSurroundings),
+    ("shard_poll_interval", KeyDefault::Text("10s")),
+    ("heartbeat_interval", KeyDefault::Text("2s")),
+    ("failover_timeout", KeyDefault::Text("10s")),
+    ("idle_poll_max", KeyDefault::Text("5s")),
+    ("http_addr", KeyDefault::Text("0.0.0.0:8080")),
+    ("log_format", KeyDefault::FromSurroundings),
+    ("record_log", KeyDefault::Unset),
 ];
 
 /// How the coordinator counts workers.
@@ -340,24 +353,41 @@ impl Settings {
         let reader = Reader { figment };
         reader.reject_unknown_keys()?;
         let mut provenance = Vec::new();
+        // The configured value of `key`, else its default (from KEYS, or `surroundings` for a
+        // default that depends on where the worker runs), recorded for `kds-worker config`.
         let mut take = |key: &'static str,
-                        default: Option<(String, &str)>|
+                        surroundings: Option<(String, &str)>|
          -> Result<Option<Raw>, ConfigError> {
-            let raw = reader.raw(key)?;
-            let (value, source) = match (&raw, default) {
-                (Some(raw), _) => (raw.text.clone(), raw.origin.clone()),
-                (None, Some((value, source))) => (value, source.to_owned()),
-                (None, None) => return Ok(None),
+            let default = KEYS
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, d)| *d)
+                .expect("every key read is listed in KEYS");
+            let raw = match reader.raw(key)? {
+                Some(raw) => raw,
+                None => match (default, surroundings) {
+                    (KeyDefault::Text(text), _) => Raw {
+                        key,
+                        text: text.to_owned(),
+                        origin: "default".to_owned(),
+                    },
+                    (KeyDefault::FromSurroundings, Some((text, origin))) => Raw {
+                        key,
+                        text,
+                        origin: origin.to_owned(),
+                    },
+                    _ => return Ok(None),
+                },
             };
-            provenance.push(Provenance { key, value, source });
-            Ok(raw)
+            provenance.push(Provenance {
+                key,
+                value: raw.text.clone(),
+                source: raw.origin.clone(),
+            });
+            Ok(Some(raw))
         };
 
-        let app_name = take("app_name", Some(("kds-consumer-app".into(), "default")))?;
-        let app_name = match app_name {
-            Some(raw) => raw.table_name("app_name")?,
-            None => "kds-consumer-app".to_owned(),
-        };
+        let app_name = has(take("app_name", None)?).table_name()?;
         let stream_name = match take("stream_name", None)? {
             Some(raw) => raw.stream_name()?,
             None => {
@@ -369,10 +399,7 @@ impl Settings {
                 });
             }
         };
-        let max_leases_cap = match take("max_leases_cap", Some(("80".into(), "default")))? {
-            Some(raw) => raw.integer_at_least("max_leases_cap", 1)?,
-            None => 80,
-        };
+        let max_leases_cap = has(take("max_leases_cap", None)?).integer_at_least(1)?;
         let default_worker_id = env
             .pod_name
             .clone()
@@ -384,30 +411,14 @@ impl Settings {
                     "default (pid)",
                 )
             });
-        let worker_id = match take("worker_id", Some(default_worker_id.clone()))? {
-            Some(raw) => raw.identifier("worker_id")?,
-            None => default_worker_id.0,
+        let worker_id = has(take("worker_id", Some(default_worker_id))?).identifier()?;
+        let raw = has(take("worker_count_source", None)?);
+        let worker_count_source = match raw.text.to_ascii_lowercase().as_str() {
+            "kubernetes" => WorkerCountSource::Kubernetes,
+            "heartbeats" => WorkerCountSource::Heartbeats,
+            _ => return Err(raw.invalid("expected kubernetes or heartbeats")),
         };
-        let worker_count_source = match take(
-            "worker_count_source",
-            Some(("kubernetes".into(), "default")),
-        )? {
-            Some(raw) => match raw.text.to_ascii_lowercase().as_str() {
-                "kubernetes" => WorkerCountSource::Kubernetes,
-                "heartbeats" => WorkerCountSource::Heartbeats,
-                _ => {
-                    return Err(
-                        raw.invalid("worker_count_source", "expected kubernetes or heartbeats")
-                    );
-                }
-            },
-            None => WorkerCountSource::Kubernetes,
-        };
-        let statefulset_name =
-            match take("statefulset_name", Some(("kds-consumer".into(), "default")))? {
-                Some(raw) => raw.dns_label("statefulset_name")?,
-                None => "kds-consumer".into(),
-            };
+        let statefulset_name = has(take("statefulset_name", None)?).dns_label()?;
         let default_namespace = env
             .pod_namespace
             .clone()
@@ -418,82 +429,45 @@ impl Settings {
                     .map(|n| (n, "default (service account)"))
             })
             .unwrap_or_else(|| ("default".into(), "default"));
-        let namespace = match take("namespace", Some(default_namespace.clone()))? {
-            Some(raw) => raw.dns_label("namespace")?,
-            None => default_namespace.0,
-        };
-        let poll_raw = take("shard_poll_interval", Some(("10s".into(), "default")))?;
-        let shard_poll_interval = match &poll_raw {
-            Some(raw) => raw.duration("shard_poll_interval")?,
-            None => Duration::from_secs(10),
-        };
-        let heartbeat_raw = take("heartbeat_interval", Some(("2s".into(), "default")))?;
-        let heartbeat_interval = match &heartbeat_raw {
-            Some(raw) => raw.duration("heartbeat_interval")?,
-            None => Duration::from_secs(2),
-        };
-        let failover_raw = take("failover_timeout", Some(("10s".into(), "default")))?;
-        let failover_timeout = match &failover_raw {
-            Some(raw) => raw.duration("failover_timeout")?,
-            None => Duration::from_secs(10),
-        };
-        let origin = |raw: &Option<Raw>| -> Option<String> {
-            Some(
-                raw.as_ref()
-                    .map_or("default".to_owned(), |r| r.origin.clone()),
-            )
-        };
-        let (hb_origin, fo_origin, poll_origin) = (
-            origin(&heartbeat_raw),
-            origin(&failover_raw),
-            origin(&poll_raw),
-        );
+        let namespace = has(take("namespace", Some(default_namespace))?).dns_label()?;
+        let poll_raw = has(take("shard_poll_interval", None)?);
+        let shard_poll_interval = poll_raw.duration()?;
+        let heartbeat_raw = has(take("heartbeat_interval", None)?);
+        let heartbeat_interval = heartbeat_raw.duration()?;
+        let failover_raw = has(take("failover_timeout", None)?);
+        let failover_timeout = failover_raw.duration()?;
         check_timings(
-            (heartbeat_interval, hb_origin.as_deref()),
-            (failover_timeout, fo_origin.as_deref()),
-            (shard_poll_interval, poll_origin.as_deref()),
+            (heartbeat_interval, Some(&heartbeat_raw.origin)),
+            (failover_timeout, Some(&failover_raw.origin)),
+            (shard_poll_interval, Some(&poll_raw.origin)),
         )?;
-        let idle_raw = take("idle_poll_max", Some(("5s".into(), "default")))?;
-        let idle_poll_max = match &idle_raw {
-            Some(raw) => {
-                let d = raw.duration("idle_poll_max")?;
-                if d < MIN_IDLE_POLL_MAX {
-                    return Err(raw.invalid(
-                        "idle_poll_max",
-                        format!("expected at least {}", fmt_duration(MIN_IDLE_POLL_MAX)),
-                    ));
-                }
-                d
-            }
-            None => Duration::from_secs(5),
-        };
-        let http_addr = match take("http_addr", Some(("0.0.0.0:8080".into(), "default")))? {
-            Some(raw) => raw.text.parse::<SocketAddr>().map_err(|_| {
-                raw.invalid(
-                    "http_addr",
-                    "expected an address like 0.0.0.0:8080 or 127.0.0.1:0",
-                )
-            })?,
-            None => SocketAddr::from(([0, 0, 0, 0], 8080)),
-        };
+        let idle_raw = has(take("idle_poll_max", None)?);
+        let idle_poll_max = idle_raw.duration()?;
+        if idle_poll_max < MIN_IDLE_POLL_MAX {
+            return Err(idle_raw.invalid(format!(
+                "expected at least {}",
+                fmt_duration(MIN_IDLE_POLL_MAX)
+            )));
+        }
+        let raw = has(take("http_addr", None)?);
+        let http_addr = raw
+            .text
+            .parse::<SocketAddr>()
+            .map_err(|_| raw.invalid("expected an address like 0.0.0.0:8080 or 127.0.0.1:0"))?;
         let default_format = if env.in_kubernetes {
             ("json".to_owned(), "default (in a pod)")
         } else {
             ("pretty".to_owned(), "default (not in a pod)")
         };
-        let log_format = match take("log_format", Some(default_format.clone()))? {
-            Some(raw) => match raw.text.to_ascii_lowercase().as_str() {
-                "json" => LogFormat::Json,
-                "pretty" => LogFormat::Pretty,
-                _ => return Err(raw.invalid("log_format", "expected json or pretty")),
-            },
-            None if env.in_kubernetes => LogFormat::Json,
-            None => LogFormat::Pretty,
+        let raw = has(take("log_format", Some(default_format))?);
+        let log_format = match raw.text.to_ascii_lowercase().as_str() {
+            "json" => LogFormat::Json,
+            "pretty" => LogFormat::Pretty,
+            _ => return Err(raw.invalid("expected json or pretty")),
         };
-
         let record_log = match take("record_log", None)? {
             Some(raw) if raw.text.trim().is_empty() => {
-                return Err(raw.invalid("record_log", "expected a file path"));
+                return Err(raw.invalid("expected a file path"));
             }
             Some(raw) => Some(std::path::PathBuf::from(raw.text)),
             None => None,
@@ -518,39 +492,45 @@ impl Settings {
     }
 }
 
-/// A value as the user wrote it, with its origin.
+/// The value of a key that has a default (there always is one).
+fn has(raw: Option<Raw>) -> Raw {
+    raw.expect("a key with a default has a value")
+}
+
+/// A value as the user wrote it (or its default), with its key and origin.
 #[derive(Debug, Clone)]
 struct Raw {
+    key: &'static str,
     text: String,
     origin: String,
 }
 
 impl Raw {
-    fn invalid(&self, key: &str, allowed: impl Into<String>) -> ConfigError {
+    fn invalid(&self, allowed: impl Into<String>) -> ConfigError {
         ConfigError {
-            key: key.into(),
+            key: self.key.into(),
             value: Some(self.text.clone()),
             origin: Some(self.origin.clone()),
             allowed: allowed.into(),
         }
     }
 
-    fn integer_at_least(&self, key: &str, min: u64) -> Result<u64, ConfigError> {
+    fn integer_at_least(&self, min: u64) -> Result<u64, ConfigError> {
         match self.text.trim().parse::<u64>() {
             Ok(n) if n >= min => Ok(n),
-            _ => Err(self.invalid(key, format!("expected an integer >= {min}"))),
+            _ => Err(self.invalid(format!("expected an integer >= {min}"))),
         }
     }
 
-    fn duration(&self, key: &str) -> Result<Duration, ConfigError> {
+    fn duration(&self) -> Result<Duration, ConfigError> {
         match humantime::parse_duration(self.text.trim()) {
             Ok(d) if !d.is_zero() => Ok(d),
-            _ => Err(self.invalid(key, "expected a positive duration such as 10s, 500ms or 1m")),
+            _ => Err(self.invalid("expected a positive duration such as 10s, 500ms or 1m")),
         }
     }
 
     /// DynamoDB table names: 3..=255 of `[A-Za-z0-9_.-]`; `_meta` is appended, so ≤ 250.
-    fn table_name(&self, key: &str) -> Result<String, ConfigError> {
+    fn table_name(&self) -> Result<String, ConfigError> {
         let t = self.text.trim();
         let ok = (3..=250).contains(&t.len())
             && t.chars()
@@ -558,7 +538,7 @@ impl Raw {
         if ok {
             Ok(t.to_owned())
         } else {
-            Err(self.invalid(key, "expected 3 to 250 characters of A-Z a-z 0-9 _ . -"))
+            Err(self.invalid("expected 3 to 250 characters of A-Z a-z 0-9 _ . -"))
         }
     }
 
@@ -571,30 +551,24 @@ impl Raw {
         if ok {
             Ok(t.to_owned())
         } else {
-            Err(self.invalid(
-                "stream_name",
-                "expected 1 to 128 characters of A-Z a-z 0-9 _ . -",
-            ))
+            Err(self.invalid("expected 1 to 128 characters of A-Z a-z 0-9 _ . -"))
         }
     }
 
     /// Worker ids end up inside DynamoDB keys and log lines: printable, no `#`, ≤ 128.
-    fn identifier(&self, key: &str) -> Result<String, ConfigError> {
+    fn identifier(&self) -> Result<String, ConfigError> {
         let t = self.text.trim();
         let ok =
             (1..=128).contains(&t.len()) && t.chars().all(|c| c.is_ascii_graphic() && c != '#');
         if ok {
             Ok(t.to_owned())
         } else {
-            Err(self.invalid(
-                key,
-                "expected 1 to 128 printable ASCII characters without spaces or '#'",
-            ))
+            Err(self.invalid("expected 1 to 128 printable ASCII characters without spaces or '#'"))
         }
     }
 
     /// Kubernetes object names (RFC 1123 label).
-    fn dns_label(&self, key: &str) -> Result<String, ConfigError> {
+    fn dns_label(&self) -> Result<String, ConfigError> {
         let t = self.text.trim();
         let ok = (1..=63).contains(&t.len())
             && t.chars()
@@ -605,7 +579,6 @@ impl Raw {
             Ok(t.to_owned())
         } else {
             Err(self.invalid(
-                key,
                 "expected a Kubernetes name: 1 to 63 of a-z 0-9 -, not starting or ending with -",
             ))
         }
@@ -631,7 +604,7 @@ impl Reader<'_> {
     }
 
     /// The user-written text of `key`, or `None` when no layer sets it.
-    fn raw(&self, key: &str) -> Result<Option<Raw>, ConfigError> {
+    fn raw(&self, key: &'static str) -> Result<Option<Raw>, ConfigError> {
         let value = match self.figment.find_value(key) {
             Ok(value) => value,
             Err(e) if e.missing() => return Ok(None),
@@ -666,7 +639,7 @@ impl Reader<'_> {
                 });
             }
         };
-        Ok(Some(Raw { text, origin }))
+        Ok(Some(Raw { key, text, origin }))
     }
 
     /// A typo in the ConfigMap must not be silently ignored.
@@ -676,12 +649,15 @@ impl Reader<'_> {
         };
         for profile in dict.values() {
             for (key, value) in profile {
-                if !KEYS.contains(&key.as_str()) {
+                if !KEYS.iter().any(|(k, _)| k == key) {
                     return Err(ConfigError {
                         key: key.clone(),
                         value: None,
                         origin: Some(self.origin_of(key, value)),
-                        allowed: format!("unknown key; known keys are {}", KEYS.join(", ")),
+                        allowed: format!(
+                            "unknown key; known keys are {}",
+                            KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+                        ),
                     });
                 }
             }
