@@ -200,7 +200,7 @@
               commonArgs
                 // {
                 inherit cargoArtifacts;
-                cargoNextestExtraArgs = "-p kds-worker --test manifests";
+                cargoNextestExtraArgs = "-p kds-worker --test it manifests::";
               }
             );
           }

@@ -7,7 +7,7 @@ lock around a conditional write's check and its write. Threaded, it is not linea
 four threads racing a conditional UpdateItem on one item got two or more winners in 33 of
 150 trials, and racing transactions both applied or failed with HTTP 500. Served one
 request at a time it is (0 of 150), which is what the worker's election and leases rely on.
-worker/tests/emulator_conformance.rs fails if that ever stops being true.
+worker/tests/it/emulator_conformance.rs fails if that ever stops being true.
 
 This is `moto.server.main` (moto 5.2.5) with `threaded=False, processes=1` and without its
 reloader and TLS options: the same application (`DomainDispatcherApplication` over

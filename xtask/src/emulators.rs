@@ -11,7 +11,7 @@
 //! and racing transactions both applied or failed with HTTP 500: the emulator would let tests
 //! pass or fail on races real DynamoDB never loses (the worker's election and leases are
 //! conditional writes). One request at a time, it is linearizable (0 of 150);
-//! `worker/tests/emulator_conformance.rs` fails if it ever stops being.
+//! `worker/tests/it/emulator_conformance.rs` fails if it ever stops being.
 //!
 //! `XTASK_MOTO_SERVER` (set by the Nix dev shell) replaces the virtualenv: it names a Python
 //! interpreter that can import moto (with its server extras), not a `moto_server` binary.

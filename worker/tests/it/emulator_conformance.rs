@@ -10,13 +10,12 @@
 //! than the worker's (same meaning) so that the emulator spends longer between its read and
 //! its write, where a thread switch makes a threaded server lose.
 
-mod support;
-
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::support::*;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
@@ -26,7 +25,6 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, KeySchemaElement, KeyType,
     Put, ScalarAttributeType, TransactWriteItem, Update,
 };
-use support::*;
 use tokio::sync::Barrier;
 
 /// Conditional writes in flight at once in each race, and how many races. Against threaded

@@ -2,12 +2,10 @@
 //! the worker started, `init`, `config`, and a real process serving its endpoints and exiting
 //! 0 on SIGTERM.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 fn worker_bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kds-worker"));

@@ -3,12 +3,10 @@
 //! 100 shards must raise the fleet's item reads per second by at most 1.4× (a scan of the
 //! lease table by every worker every round would double them).
 
-mod support;
-
 use std::time::Duration;
 
-use support::faults::FaultProxy;
-use support::*;
+use crate::support::faults::FaultProxy;
+use crate::support::*;
 use tokio::time::Instant;
 
 const SHARDS: u32 = 100;

@@ -1,6 +1,5 @@
 //! Shared test harness: emulator endpoints, unique names, in-process workers, waiting on
 //! conditions with deadlines, a tiny HTTP client and a TCP proxy that can cut DynamoDB off.
-#![allow(dead_code)]
 
 pub mod faults;
 pub mod ledger;

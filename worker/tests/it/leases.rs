@@ -1,14 +1,12 @@
 //! Shard leases obey the published limit: taking, balancing, hand-off, checkpoints, shard
 //! ends, failover. Against the emulators through the real SDK (`cargo xtask test`).
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use kds_worker::leases::{SHARD_END, sequence_cmp};
-use support::*;
 use tokio::time::Instant;
 
 const SPREAD_DEADLINE: Duration = Duration::from_secs(20);

@@ -1,12 +1,10 @@
 //! DynamoDB goes away for a few seconds: `/ready` turns 503 with a reason, `/health` stays 200,
 //! and the worker recovers by itself when DynamoDB returns.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use kds_worker::http;
-use support::*;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,14 +3,12 @@
 //! restart under the same id, and a worker cut off from DynamoDB. Against the emulators through
 //! the real SDK (`cargo xtask test`).
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::ledger::{Ledger, Producer, Report};
-use support::*;
+use crate::support::ledger::{Ledger, Producer, Report};
+use crate::support::*;
 
 /// Records per producer tick and the tick: 50 records/s spread over every shard.
 const PER_TICK: usize = 10;

@@ -5,13 +5,13 @@
 //! checkpoint; and a rollout that lowers `failover_timeout` while an old worker is cut off from
 //! DynamoDB. Against the emulators through the real SDK (`cargo xtask test`).
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::ledger::{Ledger, Producer, Report};
+use crate::support::*;
 use aws_sdk_dynamodb::types::AttributeValue;
 use kds_worker::aws::AwsClients;
 use kds_worker::consumer::LATEST;
@@ -21,8 +21,6 @@ use kds_worker::metrics::ApiCallLabels;
 use kds_worker::processor::RecordProcessor;
 use kds_worker::schema::LEASE_KEY;
 use kds_worker::state::WorkerState;
-use support::ledger::{Ledger, Producer, Report};
-use support::*;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 

@@ -6,16 +6,14 @@
 //! wrong, and once the fault ends it recovers without a restart — proven from the records it
 //! processed (none lost, no two readers at once).
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::faults::{Fault, FaultProxy};
+use crate::support::ledger::{Ledger, Producer, Report};
+use crate::support::*;
 use kds_worker::aws::AwsClients;
-use support::faults::{Fault, FaultProxy};
-use support::ledger::{Ledger, Producer, Report};
-use support::*;
 use tokio::time::Instant;
 
 /// Records per producer tick and the tick: 20 records/s over the stream's shards.

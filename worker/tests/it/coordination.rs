@@ -1,12 +1,10 @@
 //! Election and publication against the emulators (kinesis-mock, moto) through the real SDK.
 //! Run with `cargo xtask test`, which starts the emulators and exports their endpoints.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use kds_worker::store::LimitRecord;
-use support::*;
 
 /// The lab's phase table (lab/scenarios.toml): 30/3 → 10, 30/5 → 6, 60/3 → 20, 300/3 → 80 with deficit 60.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
