@@ -13,9 +13,9 @@ use crate::aws::{AwsClients, AwsError, call};
 use crate::config::Settings;
 use crate::inputs::open_shard_count;
 use crate::leases::LeaseStore;
+use crate::meta::{LimitReadError, MetaStore};
 pub use crate::model::{LeaseSummary, Snapshot};
 use crate::schema::wait_stream_active;
-use crate::store::{LimitReadError, MetaStore};
 
 pub async fn snapshot(aws: &AwsClients, settings: &Settings) -> Result<Snapshot, AwsError> {
     let meta = MetaStore::new(aws.clone(), settings.meta_table());

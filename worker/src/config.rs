@@ -119,7 +119,7 @@ pub const MIN_FAILOVER_HEARTBEATS: u32 = 4;
 /// remove them. TTL is a backstop only: nothing decides from it.
 pub const MIN_HEARTBEAT_TTL: Duration = Duration::from_secs(3600);
 
-/// Durations derived from the configured ones, next to the rules ([`check_timings`]) that make
+/// Durations derived from the configured ones, next to the rules (`check_timings`) that make
 /// them meaningful.
 impl Settings {
     /// The fence rises this long after the last successful heartbeat was *sent*: one heartbeat

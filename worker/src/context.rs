@@ -5,9 +5,9 @@ use std::sync::Arc;
 use crate::aws::AwsClients;
 use crate::backoff::StartRetry;
 use crate::config::ConsumerTuning;
+use crate::meta::{HeartbeatOwner, MetaStore};
 use crate::processor::RecordProcessor;
 use crate::state::WorkerState;
-use crate::store::{HeartbeatOwner, MetaStore};
 
 /// Everything the loops share.
 pub struct Context {

@@ -1,4 +1,5 @@
-//! The coordinator's duties during one term (one epoch): gather the inputs, apply the policy,
+//! The coordinator: the election loop that claims, renews and gives up the post
+//! ([`election_loop`], holding a `Term`), and the duties during one term (one epoch): gather the inputs, apply the policy,
 //! publish `lease_limits` when something changed; keep the lease table in step with the
 //! stream's shards; and assign the leases ([`crate::assignment`]) — the only scan of the lease
 //! table in the fleet.
@@ -11,18 +12,19 @@ use futures::StreamExt;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
+use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::assignment::{self, Action, FleetView};
-use crate::config::WorkerCountSource;
+use crate::config::{Settings, WorkerCountSource};
 use crate::context::{Context, ticker};
-use crate::election::LivenessTracker;
+use crate::election::{CoordinatorObserver, LivenessTracker, Verdict, claim_epoch};
 use crate::inputs::{ShardInfo, list_shards, open_shard_count, watch_desired_replicas};
 use crate::leases::{Lease, LeaseStore, Pending};
+use crate::meta::{LimitReadError, LimitRecord, now_iso8601};
 use crate::policy::{self, FleetInputs};
-use crate::store::{LimitRecord, now_iso8601};
+use crate::state::Role;
 
 /// The fields whose change warrants a new `lease_limits` version.
 fn same_decision(a: &LimitRecord, b: &LimitRecord) -> bool {
@@ -410,7 +412,7 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             cap: s.max_leases_cap,
             capacity_deficit: limit.capacity_deficit,
             epoch,
-            version: crate::store::next_version(published.as_ref(), epoch),
+            version: crate::meta::next_version(published.as_ref(), epoch),
             computed_by: me.clone(),
             updated_at: now_iso8601(),
         };
@@ -450,6 +452,230 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             Err(e) => tracing::warn!(error = %e, "cannot publish lease_limits; will retry"),
         }
     }
+}
+
+/// The coordinator's term as the election loop holds it.
+struct Term {
+    epoch: u64,
+    /// When the last successful claim or renewal was *sent*: others judge our silence from a
+    /// later instant, so stopping the duties `term_after` (failover − heartbeat) after this is
+    /// always before anyone can take over.
+    renewed_at: Instant,
+    stop: CancellationToken,
+    duties: JoinSet<()>,
+}
+
+impl Term {
+    /// The instant the duties stop unless a renewal succeeds first.
+    fn deadline(&self, s: &Settings) -> Instant {
+        self.renewed_at + s.term_after()
+    }
+
+    /// Graceful (shutdown): the duties finish their current step.
+    async fn end(mut self, ctx: &Context) {
+        self.stop.cancel();
+        while self.duties.join_next().await.is_some() {}
+        ctx.state.set_role(Role::Follower, self.epoch);
+    }
+
+    /// At once (deposed, or past the deadline): a duty blocked in an AWS call is aborted.
+    async fn abandon(mut self, ctx: &Context) {
+        self.stop.cancel();
+        self.duties.abort_all();
+        while self.duties.join_next().await.is_some() {}
+        ctx.state.set_role(Role::Follower, self.epoch);
+    }
+}
+
+/// Returns the epoch still held when `stop` came (for a graceful step-down).
+pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option<u64> {
+    let s = &ctx.state.settings;
+    let me = s.worker_id.clone();
+    let mut observer = CoordinatorObserver::default();
+    let mut term: Option<Term> = None;
+    let mut next_tick = Instant::now();
+    let mut recheck_by: Option<Instant> = None;
+
+    loop {
+        let mut wake = match (&term, recheck_by) {
+            (None, Some(r)) if r < next_tick => r,
+            _ => next_tick,
+        };
+        // The watchdog: wake at the term's deadline however the renewals fare.
+        if let Some(t) = &term {
+            wake = wake.min(t.deadline(s));
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = sleep_until(wake) => {}
+        }
+        if let Some(t) = &term
+            && Instant::now() >= t.deadline(s)
+        {
+            stop_duties_at_deadline(&ctx, term.take().expect("in a term")).await;
+            continue;
+        }
+        if Instant::now() < next_tick {
+            if term.is_some() {
+                continue;
+            }
+        } else {
+            next_tick += s.heartbeat_interval;
+            if next_tick < Instant::now() {
+                next_tick = Instant::now() + s.heartbeat_interval;
+            }
+        }
+        ctx.state.loop_went_round(crate::state::Loop::Election);
+
+        if let Some(t) = term.as_mut() {
+            if let Some(other) = ctx.state.instance_conflict() {
+                let epoch = t.epoch;
+                tracing::warn!(
+                    epoch,
+                    other = %other,
+                    "another live instance holds this worker id; stepping down as coordinator"
+                );
+                term.take().expect("in a term").abandon(&ctx).await;
+                if let Err(e) = ctx.meta.step_down(&me, epoch).await {
+                    tracing::warn!(epoch, error = %e, "could not step down");
+                }
+                continue;
+            }
+            let sent = Instant::now();
+            let deadline = t.deadline(s);
+            match timeout_at(deadline, ctx.meta.renew_coordinator(&me, t.epoch)).await {
+                Ok(Ok(_)) => {
+                    t.renewed_at = sent;
+                    ctx.state.term_renewed(sent);
+                }
+                Ok(Err(e)) if e.is_condition_failed() => {
+                    tracing::warn!(
+                        epoch = t.epoch,
+                        "deposed: another worker holds the coordinator post"
+                    );
+                    term.take().expect("in a term").abandon(&ctx).await;
+                }
+                Ok(Err(e)) => {
+                    let silent = sent.duration_since(t.renewed_at);
+                    tracing::warn!(error = %e, silent_s = silent.as_secs_f64(), "cannot renew the coordinator post");
+                }
+                Err(_) => {
+                    stop_duties_at_deadline(&ctx, term.take().expect("in a term")).await;
+                }
+            }
+            continue;
+        }
+
+        // A claim needs lease_limits' epoch, read directly. Where a claim is plausible this
+        // round (no live owner followed, or it is due to be judged silent), read both items
+        // at once so a takeover waits for no extra round trip.
+        let claim_plausible = recheck_by.is_none_or(|r| Instant::now() >= r);
+        let (row, limits) = if claim_plausible {
+            let (row, limits) = tokio::join!(ctx.meta.read_coordinator(), ctx.meta.read_limit());
+            (row, Some(limits))
+        } else {
+            (ctx.meta.read_coordinator().await, None)
+        };
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the coordinator item");
+                // Try again at the next tick, not at a recheck instant already past (which
+                // would spin while reads fail).
+                recheck_by = None;
+                continue;
+            }
+        };
+        ctx.state.saw_coordinator(
+            row.as_ref().map(|r| r.owner.clone()),
+            row.as_ref().map_or(0, |r| r.epoch),
+        );
+        let min_epoch = ctx.state.limit().map_or(0, |l| l.epoch);
+        match observer.judge(row, Instant::now(), s.failover_timeout, min_epoch) {
+            Verdict::Follow { recheck_by: r, .. } => recheck_by = Some(r),
+            Verdict::Claim { seen, next_epoch } => {
+                recheck_by = None;
+                if ctx.state.instance_conflict().is_some() {
+                    // A duplicate of a live worker id never coordinates.
+                    continue;
+                }
+                // The new epoch must be above lease_limits' too, read now: this worker may
+                // not have read any limit yet, and a lower epoch would be refused for ever.
+                let limits = match limits {
+                    Some(limits) => limits,
+                    None => ctx.meta.read_limit().await,
+                };
+                let limits_epoch = match limits {
+                    Ok(record) => record.map(|r| r.epoch),
+                    Err(LimitReadError::Malformed(m)) => {
+                        tracing::warn!("{m}: a new coordinator replaces it");
+                        Some(m.epoch.unwrap_or(0))
+                    }
+                    Err(LimitReadError::Aws(e)) => {
+                        tracing::warn!(error = %e, "cannot read lease_limits before claiming the coordinator post; not claiming now");
+                        continue;
+                    }
+                };
+                let next_epoch = next_epoch.max(claim_epoch(None, limits_epoch));
+                let sent = Instant::now();
+                match ctx
+                    .meta
+                    .claim_coordinator(&me, seen.as_ref(), next_epoch, s.failover_timeout)
+                    .await
+                {
+                    Ok(_) => {
+                        match &seen {
+                            Some(prev) if !prev.is_vacant() => tracing::warn!(
+                                epoch = next_epoch, previous = %prev.owner,
+                                "took over the coordinator post from a silent coordinator"
+                            ),
+                            _ => tracing::info!(epoch = next_epoch, "became coordinator"),
+                        }
+                        observer.reset();
+                        ctx.state.metrics.coordinator_takeovers.inc();
+                        ctx.state.term_renewed(sent);
+                        ctx.state.set_role(Role::Coordinator, next_epoch);
+                        let term_stop = CancellationToken::new();
+                        let mut duties = JoinSet::new();
+                        duties.spawn(
+                            run_term(ctx.clone(), next_epoch, term_stop.clone()).in_current_span(),
+                        );
+                        term = Some(Term {
+                            epoch: next_epoch,
+                            renewed_at: sent,
+                            stop: term_stop,
+                            duties,
+                        });
+                    }
+                    Err(e) if e.is_condition_failed() => {
+                        // Someone else won the race; follow them from the next read.
+                        observer.reset();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot claim the coordinator post"),
+                }
+            }
+        }
+    }
+
+    let epoch = term.as_ref().map(|t| t.epoch);
+    if let Some(t) = term {
+        t.end(&ctx).await;
+    }
+    epoch
+}
+
+/// The term's deadline passed without a successful renewal (the renewal failed or still
+/// hangs): stop every duty now, before anyone may take the post over.
+async fn stop_duties_at_deadline(ctx: &Context, term: Term) {
+    let s = &ctx.state.settings;
+    tracing::warn!(
+        epoch = term.epoch,
+        silent_s = term.renewed_at.elapsed().as_secs_f64(),
+        "coordinator post not renewed within failover_timeout - heartbeat_interval ({:?}); \
+         stopping the coordinator's duties",
+        s.term_after()
+    );
+    term.abandon(ctx).await;
 }
 
 #[cfg(test)]

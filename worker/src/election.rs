@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::store::{CoordinatorRow, HeartbeatRow};
+use crate::meta::{CoordinatorRow, HeartbeatRow};
 
 /// The epoch a claimant takes: above both the coordinator item's epoch and the epoch of the
 /// `lease_limits` item (a coordinator item deleted by hand must not make epochs go backwards,

@@ -1,12 +1,17 @@
 //! `kds-worker`: a Kinesis consumer worker whose shard-lease limit is computed by an elected
 //! coordinator and published in DynamoDB.
 //!
-//! The pipeline, one module each:
+//! The pipeline, each step a module, imports pointing down it:
 //! inputs ([`inputs`]: open shards, desired replicas; [`election::LivenessTracker`]: live
-//! workers) → pure policy ([`policy`]) → coordinator ([`election`], [`coordinator`]) →
-//! published limit ([`store`]) → every worker ([`worker`]) obeys it.
+//! workers) → pure policy ([`policy`], from the `kds-model` crate) → coordinator
+//! ([`election`]: the pure rules; [`coordinator`]: the election loop and the term's duties,
+//! with [`assignment`] planning the leases) → published limit ([`meta`], the metadata table)
+//! → leases ([`leases`], [`lease_manager`]) → consumers ([`consumer`], handing records to a
+//! [`processor`]). [`worker`] starts the loops, which share one [`context`]; [`state`] is what
+//! they report.
 //! Edges: [`config`] (figment), [`aws`] (SDK clients, error mapping), [`schema`] (tables),
-//! [`http`] (hyper), [`metrics`], [`telemetry`].
+//! [`http`] (hyper), [`metrics`], [`telemetry`], [`backoff`]; [`admin`] and [`audit`] serve the
+//! operator commands and the lab.
 
 pub mod admin;
 pub mod assignment;
@@ -22,11 +27,11 @@ pub mod http;
 pub mod inputs;
 pub mod lease_manager;
 pub mod leases;
+pub mod meta;
 pub mod metrics;
 pub mod processor;
 pub mod schema;
 pub mod state;
-pub mod store;
 pub mod telemetry;
 pub mod worker;
 

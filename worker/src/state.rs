@@ -7,8 +7,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::Settings;
+use crate::meta::LimitRecord;
 use crate::metrics::Metrics;
-use crate::store::LimitRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -120,7 +120,7 @@ fn tracked_files() -> Vec<String> {
         .collect()
 }
 
-/// Path-like words in `text`: `worker/src/store.rs`, `lab/README.md`, `moto_serial.py`.
+/// Path-like words in `text`: `worker/src/meta.rs`, `lab/README.md`, `moto_serial.py`.
 fn path_words(text: &str) -> Vec<String> {
     const TOP: &[&str] = &[
         "worker/",
@@ -203,7 +203,7 @@ fn comments_name_only_files_that_exist() {
 #[test]
 fn path_words_are_found() {
     assert_eq!(
-        path_words("see worker/src/store.rs and moto_serial.py, not config.toml or e.g."),
-        ["worker/src/store.rs", "moto_serial.py"]
+        path_words("see worker/src/meta.rs and moto_serial.py, not config.toml or e.g."),
+        ["worker/src/meta.rs", "moto_serial.py"]
     );
 }

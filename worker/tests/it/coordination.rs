@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::support::*;
-use kds_worker::store::LimitRecord;
+use kds_worker::meta::LimitRecord;
 
 /// The lab's phase table (lab/scenarios.toml): 30/3 → 10, 30/5 → 6, 60/3 → 20, 300/3 → 80 with deficit 60.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +383,7 @@ async fn a_follower_keeps_its_last_good_limit_when_the_item_is_malformed() {
     store
         .publish_limit(&LimitRecord {
             computed_by: "ghost".into(),
-            ..kds_worker::store::parse_limit(&limits_item(4, 5, 2)).unwrap()
+            ..kds_worker::meta::parse_limit(&limits_item(4, 5, 2)).unwrap()
         })
         .await
         .unwrap();
