@@ -3,7 +3,6 @@
 
 use std::process::Command;
 
-use crate::kube::nix_available;
 use crate::state::DriverKind;
 
 /// (tool, version flag, needed for, pinned version in flake.nix if any)
@@ -88,7 +87,7 @@ pub fn run() -> anyhow::Result<()> {
         println!("  or, with none of that: `cargo xtask setup --driver local`");
     }
     println!();
-    if nix_available() {
+    if crate::util::nix_builds_images(crate::util::nix_version()) {
         println!("image: `nix build .#image` (Nix found), loaded with `minikube image load`");
     } else {
         println!(

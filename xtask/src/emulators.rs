@@ -192,17 +192,7 @@ impl Emulators {
 
     /// The standard AWS SDK settings that point any AWS client at these emulators.
     pub fn aws_env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL_KINESIS", self.kinesis_url()),
-            ("AWS_ENDPOINT_URL_DYNAMODB", self.dynamodb_url()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            // No shared config or instance metadata lookups against the real AWS.
-            ("AWS_EC2_METADATA_DISABLED", "true".into()),
-            ("AWS_CONFIG_FILE", "/dev/null".into()),
-            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
-        ]
+        aws_env(&self.kinesis_url(), &self.dynamodb_url())
     }
 
     pub fn stop(mut self) {
@@ -392,4 +382,20 @@ pub fn foreground() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// The standard AWS SDK settings that point an AWS client at emulators on these URLs (the one
+/// definition: tests, the local lab's workers and `measure` all use it).
+pub fn aws_env(kinesis_url: &str, dynamodb_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL_KINESIS", kinesis_url.to_owned()),
+        ("AWS_ENDPOINT_URL_DYNAMODB", dynamodb_url.to_owned()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        // No shared config or instance metadata lookups against the real AWS.
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_CONFIG_FILE", "/dev/null".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+    ]
 }

@@ -36,7 +36,7 @@ impl Kube {
         Kube {
             runner,
             minikube,
-            nix: nix_available(),
+            nix: crate::util::nix_builds_images(crate::util::nix_version()),
         }
     }
 
@@ -182,18 +182,6 @@ fn tarball_tag(manifest: &str) -> anyhow::Result<String> {
 fn read_configmap() -> anyhow::Result<String> {
     let path = project_root().join("manifests/configmap.yaml");
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
-}
-
-/// Linux with a Nix that has flakes (2.4 or later): the image is built with Nix.
-pub fn nix_available() -> bool {
-    cfg!(target_os = "linux")
-        && std::process::Command::new("nix")
-            .arg("--version")
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| crate::util::parse_nix_version(&String::from_utf8_lossy(&o.stdout)))
-            .is_some_and(|v| v >= (2, 4))
 }
 
 /// A short content hash (FNV-1a, 64 bits) of text, for the pod template annotation that rolls

@@ -16,7 +16,7 @@ use crate::emulators;
 use crate::lab::{Audit, Driver, Snapshot, WorkerView, wait_until};
 use crate::runner::Runner;
 use crate::state::{DriverKind, LocalState, State, WorkerProcess, save_state};
-use crate::util::{free_port, http_status, lab_dir, project_root};
+use crate::util::{free_port, http_status, lab_dir};
 
 pub const STREAM: &str = "kds-lab-stream";
 pub const APP: &str = "kds-consumer-app";
@@ -48,10 +48,7 @@ fn logs_dir() -> PathBuf {
 
 /// The worker binary `setup` builds (debug profile: it is what `cargo xtask test` builds too).
 pub fn worker_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| project_root().join("target"));
-    target.join("debug").join("kds-worker")
+    crate::util::built_binary("debug", "kds-worker")
 }
 
 /// The local lab's config.toml: the ConfigMap's keys, with timings shortened so scenarios
@@ -150,14 +147,7 @@ impl Local {
     }
 
     fn aws_env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL_KINESIS", self.state.kinesis_url.clone()),
-            ("AWS_ENDPOINT_URL_DYNAMODB", self.state.dynamodb_url.clone()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            ("AWS_EC2_METADATA_DISABLED", "true".into()),
-        ]
+        emulators::aws_env(&self.state.kinesis_url, &self.state.dynamodb_url)
     }
 
     /// The environment of a lab process: only this lab's KDS_* and AWS settings, none leaked

@@ -32,7 +32,7 @@ impl Drop for Worker {
 }
 
 fn bin() -> std::path::PathBuf {
-    project_root().join("target/release/kds-worker")
+    crate::util::built_binary("release", "kds-worker")
 }
 
 fn env(emu: &Emulators, app: &str, stream: &str) -> Vec<(String, String)> {

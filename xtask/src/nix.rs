@@ -13,13 +13,9 @@ use xshell::{Shell, cmd};
 
 use crate::util::{lab_dir, project_root, tools_dir};
 
-pub fn available(sh: &Shell) -> bool {
-    cmd!(sh, "nix --version")
-        .quiet()
-        .ignore_stdout()
-        .ignore_stderr()
-        .run()
-        .is_ok()
+/// Any working Nix (the checks below need only `nix-instantiate` and `nix flake metadata`).
+pub fn available() -> bool {
+    crate::util::nix_version().is_some()
 }
 
 /// nixpkgs-fmt and deadnix: the ones on PATH (`nix develop` provides both), else built once

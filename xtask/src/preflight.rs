@@ -6,7 +6,6 @@ use std::process::{Command, Stdio};
 
 use crate::kube::{MINIKUBE_MEMORY_MIB, PROFILE};
 use crate::state::DriverKind;
-use crate::util::parse_nix_version;
 
 const MEMORY_HEADROOM_MIB: u64 = 512;
 
@@ -96,13 +95,7 @@ impl Probe {
         } else {
             None
         };
-        let nix_version = Command::new("nix")
-            .arg("--version")
-            .stderr(Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| parse_nix_version(&String::from_utf8_lossy(&o.stdout)));
+        let nix_version = crate::util::nix_version();
         let minikube = present("minikube");
         Probe {
             profile_running: minikube && ok("minikube", &["status", "-p", PROFILE]),
@@ -135,7 +128,7 @@ fn available_mib() -> Option<u64> {
 
 /// Flakes arrived in Nix 2.4; xtask enables them per call.
 fn nix_builds_images(p: &Probe) -> bool {
-    cfg!(target_os = "linux") && p.nix_version.is_some_and(|v| v >= (2, 4))
+    crate::util::nix_builds_images(p.nix_version)
 }
 
 const GET_TOOLS: &str = "enter `nix develop` (it pins kubectl and minikube)";

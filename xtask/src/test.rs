@@ -72,7 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .run()?)
         });
     }
-    if crate::nix::available(&sh) {
+    if crate::nix::available() {
         step("nix", &mut || crate::nix::check(&sh));
     } else {
         eprintln!("\n(nix not installed: flake checks skipped; .ci/run installs nix-bin)");

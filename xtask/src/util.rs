@@ -36,6 +36,14 @@ pub fn tools_dir() -> PathBuf {
     project_root().join(".lab").join("tools")
 }
 
+/// A binary cargo built with `profile`, where cargo puts it (`CARGO_TARGET_DIR` honoured).
+pub fn built_binary(profile: &str, name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target"));
+    target.join(profile).join(name)
+}
+
 /// A port nobody listens on right now (the OS picks it).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -75,6 +83,24 @@ pub fn parse_nix_version(text: &str) -> Option<(u32, u32)> {
     let v = text.split_whitespace().last()?;
     let mut parts = v.split('.');
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// The installed Nix's version (`nix --version`), or `None` without a working Nix. The one
+/// "is Nix here" check: setup, preflight, doctor and the test command all ask it.
+pub fn nix_version() -> Option<(u32, u32)> {
+    std::process::Command::new("nix")
+        .arg("--version")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| parse_nix_version(&String::from_utf8_lossy(&o.stdout)))
+}
+
+/// Nix builds the worker image on Linux with flakes (Nix 2.4 or later; xtask enables them per
+/// call).
+pub fn nix_builds_images(version: Option<(u32, u32)>) -> bool {
+    cfg!(target_os = "linux") && version.is_some_and(|v| v >= (2, 4))
 }
 
 #[cfg(test)]
