@@ -4,8 +4,10 @@
 //! tools take `--dry-run` to print the commands instead.
 
 mod chaos;
+mod cleanup;
 mod config_file;
 mod doctor;
+mod driver;
 mod e2e;
 mod emulators;
 mod kube;
@@ -18,6 +20,7 @@ mod nixpins;
 mod preflight;
 mod runner;
 mod scenario;
+mod setup;
 mod state;
 mod test;
 #[cfg(test)]
@@ -27,13 +30,12 @@ mod util;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
 use clap::{Parser, Subcommand};
 
-use crate::lab::Driver;
 use crate::runner::Runner;
-use crate::scenario::{MAX_WORKERS, parse_count, parse_shards};
-use crate::state::{DriverKind, load_state, require_lab};
+use crate::driver::open_driver;
+use crate::scenario::ScenarioCmd;
+use crate::state::{DriverKind, require_lab};
 
 #[derive(Parser)]
 #[command(
@@ -116,44 +118,6 @@ enum Command {
     Measure(measure::Args),
 }
 
-#[derive(Subcommand)]
-enum ScenarioCmd {
-    /// Reshard to N shards (default 60), stepwise.
-    ScaleShards {
-        #[arg(allow_negative_numbers = true)]
-        shards: Option<String>,
-    },
-    /// Scale to N workers (default 5) at 30 shards.
-    ScaleWorkers {
-        #[arg(allow_negative_numbers = true)]
-        workers: Option<String>,
-    },
-    /// 300 shards / 3 workers: the cap binds, deficit 60.
-    LeaseCap,
-    /// Delete every worker at once.
-    RestartAll,
-    /// Change the cap (default 100) in the ConfigMap and roll the workers.
-    ConfigChange {
-        #[arg(allow_negative_numbers = true)]
-        cap: Option<String>,
-    },
-    /// Every scenario in order (from a fresh setup) and the table of results.
-    All,
-    /// Any scenario of lab/scenarios.toml by name.
-    Run { name: String },
-    /// List the catalog.
-    List,
-}
-
-/// The driver a lab was (or is being) set up with.
-fn open_driver(kind: DriverKind, runner: Runner) -> anyhow::Result<Box<dyn Driver>> {
-    Ok(match kind {
-        DriverKind::Local => Box::new(crate::local::Local::open(runner)?),
-        DriverKind::Minikube => Box::new(crate::kube::Kube::new(runner, true)),
-        DriverKind::Cluster => Box::new(crate::kube::Kube::new(runner, false)),
-    })
-}
-
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -174,99 +138,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             driver,
             shards,
             workers,
-        } => {
-            let shards = parse_shards("--shards", &shards)?;
-            let workers = parse_count("--workers", &workers, MAX_WORKERS)?;
-            let remembered = load_state()?.map(|s| s.driver);
-            let kind = driver.or(remembered).unwrap_or(DriverKind::Minikube);
-            if let (Some(old), Some(new)) = (remembered, driver)
-                && old != new
-            {
-                bail!(
-                    "a {old:?} lab is set up here; run `cargo xtask cleanup` before setting up a {new:?} one"
-                );
-            }
-            // Everything the driver needs is checked before anything is changed or recorded.
-            if !dry
-                && let Some(refusal) =
-                    preflight::refusal(kind, &preflight::needs(kind, &preflight::Probe::run()))
-            {
-                bail!(refusal);
-            }
-            let mut d = open_driver(kind, Runner::new(dry)?)?;
-            d.setup(shards as u32, workers as u32)?;
-            if kind != DriverKind::Local {
-                kube::wait_pods_ready(d.as_ref(), Duration::from_secs(600))?;
-            }
-            // Phase 1, checked like every scenario.
-            let setup = scenario::catalog()?.get("setup")?;
-            let check = scenario::Scenario {
-                shards: Some(shards),
-                workers: Some(workers),
-                expect_limit: None,
-                expect_deficit: None,
-                ..setup
-            };
-            let outcome = scenario::run_one(d.as_mut(), &check)?;
-            if !outcome.pass {
-                bail!("phase 1 check failed: {}", outcome.detail);
-            }
-            Ok(())
-        }
-        Command::Scenario { which, report } => {
-            let catalog = scenario::catalog()?;
-            if let ScenarioCmd::List = which {
-                for s in &catalog.scenario {
-                    println!("{:<14} {}", s.name, s.description);
-                }
-                return Ok(());
-            }
-            // Bad numbers are refused before anything changes.
-            let plan: Vec<scenario::Scenario> = match which {
-                ScenarioCmd::ScaleShards { shards } => vec![
-                    catalog
-                        .get("scale-shards")?
-                        .with_param(shards.map(|s| parse_shards("shards", &s)).transpose()?)?,
-                ],
-                ScenarioCmd::ScaleWorkers { workers } => vec![
-                    catalog.get("scale-workers")?.with_param(
-                        workers
-                            .map(|s| parse_count("workers", &s, MAX_WORKERS))
-                            .transpose()?,
-                    )?,
-                ],
-                ScenarioCmd::ConfigChange { cap } => vec![
-                    catalog
-                        .get("config-change")?
-                        .with_param(cap.map(|s| parse_count("cap", &s, 100_000)).transpose()?)?,
-                ],
-                ScenarioCmd::LeaseCap => vec![catalog.get("lease-cap")?],
-                ScenarioCmd::RestartAll => vec![catalog.get("restart-all")?],
-                ScenarioCmd::Run { name } => vec![catalog.get(&name)?],
-                ScenarioCmd::All => catalog
-                    .scenario
-                    .iter()
-                    .filter(|s| s.run_in_all)
-                    .cloned()
-                    .collect(),
-                ScenarioCmd::List => unreachable!(),
-            };
-            let state = require_lab()?;
-            let mut d = open_driver(state.driver, Runner::new(dry)?)?;
-            let mut rows = Vec::new();
-            for s in &plan {
-                rows.push(scenario::run_one(d.as_mut(), s)?);
-            }
-            scenario::print_table(&rows);
-            if let Some(path) = report {
-                scenario::write_report(&path, &rows)?;
-                println!("report written to {}", path.display());
-            }
-            if rows.iter().any(|r| !r.pass) {
-                bail!("some scenarios failed");
-            }
-            Ok(())
-        }
+        } => setup::run(driver, &shards, &workers, dry),
+        Command::Scenario { which, report } => scenario::run(which, report, dry),
         Command::Monitor { interval, once } => {
             let state = require_lab()?;
             let d = open_driver(state.driver, Runner::new(dry)?)?;
@@ -299,22 +172,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let state = require_lab()?;
             open_driver(state.driver, Runner::new(dry)?)?.produce(rate, seconds)
         }
-        Command::Cleanup { all } => match load_state()? {
-            Some(state) => open_driver(state.driver, Runner::new(dry)?)?.cleanup(all),
-            // The lab is gone but `--all` still deletes the Minikube profile, if minikube is
-            // here (`minikube delete` of a missing profile succeeds): a profile left by an
-            // earlier `cleanup` or a failed setup is never stranded.
-            None if all && preflight::Probe::run().minikube => {
-                println!(
-                    "no lab set up here; deleting the Minikube profile {}",
-                    kube::PROFILE
-                );
-                Runner::new(dry)?.run("minikube", &runner::args(["delete", "-p", kube::PROFILE]))
-            }
-            None => {
-                println!("nothing to clean up (no lab set up here)");
-                Ok(())
-            }
-        },
+        Command::Cleanup { all } => cleanup::run(all, dry),
     }
 }

@@ -545,6 +545,96 @@ pub fn write_report(path: &Path, rows: &[Outcome]) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+#[derive(clap::Subcommand)]
+pub enum ScenarioCmd {
+    /// Reshard to N shards (default 60), stepwise.
+    ScaleShards {
+        #[arg(allow_negative_numbers = true)]
+        shards: Option<String>,
+    },
+    /// Scale to N workers (default 5) at 30 shards.
+    ScaleWorkers {
+        #[arg(allow_negative_numbers = true)]
+        workers: Option<String>,
+    },
+    /// 300 shards / 3 workers: the cap binds, deficit 60.
+    LeaseCap,
+    /// Delete every worker at once.
+    RestartAll,
+    /// Change the cap (default 100) in the ConfigMap and roll the workers.
+    ConfigChange {
+        #[arg(allow_negative_numbers = true)]
+        cap: Option<String>,
+    },
+    /// Every scenario in order (from a fresh setup) and the table of results.
+    All,
+    /// Any scenario of lab/scenarios.toml by name.
+    Run { name: String },
+    /// List the catalog.
+    List,
+}
+
+/// `cargo xtask scenario …`: bad numbers are refused before anything changes; then each
+/// scenario runs in turn, the table is printed, and any FAIL fails the command.
+pub fn run(
+    which: ScenarioCmd,
+    report: Option<std::path::PathBuf>,
+    dry: bool,
+) -> anyhow::Result<()> {
+    let catalog = catalog()?;
+    if let ScenarioCmd::List = which {
+        for s in &catalog.scenario {
+            println!("{:<14} {}", s.name, s.description);
+        }
+        return Ok(());
+    }
+    // Bad numbers are refused before anything changes.
+    let plan: Vec<Scenario> = match which {
+        ScenarioCmd::ScaleShards { shards } => vec![
+            catalog
+                .get("scale-shards")?
+                .with_param(shards.map(|s| parse_shards("shards", &s)).transpose()?)?,
+        ],
+        ScenarioCmd::ScaleWorkers { workers } => vec![
+            catalog.get("scale-workers")?.with_param(
+                workers
+                    .map(|s| parse_count("workers", &s, MAX_WORKERS))
+                    .transpose()?,
+            )?,
+        ],
+        ScenarioCmd::ConfigChange { cap } => vec![
+            catalog
+                .get("config-change")?
+                .with_param(cap.map(|s| parse_count("cap", &s, 100_000)).transpose()?)?,
+        ],
+        ScenarioCmd::LeaseCap => vec![catalog.get("lease-cap")?],
+        ScenarioCmd::RestartAll => vec![catalog.get("restart-all")?],
+        ScenarioCmd::Run { name } => vec![catalog.get(&name)?],
+        ScenarioCmd::All => catalog
+            .scenario
+            .iter()
+            .filter(|s| s.run_in_all)
+            .cloned()
+            .collect(),
+        ScenarioCmd::List => unreachable!(),
+    };
+    let state = crate::state::require_lab()?;
+    let mut d = crate::driver::open_driver(state.driver, crate::runner::Runner::new(dry)?)?;
+    let mut rows = Vec::new();
+    for s in &plan {
+        rows.push(run_one(d.as_mut(), s)?);
+    }
+    print_table(&rows);
+    if let Some(path) = report {
+        write_report(&path, &rows)?;
+        println!("report written to {}", path.display());
+    }
+    if rows.iter().any(|r| !r.pass) {
+        bail!("some scenarios failed");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
