@@ -94,7 +94,9 @@ impl StartRetry {
     }
 }
 
-/// A random number in 0..1 for jitter.
+/// A random number in 0..1 for jitter: spreads retries, nothing more (seeded from the clock,
+/// a stack address and the pid, which may be the same in every pod: the clock and address
+/// randomisation tell restarting pods apart).
 pub fn jitter() -> f64 {
     unit_random()
 }

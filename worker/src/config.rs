@@ -370,11 +370,13 @@ impl Settings {
                         key,
                         text: text.to_owned(),
                         origin: "default".to_owned(),
+                        from_surroundings: false,
                     },
                     (KeyDefault::FromSurroundings, Some((text, origin))) => Raw {
                         key,
                         text,
                         origin: origin.to_owned(),
+                        from_surroundings: true,
                     },
                     _ => return Ok(None),
                 },
@@ -411,7 +413,12 @@ impl Settings {
                     "default (pid)",
                 )
             });
-        let worker_id = has(take("worker_id", Some(default_worker_id))?).identifier()?;
+        let raw = has(take("worker_id", Some(default_worker_id))?);
+        let worker_id = if raw.from_surroundings {
+            raw.text
+        } else {
+            raw.identifier()?
+        };
         let raw = has(take("worker_count_source", None)?);
         let worker_count_source = match raw.text.to_ascii_lowercase().as_str() {
             "kubernetes" => WorkerCountSource::Kubernetes,
@@ -429,7 +436,12 @@ impl Settings {
                     .map(|n| (n, "default (service account)"))
             })
             .unwrap_or_else(|| ("default".into(), "default"));
-        let namespace = has(take("namespace", Some(default_namespace))?).dns_label()?;
+        let raw = has(take("namespace", Some(default_namespace))?);
+        let namespace = if raw.from_surroundings {
+            raw.text
+        } else {
+            raw.dns_label()?
+        };
         let poll_raw = has(take("shard_poll_interval", None)?);
         let shard_poll_interval = poll_raw.duration()?;
         let heartbeat_raw = has(take("heartbeat_interval", None)?);
@@ -503,6 +515,9 @@ struct Raw {
     key: &'static str,
     text: String,
     origin: String,
+    /// A default taken from where the worker runs (a pod name, a namespace): used as found,
+    /// not held to the rules for configured values.
+    from_surroundings: bool,
 }
 
 impl Raw {
@@ -639,7 +654,12 @@ impl Reader<'_> {
                 });
             }
         };
-        Ok(Some(Raw { key, text, origin }))
+        Ok(Some(Raw {
+            key,
+            text,
+            origin,
+            from_surroundings: false,
+        }))
     }
 
     /// A typo in the ConfigMap must not be silently ignored.
@@ -735,6 +755,31 @@ mod tests {
             explicit: false,
         };
         Settings::load(&file, &surroundings())
+    }
+
+    /// Defaults from where the worker runs are used as found; a configured value is checked.
+    #[test]
+    fn defaults_from_the_surroundings_are_taken_as_found() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("KDS_STREAM_NAME", "orders");
+            let host = Surroundings {
+                pod_name: None,
+                pod_namespace: None,
+                hostname: Some("build#7".into()),
+                ..surroundings()
+            };
+            let file = ConfigFile {
+                path: jail.directory().join("config.toml"),
+                explicit: false,
+            };
+            let (s, _) = Settings::load(&file, &host).unwrap();
+            assert_eq!(s.worker_id, "build#7");
+            jail.set_env("KDS_WORKER_ID", "build#7");
+            let err = Settings::load(&file, &host).unwrap_err();
+            assert_eq!(err.key, "worker_id");
+            Ok(())
+        });
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Lab state, the command runner (with `--dry-run`) and the driver interface every command
-//! goes through.
+//! The driver interface every lab command goes through (`Driver`), what a driver reports
+//! (`WorkerView`, `Audit`), and the waits: `wait_until` with a spinner and a deadline,
+//! `retrying` for status reads.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::runner::Runner;
 use crate::driver::open_driver;
+use crate::runner::Runner;
 use crate::scenario::ScenarioCmd;
 use crate::state::{DriverKind, require_lab};
 

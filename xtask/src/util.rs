@@ -38,8 +38,9 @@ pub fn tools_dir() -> PathBuf {
 
 /// A binary cargo built with `profile`, where cargo puts it (`CARGO_TARGET_DIR` honoured).
 pub fn built_binary(profile: &str, name: &str) -> PathBuf {
+    // A relative CARGO_TARGET_DIR is relative to where cargo runs: the project root.
     let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
+        .map(|d| project_root().join(d))
         .unwrap_or_else(|| project_root().join("target"));
     target.join(profile).join(name)
 }
