@@ -51,8 +51,14 @@ pub fn compute(inputs: FleetInputs) -> LeaseLimit {
         max_leases_per_worker,
         worker_count,
         capacity_deficit,
-        workers_needed: inputs.open_shards.div_ceil(cap),
+        workers_needed: workers_needed(inputs.open_shards, cap),
     }
+}
+
+/// Workers needed so that nobody exceeds the cap: `ceil(open_shards / cap)` (a cap of 0 counts
+/// as 1).
+pub fn workers_needed(open_shards: u64, cap: u64) -> u64 {
+    open_shards.div_ceil(cap.max(1))
 }
 
 #[cfg(test)]

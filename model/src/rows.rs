@@ -16,18 +16,13 @@ pub struct LimitRecord {
     pub live_workers: u64,
     pub cap: u64,
     pub capacity_deficit: u64,
+    /// Workers needed so that nobody exceeds the cap (the policy's
+    /// [`crate::LeaseLimit::workers_needed`]), published with the decision.
+    pub workers_needed: u64,
     pub epoch: u64,
     pub version: u64,
     pub computed_by: String,
     pub updated_at: String,
-}
-
-impl LimitRecord {
-    /// Workers needed so that nobody exceeds the cap at this shard count (the policy's
-    /// [`crate::LeaseLimit::workers_needed`] for the published inputs).
-    pub fn workers_needed(&self) -> u64 {
-        self.shard_count.div_ceil(self.cap.max(1))
-    }
 }
 
 /// The coordinator item as read. `owner` is empty while the post is vacant (after a step-down).
@@ -72,30 +67,5 @@ impl HeartbeatRow {
     /// The writer's published `failover_timeout`.
     pub fn failover(&self) -> Option<Duration> {
         self.failover_ms.map(Duration::from_millis)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workers_needed_rounds_up_and_survives_a_zero_cap() {
-        let mut r = LimitRecord {
-            max_leases_per_worker: 80,
-            shard_count: 300,
-            worker_count: 3,
-            desired_workers: None,
-            live_workers: 3,
-            cap: 80,
-            capacity_deficit: 60,
-            epoch: 1,
-            version: 1,
-            computed_by: "w".into(),
-            updated_at: String::new(),
-        };
-        assert_eq!(r.workers_needed(), 4);
-        r.cap = 0;
-        assert_eq!(r.workers_needed(), 300);
     }
 }

@@ -79,9 +79,7 @@ impl fmt::Display for Limits<'_> {
                     writeln!(
                         f,
                         "  CAPACITY DEFICIT: {} shards cannot be leased at cap {}; {} workers would cover them",
-                        l.capacity_deficit,
-                        l.cap,
-                        l.workers_needed()
+                        l.capacity_deficit, l.cap, l.workers_needed
                     )?;
                 }
             }
@@ -146,6 +144,7 @@ mod tests {
                 live_workers: 3,
                 cap: 80,
                 capacity_deficit: 60,
+                workers_needed: 4,
                 epoch: 2,
                 version: 7,
                 computed_by: "w-1".into(),

@@ -74,9 +74,7 @@ pub fn describe_change(old: Option<&LimitRecord>, new: &LimitRecord) -> String {
     if new.capacity_deficit > 0 {
         line.push_str(&format!(
             ", capacity deficit {} shards (cap {}: {} workers would cover them)",
-            new.capacity_deficit,
-            new.cap,
-            new.workers_needed()
+            new.capacity_deficit, new.cap, new.workers_needed
         ));
     }
     line
@@ -411,6 +409,7 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             live_workers: live,
             cap: s.max_leases_cap,
             capacity_deficit: limit.capacity_deficit,
+            workers_needed: limit.workers_needed,
             epoch,
             version: crate::meta::next_version(published.as_ref(), epoch),
             computed_by: me.clone(),
@@ -691,6 +690,7 @@ mod tests {
             live_workers: workers,
             cap: 80,
             capacity_deficit: deficit,
+            workers_needed: shards.div_ceil(80),
             epoch: 1,
             version: 1,
             computed_by: "w".into(),

@@ -149,6 +149,8 @@ pub fn parse_limit(item: &HashMap<String, AttributeValue>) -> Result<LimitRecord
     let live_workers = num("live_workers", true);
     let cap = num("cap", true);
     let capacity_deficit = num("capacity_deficit", true);
+    // Absent from items written before it was published: derived from the published inputs.
+    let workers_needed = num("workers_needed", false);
     let epoch = num("epoch", true);
     let version = num("version", true);
     let mut text = |name: &str| -> String {
@@ -190,6 +192,8 @@ pub fn parse_limit(item: &HashMap<String, AttributeValue>) -> Result<LimitRecord
             live_workers,
             cap,
             capacity_deficit,
+            workers_needed: workers_needed
+                .unwrap_or_else(|| crate::policy::workers_needed(shard_count, cap)),
             epoch,
             version,
             computed_by,
@@ -614,6 +618,7 @@ impl MetaStore {
             "live_workers = :live",
             "cap = :cap",
             "capacity_deficit = :deficit",
+            "workers_needed = :needed",
             "epoch = :e",
             "version = :v",
             "computed_by = :me",
@@ -628,6 +633,7 @@ impl MetaStore {
             .expression_attribute_values(":live", n(record.live_workers))
             .expression_attribute_values(":cap", n(record.cap))
             .expression_attribute_values(":deficit", n(record.capacity_deficit))
+            .expression_attribute_values(":needed", n(record.workers_needed))
             .expression_attribute_values(":e", n(record.epoch))
             .expression_attribute_values(":v", n(record.version))
             .expression_attribute_values(":me", s(record.computed_by.clone()))
@@ -708,6 +714,16 @@ mod tests {
         // A limit of 0 (no open shards) is a legitimate decision.
         item.insert("max_leases_per_worker".into(), n(0));
         assert_eq!(parse_limit(&item).unwrap().max_leases_per_worker, 0);
+        // workers_needed as published; derived from shards and cap in an item from before it
+        // was published (ceil(30 / 80) = 1).
+        assert_eq!(parse_limit(&good_item()).unwrap().workers_needed, 1);
+        item.insert("workers_needed".into(), n(5));
+        assert_eq!(parse_limit(&item).unwrap().workers_needed, 5);
+        item.insert("workers_needed".into(), s("five"));
+        assert!(
+            parse_limit(&item).is_err(),
+            "a mistyped workers_needed is not obeyed"
+        );
     }
 
     #[test]

@@ -721,6 +721,7 @@ mod tests {
             live_workers: 3,
             cap: 80,
             capacity_deficit: 0,
+            workers_needed: 1,
             epoch,
             version,
             computed_by: "w1".into(),

@@ -255,6 +255,7 @@ mod tests {
                     live_workers: 3,
                     cap: 80,
                     capacity_deficit: 60,
+                    workers_needed: 4,
                     epoch: 2,
                     version: 7,
                     computed_by: "kds-consumer-1".into(),

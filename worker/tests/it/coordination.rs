@@ -58,6 +58,8 @@ async fn phase_table() {
     let stored = meta(&aws, &app).read_limit().await.unwrap().unwrap();
     assert_eq!(stored.max_leases_per_worker, 80);
     assert_eq!(stored.capacity_deficit, 60);
+    // Published with the decision: 4 workers would cover the 300 shards at cap 80.
+    assert_eq!(stored.workers_needed, 4);
     assert_eq!(coordinators(&workers).len(), 1);
     for w in workers {
         w.shutdown().await;

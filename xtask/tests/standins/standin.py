@@ -245,6 +245,7 @@ def snapshot(ns):
             "live_workers": workers,
             "cap": cap,
             "capacity_deficit": max(0, shards - cap * workers),
+            "workers_needed": -(-shards // cap),
             "epoch": ns["epoch"],
             "version": ns["epoch"],
             "computed_by": "kds-consumer-0",
