@@ -89,6 +89,7 @@ mod tests {
             assert_eq!(got.capacity_deficit, deficit, "{shards}/{workers}");
         }
         assert_eq!(limit(300, 3, None, 80).workers_needed, 4);
+        assert_eq!(workers_needed(300, 0), 300, "a cap of 0 counts as 1");
     }
 
     #[test]

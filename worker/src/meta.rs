@@ -149,8 +149,6 @@ pub fn parse_limit(item: &HashMap<String, AttributeValue>) -> Result<LimitRecord
     let live_workers = num("live_workers", true);
     let cap = num("cap", true);
     let capacity_deficit = num("capacity_deficit", true);
-    // Absent from items written before it was published: derived from the published inputs.
-    let workers_needed = num("workers_needed", false);
     let epoch = num("epoch", true);
     let version = num("version", true);
     let mut text = |name: &str| -> String {
@@ -192,8 +190,10 @@ pub fn parse_limit(item: &HashMap<String, AttributeValue>) -> Result<LimitRecord
             live_workers,
             cap,
             capacity_deficit,
-            workers_needed: workers_needed
-                .unwrap_or_else(|| crate::policy::workers_needed(shard_count, cap)),
+            // Written for whoever reads the table, but always derived when read: a coordinator
+            // of an older version updates the item without it, leaving a stale value behind,
+            // and a display figure must never make the limit unobeyed.
+            workers_needed: crate::policy::workers_needed(shard_count, cap),
             epoch,
             version,
             computed_by,
@@ -714,15 +714,19 @@ mod tests {
         // A limit of 0 (no open shards) is a legitimate decision.
         item.insert("max_leases_per_worker".into(), n(0));
         assert_eq!(parse_limit(&item).unwrap().max_leases_per_worker, 0);
-        // workers_needed as published; derived from shards and cap in an item from before it
-        // was published (ceil(30 / 80) = 1).
+        // workers_needed is derived from shard_count and cap (ceil(30 / 80) = 1), whatever the
+        // item says: a stale value left by an older coordinator, or a mistyped one, changes
+        // nothing and is not a reason to ignore the limit.
         assert_eq!(parse_limit(&good_item()).unwrap().workers_needed, 1);
         item.insert("workers_needed".into(), n(5));
-        assert_eq!(parse_limit(&item).unwrap().workers_needed, 5);
+        assert_eq!(parse_limit(&item).unwrap().workers_needed, 1);
         item.insert("workers_needed".into(), s("five"));
-        assert!(
-            parse_limit(&item).is_err(),
-            "a mistyped workers_needed is not obeyed"
+        assert_eq!(parse_limit(&item).unwrap().workers_needed, 1);
+        item.insert("cap".into(), n(0));
+        assert_eq!(
+            parse_limit(&item).unwrap().workers_needed,
+            30,
+            "a cap of 0 counts as 1"
         );
     }
 

@@ -227,7 +227,7 @@ def roll(ns, template):
 def snapshot(ns):
     shards, workers = ns["stream_shards"], ns["sts"]["replicas"]
     cap = cap_of(ns["configmap"])
-    limit = min(cap, -(-shards // workers))
+    limit = min(cap, -(-shards // max(workers, 1)))
     owners, left = {}, shards
     for i in range(workers):
         held = min(limit, left)
@@ -245,7 +245,7 @@ def snapshot(ns):
             "live_workers": workers,
             "cap": cap,
             "capacity_deficit": max(0, shards - cap * workers),
-            "workers_needed": -(-shards // cap),
+            "workers_needed": -(-shards // max(cap, 1)),
             "epoch": ns["epoch"],
             "version": ns["epoch"],
             "computed_by": "kds-consumer-0",
