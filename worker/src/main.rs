@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use kds_worker::aws::AwsClients;
 use kds_worker::config::{ConfigFile, Settings, Surroundings, WorkerCountSource, describe_file};
 use kds_worker::metrics::Metrics;
-use kds_worker::worker::{StartError, Worker};
+use kds_worker::worker::Worker;
 use kds_worker::{http, schema, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -370,10 +370,7 @@ async fn run(settings: Settings) -> ExitCode {
             eprintln!("kds-worker: {e}");
             stop.cancel();
             let _ = server.await;
-            return match e {
-                StartError::UnknownStream { .. } => ExitCode::from(3),
-                StartError::Aws(_) => ExitCode::FAILURE,
-            };
+            return ExitCode::FAILURE;
         }
     }
     let _ = server.await;

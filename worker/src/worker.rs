@@ -24,15 +24,6 @@ use crate::processor::RecordProcessor;
 use crate::schema;
 use crate::state::{Role, WorkerState};
 
-/// Why a worker could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("stream {stream:?} does not exist (create it, or run `kds-worker init --shards N`)")]
-    UnknownStream { stream: String },
-    #[error("cannot reach AWS: {0}")]
-    Aws(#[from] AwsError),
-}
-
 pub struct Worker {
     ctx: Context,
 }
@@ -71,43 +62,14 @@ impl Worker {
         self.ctx.state.clone()
     }
 
-    /// Checks that the stream exists (before anything is written), then creates the tables if
-    /// they are missing. The one Kinesis control-plane call a follower makes is this one.
-    /// Throttling and transient errors are retried with bounded exponential backoff; an
-    /// unknown stream is not.
-    pub async fn prepare(&self) -> Result<(), StartError> {
-        let s = &self.ctx.state.settings;
-        let aws = &self.ctx.aws;
-        match self
-            .retrying("DescribeStreamSummary", || {
-                crate::inputs::open_shard_count(aws, &s.stream_name)
-            })
-            .await
-        {
-            Ok(_) => {}
-            Err(AwsError::NotFound { .. }) => {
-                return Err(StartError::UnknownStream {
-                    stream: s.stream_name.clone(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let (lease_table, meta_table) = (s.lease_table(), s.meta_table());
-        self.retrying("creating the tables", || {
-            schema::ensure_tables(aws, &lease_table, &meta_table)
-        })
-        .await?;
-        Ok(())
-    }
-
-    /// What `kds-worker run` does instead of [`Worker::prepare`]: a worker started before its
-    /// stream (a StatefulSet applied together with the Job that creates the stream), or before
+    /// Waits until the stream is ACTIVE (before anything is written), then creates the tables
+    /// if they are missing. A worker started before its stream (a StatefulSet applied together with the Job that creates the stream), or before
     /// AWS answers, waits instead of exiting into a crash loop. While it waits `/ready`
     /// names what it waits for and `kds_stream_missing` is 1; it retries with the
     /// [`StartRetry`] backoff (never more than `max_delay` apart), without an attempt limit.
     /// Returns `Ok(false)` if `stop` is cancelled first. Errors that waiting cannot fix (access
     /// denied, a malformed request) still end the start.
-    pub async fn wait_to_start(&self, stop: &CancellationToken) -> Result<bool, StartError> {
+    pub async fn wait_to_start(&self, stop: &CancellationToken) -> Result<bool, AwsError> {
         let s = &self.ctx.state.settings;
         let state = &self.ctx.state;
         let policy = self.ctx.start_retry;
@@ -161,7 +123,7 @@ impl Worker {
                 Err(e) => {
                     state.set_start_wait(None);
                     state.metrics.stream_missing.set(0);
-                    return Err(e.into());
+                    return Err(e);
                 }
             };
             state.set_start_wait(Some(waiting));

@@ -25,6 +25,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use xshell::{Shell, cmd};
 
+use crate::process::Launch;
 use crate::util::{free_port, http_status, lab_dir, project_root, secs, tools_dir};
 
 #[derive(Debug, Deserialize)]
@@ -252,29 +253,22 @@ fn spawn(sh: &Shell, logs: &Path, detach: bool) -> anyhow::Result<Emulators> {
     let dynamodb_port = free_port()?;
     let main_js = kinesis_main(&pins);
     let cert = main_js.with_file_name("server.json");
-    let kinesis = duct::cmd("node", [&main_js])
-        .env("KINESIS_MOCK_PLAIN_PORT", kinesis_port.to_string())
-        .env("KINESIS_MOCK_TLS_PORT", kinesis_tls_port.to_string())
-        .env("KINESIS_MOCK_CERT_PATH", &cert)
-        .env("SHARD_LIMIT", pins.kinesis.shard_limit.to_string())
-        .env(
-            "UPDATE_SHARD_COUNT_DURATION",
-            &pins.kinesis.update_shard_count_duration,
-        )
-        .env("LOG_LEVEL", "WARN")
-        .stdin_null()
-        .stderr_to_stdout()
-        .stdout_path(logs.join("kinesis-mock.log"))
-        .before_spawn(move |c| {
-            if detach {
-                use std::os::unix::process::CommandExt;
-                c.process_group(0);
-            }
-            Ok(())
-        })
-        .unchecked()
-        .start()
-        .context("starting kinesis-mock with node")?;
+    let group = |l: Launch| if detach { l.own_process_group() } else { l };
+    let kinesis = group(
+        Launch::new("node", [&main_js])
+            .env("KINESIS_MOCK_PLAIN_PORT", kinesis_port.to_string())
+            .env("KINESIS_MOCK_TLS_PORT", kinesis_tls_port.to_string())
+            .env("KINESIS_MOCK_CERT_PATH", cert.display().to_string())
+            .env("SHARD_LIMIT", pins.kinesis.shard_limit.to_string())
+            .env(
+                "UPDATE_SHARD_COUNT_DURATION",
+                &pins.kinesis.update_shard_count_duration,
+            )
+            .env("LOG_LEVEL", "WARN")
+            .log(logs.join("kinesis-mock.log"), false),
+    )
+    .start()
+    .context("starting kinesis-mock with node")?;
     let moto_args: [OsString; 5] = [
         launcher.clone().into(),
         "-H".into(),
@@ -282,11 +276,7 @@ fn spawn(sh: &Shell, logs: &Path, detach: bool) -> anyhow::Result<Emulators> {
         "-p".into(),
         dynamodb_port.to_string().into(),
     ];
-    let moto = duct::cmd(&moto_python, moto_args)
-        .stdin_null()
-        .stderr_to_stdout()
-        .stdout_path(logs.join("moto.log"))
-        .unchecked()
+    let moto = group(Launch::new(&moto_python, moto_args).log(logs.join("moto.log"), false))
         .start()
         .with_context(|| {
             format!(

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -14,6 +13,7 @@ use anyhow::{Context, bail};
 use crate::config_file::replace_cap;
 use crate::emulators;
 use crate::lab::{Audit, Driver, Snapshot, WorkerView, wait_until};
+use crate::process::{Launch, Signal, alive};
 use crate::runner::Runner;
 use crate::state::{DriverKind, LocalState, State, WorkerProcess, save_state};
 use crate::util::{free_port, http_status, lab_dir};
@@ -68,66 +68,6 @@ pub fn config_toml(cap: u64) -> String {
     )
 }
 
-/// Is `pid` a live process (not a zombie)?
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Starts `bin args` detached from this command, output to `log`, and returns its pid. Its
-/// own process group: Ctrl-C on this command does not take the lab down.
-fn spawn_detached(
-    bin: &std::path::Path,
-    args: &[String],
-    env: Vec<(String, String)>,
-    log: std::fs::File,
-) -> anyhow::Result<u32> {
-    let handle = duct::cmd(bin, args)
-        .full_env(env)
-        .stdin_null()
-        .stdout_file(log.try_clone()?)
-        .stderr_file(log)
-        .before_spawn(|c| {
-            use std::os::unix::process::CommandExt;
-            c.process_group(0);
-            Ok(())
-        })
-        .unchecked()
-        .start()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let pid = handle.pids()[0];
-    // The lab outlives this command: never wait for (or kill) it on drop.
-    std::mem::forget(handle);
-    Ok(pid)
-}
-
-/// SIGTERM, then SIGKILL if it has not exited within `grace`.
-fn stop_process(pid: u32, grace: Duration) {
-    if !alive(pid) {
-        return;
-    }
-    signal(pid, "-TERM");
-    let start = std::time::Instant::now();
-    while alive(pid) && start.elapsed() < grace {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if alive(pid) {
-        signal(pid, "-KILL");
-    }
-}
-
 impl Local {
     pub fn open(runner: Runner) -> anyhow::Result<Self> {
         let state = crate::state::load_state()?
@@ -163,28 +103,20 @@ impl Local {
         !self.state.emulator_pids.is_empty() && self.state.emulator_pids.iter().all(|p| alive(*p))
     }
 
-    /// Runs `kds-worker --config .lab/config.toml ARGS` against the lab's emulators.
-    fn worker_cli(&self, extra: &[&str]) -> anyhow::Result<String> {
-        let bin = worker_binary();
-        let mut a = vec!["--config".to_owned(), config_path().display().to_string()];
-        a.extend(extra.iter().map(|s| s.to_string()));
-        let bin_s = bin.display().to_string();
-        self.runner
-            .log
-            .borrow_mut()
-            .push(format!("{bin_s} {}", a.join(" ")));
-        if self.runner.dry_run {
-            println!("{bin_s} {}", a.join(" "));
-            return Ok(String::new());
-        }
-        let out = std::process::Command::new(&bin)
-            .args(&a)
+    /// Runs `kds-worker --config .lab/config.toml ARGS` against the lab's emulators and
+    /// returns its stdout; `None` in a dry run.
+    fn worker_cli(&self, extra: &[&str]) -> anyhow::Result<Option<String>> {
+        let mut command = std::process::Command::new(worker_binary());
+        command
+            .arg("--config")
+            .arg(config_path())
+            .args(extra)
             .envs(self.aws_env())
             .env("KDS_LOG_FORMAT", "pretty")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {}", bin.display()))?;
+            .env("RUST_LOG", "warn");
+        let Some(out) = self.runner.capture(command)? else {
+            return Ok(None);
+        };
         if !out.status.success() {
             bail!(
                 "`kds-worker {}` failed: {}",
@@ -200,67 +132,38 @@ impl Local {
         {
             eprintln!("  {line}");
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
     }
 
     fn start_worker(&mut self, name: &str) -> anyhow::Result<()> {
         let port = free_port()?;
-        let bin = worker_binary();
-        let line = format!(
-            "KDS_WORKER_ID={name} KDS_HTTP_ADDR=127.0.0.1:{port} {} --config {}",
-            bin.display(),
-            config_path().display()
-        );
-        self.runner.log.borrow_mut().push(line.clone());
-        if self.runner.dry_run {
-            println!("{line}");
-            return Ok(());
+        let launch = Launch::new(
+            worker_binary(),
+            ["--config".to_owned(), config_path().display().to_string()],
+        )
+        .full_env(self.worker_env())
+        .env("KDS_WORKER_ID", name)
+        .env("KDS_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env(
+            "KDS_RECORD_LOG",
+            records_dir()
+                .join(format!("{name}.log"))
+                .display()
+                .to_string(),
+        )
+        .log(logs_dir().join(format!("{name}.log")), true);
+        if let Some(pid) = self.runner.start_detached(launch)? {
+            self.state
+                .workers
+                .insert(name.to_owned(), WorkerProcess { pid, port });
         }
-        std::fs::create_dir_all(logs_dir())?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(logs_dir().join(format!("{name}.log")))?;
-        let env: Vec<(String, String)> = self
-            .worker_env()
-            .into_iter()
-            .chain([
-                ("KDS_WORKER_ID".to_owned(), name.to_owned()),
-                ("KDS_HTTP_ADDR".to_owned(), format!("127.0.0.1:{port}")),
-                (
-                    "KDS_RECORD_LOG".to_owned(),
-                    records_dir()
-                        .join(format!("{name}.log"))
-                        .display()
-                        .to_string(),
-                ),
-            ])
-            .collect();
-        std::fs::create_dir_all(records_dir())?;
-        let pid = spawn_detached(
-            &bin,
-            &["--config".to_owned(), config_path().display().to_string()],
-            env,
-            log,
-        )?;
-        self.state
-            .workers
-            .insert(name.to_owned(), WorkerProcess { pid, port });
         self.save()
     }
 
     pub fn stop_worker(&mut self, name: &str) -> anyhow::Result<()> {
         if let Some(w) = self.state.workers.remove(name) {
-            self.runner
-                .log
-                .borrow_mut()
-                .push(format!("kill -TERM {} # {name}", w.pid));
-            if self.runner.dry_run {
-                println!("kill -TERM {} # {name}", w.pid);
-            } else {
-                // Like a pod's grace period: the worker hands its leases off and exits 0.
-                stop_process(w.pid, Duration::from_secs(30));
-            }
+            // Like a pod's grace period: the worker hands its leases off and exits 0.
+            self.runner.stop(w.pid, Duration::from_secs(30), name);
         }
         self.save()
     }
@@ -294,45 +197,32 @@ impl Local {
     /// what it puts is logged to `records/produced.log` for [`Local::audit`].
     pub fn start_producer(&mut self, rate: u64) -> anyhow::Result<()> {
         self.stop_producer();
-        let bin = worker_binary();
-        let args = [
-            "--config".to_owned(),
-            config_path().display().to_string(),
-            "admin".into(),
-            "produce".into(),
-            "--rate".into(),
-            rate.to_string(),
-            "--seconds".into(),
-            "0".into(),
-            "--out".into(),
-            produced_log().display().to_string(),
-        ];
-        let line = format!("{} {}", bin.display(), args.join(" "));
-        self.runner.log.borrow_mut().push(line.clone());
-        if self.runner.dry_run {
-            println!("{line}");
-            return Ok(());
-        }
         std::fs::create_dir_all(records_dir())?;
-        std::fs::create_dir_all(logs_dir())?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(logs_dir().join("producer.log"))?;
-        self.state.producer_pid = Some(spawn_detached(&bin, &args, self.worker_env(), log)?);
+        let launch = Launch::new(
+            worker_binary(),
+            [
+                "--config".to_owned(),
+                config_path().display().to_string(),
+                "admin".into(),
+                "produce".into(),
+                "--rate".into(),
+                rate.to_string(),
+                "--seconds".into(),
+                "0".into(),
+                "--out".into(),
+                produced_log().display().to_string(),
+            ],
+        )
+        .full_env(self.worker_env())
+        .log(logs_dir().join("producer.log"), true);
+        self.state.producer_pid = self.runner.start_detached(launch)?;
         self.save()
     }
 
     /// Stops the producer (what it put so far stays logged).
     pub fn stop_producer(&mut self) {
         if let Some(pid) = self.state.producer_pid.take() {
-            self.runner
-                .log
-                .borrow_mut()
-                .push(format!("kill -TERM {pid} # producer"));
-            if !self.runner.dry_run {
-                stop_process(pid, Duration::from_secs(5));
-            }
+            self.runner.stop(pid, Duration::from_secs(5), "producer");
             let _ = self.save();
         }
     }
@@ -340,13 +230,7 @@ impl Local {
     /// `kill -9` of one worker (a crashed pod); it is gone from the lab until started again.
     pub fn kill_worker(&mut self, name: &str) -> anyhow::Result<()> {
         if let Some(w) = self.state.workers.remove(name) {
-            self.runner
-                .log
-                .borrow_mut()
-                .push(format!("kill -KILL {} # {name}", w.pid));
-            if !self.runner.dry_run {
-                signal(w.pid, "-KILL");
-            }
+            self.runner.signal(w.pid, Signal::Kill, name);
         }
         self.save()
     }
@@ -357,15 +241,7 @@ impl Local {
         let Some(w) = self.state.workers.get(name) else {
             bail!("no worker {name}");
         };
-        self.runner.log.borrow_mut().push(format!(
-            "kill -STOP {0}; sleep {pause:?}; kill -CONT {0}",
-            w.pid
-        ));
-        if !self.runner.dry_run {
-            signal(w.pid, "-STOP");
-            std::thread::sleep(pause);
-            signal(w.pid, "-CONT");
-        }
+        self.runner.pause(w.pid, pause, name);
         Ok(())
     }
 
@@ -377,11 +253,10 @@ impl Local {
 
     /// Every lease's checkpoint (shard id → checkpoint): `kds-worker admin checkpoints`.
     pub fn checkpoints(&self) -> anyhow::Result<BTreeMap<String, String>> {
-        let out = self.worker_cli(&["admin", "checkpoints"])?;
-        if self.runner.dry_run {
-            return Ok(BTreeMap::new());
+        match self.worker_cli(&["admin", "checkpoints"])? {
+            Some(out) => serde_json::from_str(&out).context("parsing the checkpoints"),
+            None => Ok(BTreeMap::new()),
         }
-        serde_json::from_str(&out).context("parsing the checkpoints")
     }
 
     /// Names of the running workers.
@@ -420,7 +295,9 @@ impl Local {
         let audited = audited.display().to_string();
         let mut args = vec!["admin", "audit", "--json", "--produced", &audited];
         args.extend(logs.iter().map(String::as_str));
-        let out = self.worker_cli(&args)?;
+        let Some(out) = self.worker_cli(&args)? else {
+            return Ok(Audit::default());
+        };
         let mut audit: Audit = serde_json::from_str(&out).context("parsing the audit report")?;
         audit.produced = produced.len();
         Ok(audit)
@@ -536,18 +413,10 @@ impl Driver for Local {
         // All at once, like `kubectl delete pod -l …`: SIGTERM everyone, then start them again.
         let pids: Vec<u32> = self.state.workers.values().map(|w| w.pid).collect();
         for (name, pid) in names.iter().zip(&pids) {
-            self.runner
-                .log
-                .borrow_mut()
-                .push(format!("kill -TERM {pid} # {name}"));
+            self.runner.signal(*pid, Signal::Term, name);
         }
-        if !self.runner.dry_run {
-            for pid in &pids {
-                signal(*pid, "-TERM");
-            }
-            for pid in &pids {
-                stop_process(*pid, Duration::from_secs(30));
-            }
+        for (name, pid) in names.iter().zip(&pids) {
+            self.runner.stop(*pid, Duration::from_secs(30), name);
         }
         self.state.workers.clear();
         for name in &names {
@@ -562,11 +431,12 @@ impl Driver for Local {
                 "the local lab's emulators are not running: run `cargo xtask setup --driver local`"
             );
         }
-        let text = self.worker_cli(&["admin", "snapshot", "--json"])?;
-        if self.runner.dry_run {
-            return Ok(Snapshot::default());
+        match self.worker_cli(&["admin", "snapshot", "--json"])? {
+            Some(text) => {
+                serde_json::from_str(&text).context("parsing `kds-worker admin snapshot --json`")
+            }
+            None => Ok(Snapshot::default()),
         }
-        serde_json::from_str(&text).context("parsing `kds-worker admin snapshot --json`")
     }
 
     fn workers(&self) -> anyhow::Result<Vec<WorkerView>> {
@@ -657,13 +527,7 @@ impl Driver for Local {
             self.stop_worker(&name)?;
         }
         for pid in std::mem::take(&mut self.state.emulator_pids) {
-            self.runner
-                .log
-                .borrow_mut()
-                .push(format!("kill -TERM {pid}"));
-            if !self.runner.dry_run {
-                stop_process(pid, Duration::from_secs(5));
-            }
+            self.runner.stop(pid, Duration::from_secs(5), "emulator");
         }
         self.stop_producer();
         if !self.runner.dry_run {

@@ -18,6 +18,7 @@ mod monitor;
 mod nix;
 mod nixpins;
 mod preflight;
+mod process;
 mod runner;
 mod scenario;
 mod setup;

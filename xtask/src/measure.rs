@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use xshell::{Shell, cmd};
 
 use crate::emulators::{self, Emulators};
+use crate::process::Launch;
 use crate::util::{free_port, http_status, lab_dir, project_root, secs};
 
 #[derive(clap::Args)]
@@ -74,23 +75,17 @@ fn start(
 ) -> anyhow::Result<(Worker, Duration)> {
     let port = free_port()?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let log = lab_dir().join("measure").join(format!("{name}.log"));
     let started = Instant::now();
-    // One full environment: duct applies `full_env` after any `env` chained to it.
-    let vars: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| !k.starts_with("KDS_"))
-        .chain(env(emu, app, stream))
-        .chain([
-            ("KDS_WORKER_ID".to_owned(), name.to_owned()),
-            ("KDS_HTTP_ADDR".to_owned(), addr.to_string()),
-        ])
-        .collect();
-    let handle = duct::cmd!(bin())
-        .full_env(vars)
-        .stdin_null()
-        .stderr_to_stdout()
-        .stdout_path(log)
-        .unchecked()
+    let handle = Launch::new(bin(), Vec::<String>::new())
+        .full_env(
+            std::env::vars()
+                .filter(|(k, _)| !k.starts_with("KDS_"))
+                .chain(env(emu, app, stream))
+                .collect(),
+        )
+        .env("KDS_WORKER_ID", name)
+        .env("KDS_HTTP_ADDR", addr.to_string())
+        .log(lab_dir().join("measure").join(format!("{name}.log")), false)
         .start()?;
     while http_status(addr, "/ready") != Some(200) {
         if started.elapsed() > Duration::from_secs(60) {

@@ -191,9 +191,14 @@ impl TestWorker {
         if let Some(p) = processor {
             worker = worker.with_processor(p);
         }
-        worker.prepare().await.expect("worker prepare");
         let state = worker.state();
         let stop = CancellationToken::new();
+        // The tests' streams exist: starting is one DescribeStreamSummary and the tables.
+        let started = tokio::time::timeout(Duration::from_secs(120), worker.wait_to_start(&stop))
+            .await
+            .unwrap_or_else(|_| panic!("{id} not started within 120 s"))
+            .expect("worker start");
+        assert!(started, "{id}: stopped before starting");
         // Logs name the worker: every test runs several in one process.
         let span = tracing::info_span!("worker", app = %app, id = %id);
         let handle = tokio::spawn(tracing::Instrument::instrument(
