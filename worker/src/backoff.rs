@@ -62,8 +62,8 @@ fn unit_random() -> f64 {
 
 /// How start-up calls are retried after throttling or a transient error: every pod of a
 /// StatefulSet restarting at once shares `DescribeStreamSummary`'s 20 calls per second per
-/// account. [`crate::worker::Worker::prepare`] and table creation give up after `attempts` calls; waiting for
-/// the stream ([`crate::worker::Worker::wait_to_start`]) uses the same delays without a limit.
+/// account. Waiting for the stream ([`crate::worker::Worker::wait_to_start`]) uses these delays
+/// without a limit; creating the tables after it gives up after `attempts` calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StartRetry {
     /// Calls in all, the first included (each is itself retried by the SDK).
