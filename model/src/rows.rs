@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// The `lease_limits` item: the coordinator's decision and the inputs that explain it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LimitRecord {
+pub struct PublishedLimit {
     pub max_leases_per_worker: u64,
     pub shard_count: u64,
     pub worker_count: u64,

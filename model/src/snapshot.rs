@@ -7,14 +7,14 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rows::{CoordinatorRow, HeartbeatRow, LimitRecord};
+use crate::rows::{CoordinatorRow, HeartbeatRow, PublishedLimit};
 
 /// Everything the lab checks and the monitor shows, read in one go.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub stream: String,
     pub open_shards: u64,
-    pub lease_limits: Option<LimitRecord>,
+    pub lease_limits: Option<PublishedLimit>,
     /// Why the `lease_limits` item cannot be obeyed (then `lease_limits` is `None`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_limits_problem: Option<String>,
@@ -136,7 +136,7 @@ mod tests {
         Snapshot {
             stream: "orders".into(),
             open_shards: 300,
-            lease_limits: Some(LimitRecord {
+            lease_limits: Some(PublishedLimit {
                 max_leases_per_worker: 80,
                 shard_count: 300,
                 worker_count: 3,

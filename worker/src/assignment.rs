@@ -101,7 +101,7 @@ pub struct Coverage {
     pub readable_shards: u64,
     /// Readable shards no live worker can read: unowned, owned by a dead worker, or marked
     /// unreadable by their owner.
-    pub unowned_shards: u64,
+    pub uncovered_shards: u64,
     /// Readable shards whose owner cannot read them (see `Lease::unreadable`).
     pub unreadable_shards: u64,
     /// Workers needed so that nobody exceeds the cap: `ceil(readable / cap)`.
@@ -125,7 +125,7 @@ pub fn coverage(view: &FleetView, cap: u64) -> Coverage {
         let read =
             l.owner.as_ref().is_some_and(|o| view.live.contains(o)) && l.unreadable.is_none();
         if !read {
-            c.unowned_shards += 1;
+            c.uncovered_shards += 1;
         }
     }
     c
@@ -599,7 +599,7 @@ mod tests {
         assert_eq!(leases.iter().filter(|l| l.owner.is_none()).count(), 60);
         let cov = coverage(&view(&leases, &workers, 80), 80);
         assert_eq!(cov.workers_needed, 4);
-        assert_eq!((cov.readable_shards, cov.unowned_shards), (300, 60));
+        assert_eq!((cov.readable_shards, cov.uncovered_shards), (300, 60));
     }
 
     #[test]
@@ -611,7 +611,7 @@ mod tests {
         assert_eq!(
             (
                 cov.readable_shards,
-                cov.unowned_shards,
+                cov.uncovered_shards,
                 cov.unreadable_shards
             ),
             (2, 1, 1)

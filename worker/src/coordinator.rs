@@ -22,12 +22,12 @@ use crate::context::{Context, ticker};
 use crate::election::{CoordinatorObserver, LivenessTracker, Verdict, claim_epoch};
 use crate::inputs::{ShardInfo, list_shards, open_shard_count, watch_desired_replicas};
 use crate::leases::{Lease, LeaseStore, Pending};
-use crate::meta::{LimitReadError, LimitRecord, now_iso8601};
+use crate::meta::{LimitReadError, PublishedLimit, now_iso8601};
 use crate::policy::{self, FleetInputs};
 use crate::state::Role;
 
 /// The fields whose change warrants a new `lease_limits` version.
-fn same_decision(a: &LimitRecord, b: &LimitRecord) -> bool {
+fn same_decision(a: &PublishedLimit, b: &PublishedLimit) -> bool {
     (
         a.max_leases_per_worker,
         a.shard_count,
@@ -48,7 +48,7 @@ fn same_decision(a: &LimitRecord, b: &LimitRecord) -> bool {
 }
 
 /// One line a human can read: "max_leases_per_worker 10 -> 20: shards 30 -> 60, workers 3".
-pub fn describe_change(old: Option<&LimitRecord>, new: &LimitRecord) -> String {
+pub fn describe_change(old: Option<&PublishedLimit>, new: &PublishedLimit) -> String {
     fn arrow(old: Option<u64>, new: u64) -> String {
         match old {
             Some(o) if o != new => format!("{o} -> {new}"),
@@ -249,15 +249,15 @@ async fn lease_round(
         release_excess: live.len() as u64 >= limit.live_workers,
     };
     let coverage = assignment::coverage(&view, limit.cap);
-    if limit.capacity_deficit > 0 && coverage.unowned_shards > 0 {
-        let report = (coverage.unowned_shards, coverage.workers_needed);
+    if limit.capacity_deficit > 0 && coverage.uncovered_shards > 0 {
+        let report = (coverage.uncovered_shards, coverage.workers_needed);
         if *last_deficit_report != Some(report) {
             tracing::warn!(
-                unowned_shards = coverage.unowned_shards,
+                uncovered_shards = coverage.uncovered_shards,
                 workers_needed = coverage.workers_needed,
                 capacity_deficit = limit.capacity_deficit,
-                "{} shards unowned: every worker is at the cap ({}); {} workers would cover them",
-                coverage.unowned_shards,
+                "{} shards unread: every worker is at the cap ({}); {} workers would cover them",
+                coverage.uncovered_shards,
                 limit.max_leases_per_worker,
                 coverage.workers_needed
             );
@@ -401,7 +401,7 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             desired_workers: desired,
             cap: s.max_leases_cap,
         });
-        let record = LimitRecord {
+        let record = PublishedLimit {
             max_leases_per_worker: limit.max_leases_per_worker,
             shard_count: shards,
             worker_count: limit.worker_count,
@@ -681,8 +681,8 @@ async fn stop_duties_at_deadline(ctx: &Context, term: Term) {
 mod tests {
     use super::*;
 
-    fn rec(limit: u64, shards: u64, workers: u64, deficit: u64) -> LimitRecord {
-        LimitRecord {
+    fn rec(limit: u64, shards: u64, workers: u64, deficit: u64) -> PublishedLimit {
+        PublishedLimit {
             max_leases_per_worker: limit,
             shard_count: shards,
             worker_count: workers,

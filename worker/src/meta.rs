@@ -12,7 +12,7 @@ use aws_sdk_dynamodb::types::{
 use serde::Serialize;
 
 use crate::aws::{AwsClients, AwsError, Consistency, ScanFilter, call, scan_all};
-pub use crate::model::{CoordinatorRow, HeartbeatRow, LimitRecord};
+pub use crate::model::{CoordinatorRow, HeartbeatRow, PublishedLimit};
 use crate::schema::{
     COORDINATOR_ITEM, LEASE_LIMITS_ITEM, META_KEY, TTL_ATTRIBUTE, WORKER_ITEM_PREFIX,
     worker_item_key,
@@ -76,7 +76,7 @@ pub const MAX_VERSION: u64 = i64::MAX as u64;
 
 /// The version of the next publication by the coordinator of `epoch`, after `previous` (the
 /// last record it knows). Never overflows.
-pub fn next_version(previous: Option<&LimitRecord>, epoch: u64) -> u64 {
+pub fn next_version(previous: Option<&PublishedLimit>, epoch: u64) -> u64 {
     match previous {
         None => 1,
         Some(p) if p.epoch < epoch => match p.version.checked_add(1) {
@@ -117,7 +117,9 @@ fn n_saturating(item: &Item, name: &str) -> Option<u64> {
 
 /// Parses a `lease_limits` item. Every numeric attribute must be a u64 (`desired_workers` may
 /// be absent); nothing is invented for a missing one.
-pub fn parse_limit(item: &HashMap<String, AttributeValue>) -> Result<LimitRecord, MalformedLimit> {
+pub fn parse_limit(
+    item: &HashMap<String, AttributeValue>,
+) -> Result<PublishedLimit, MalformedLimit> {
     let mut problems = Vec::new();
     let mut num = |name: &str, required: bool| -> Option<u64> {
         match item.get(name) {
@@ -182,7 +184,7 @@ pub fn parse_limit(item: &HashMap<String, AttributeValue>) -> Result<LimitRecord
             Some(capacity_deficit),
             Some(epoch),
             Some(version),
-        ) if problems.is_empty() => Ok(LimitRecord {
+        ) if problems.is_empty() => Ok(PublishedLimit {
             max_leases_per_worker,
             shard_count,
             worker_count,
@@ -539,7 +541,7 @@ impl MetaStore {
 
     /// The published limit. A malformed item (a missing or non-integer attribute) is an error
     /// naming what is wrong, never a record of zeros.
-    pub async fn read_limit(&self) -> Result<Option<LimitRecord>, LimitReadError> {
+    pub async fn read_limit(&self) -> Result<Option<PublishedLimit>, LimitReadError> {
         match self.get(LEASE_LIMITS_ITEM).await? {
             None => Ok(None),
             Some(item) => parse_limit(&item)
@@ -560,7 +562,7 @@ impl MetaStore {
     /// replaced (logged with what was wrong), still under the coordinator check. A well-formed
     /// item of this epoch at a version not below `record.version` refuses the write
     /// (`ConditionFailed`): re-read it and publish with the next version.
-    pub async fn publish_limit(&self, record: &LimitRecord) -> Result<(), AwsError> {
+    pub async fn publish_limit(&self, record: &PublishedLimit) -> Result<(), AwsError> {
         match self.transact_limit(record, true).await {
             Err(e) if e.is_condition_failed() => {}
             other => return other,
@@ -601,7 +603,7 @@ impl MetaStore {
 
     /// The publication transaction: the coordinator check plus the update, `guarded` by the
     /// condition that the item is not newer than `record`.
-    async fn transact_limit(&self, record: &LimitRecord, guarded: bool) -> Result<(), AwsError> {
+    async fn transact_limit(&self, record: &PublishedLimit, guarded: bool) -> Result<(), AwsError> {
         let check = ConditionCheck::builder()
             .table_name(&self.table)
             .key(META_KEY, s(COORDINATOR_ITEM))

@@ -87,7 +87,7 @@ pub struct Metrics {
     pub lease_limit_publications: Counter,
     pub coordinator_takeovers: Counter,
     pub heartbeat_age_seconds: Gauge<f64, AtomicU64>,
-    pub unowned_shards: Gauge,
+    pub uncovered_shards: Gauge,
     pub workers_needed: Gauge,
     pub unreadable_leases: Family<ReasonLabels, Gauge>,
     /// Held shards whose last Kinesis read failed (throttling, an outage).
@@ -178,9 +178,9 @@ impl Metrics {
             self.heartbeat_age_seconds.clone(),
         );
         r.register(
-            "unowned_shards",
+            "uncovered_shards",
             "Readable shards no live worker holds (non-zero when every worker is at the cap)",
-            self.unowned_shards.clone(),
+            self.uncovered_shards.clone(),
         );
         r.register(
             "workers_needed",

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::Settings;
-use crate::meta::LimitRecord;
+use crate::meta::PublishedLimit;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -59,7 +59,7 @@ struct Inner {
     /// Epoch of the coordinator post as last seen (own epoch while coordinating).
     epoch: u64,
     coordinator: Option<String>,
-    limit: Option<LimitRecord>,
+    limit: Option<PublishedLimit>,
     leases: Vec<String>,
     /// Held leases this worker cannot read, with the reason.
     unreadable: BTreeMap<String, String>,
@@ -148,7 +148,7 @@ pub struct StatusReport {
     pub max_leases_per_worker: Option<u64>,
     pub coverage: Option<Coverage>,
     /// The inputs and output of the formula as last published.
-    pub lease_limits: Option<LimitRecord>,
+    pub lease_limits: Option<PublishedLimit>,
     pub uptime_seconds: u64,
 }
 
@@ -350,7 +350,7 @@ impl WorkerState {
         self.lock().last_heartbeat_ok
     }
 
-    pub fn limit_read_result(&self, result: Result<Option<LimitRecord>, String>) {
+    pub fn limit_read_result(&self, result: Result<Option<PublishedLimit>, String>) {
         let mut g = self.lock();
         match result {
             Ok(record) => {
@@ -380,13 +380,13 @@ impl WorkerState {
     }
 
     /// The coordinator installs what it just published without waiting for a read.
-    pub fn published(&self, record: LimitRecord) {
+    pub fn published(&self, record: PublishedLimit) {
         let mut g = self.lock();
         g.limit_problem = None;
         self.set_limit_locked(&mut g, record);
     }
 
-    fn set_limit_locked(&self, g: &mut Inner, record: LimitRecord) {
+    fn set_limit_locked(&self, g: &mut Inner, record: PublishedLimit) {
         // Never go back to an older version (a read racing a fresh publication).
         if g.limit
             .as_ref()
@@ -413,7 +413,7 @@ impl WorkerState {
         }
     }
 
-    pub fn limit(&self) -> Option<LimitRecord> {
+    pub fn limit(&self) -> Option<PublishedLimit> {
         self.lock().limit.clone()
     }
 
@@ -510,7 +510,7 @@ impl WorkerState {
     pub fn set_coverage(&self, coverage: Option<Coverage>) {
         let mut g = self.lock();
         if let Some(c) = coverage {
-            self.metrics.unowned_shards.set(c.unowned_shards as i64);
+            self.metrics.uncovered_shards.set(c.uncovered_shards as i64);
             self.metrics.workers_needed.set(c.workers_needed as i64);
         }
         g.coverage = coverage;
@@ -712,8 +712,8 @@ mod tests {
         WorkerState::new(settings, Metrics::new())
     }
 
-    fn record(limit: u64, epoch: u64, version: u64) -> LimitRecord {
-        LimitRecord {
+    fn record(limit: u64, epoch: u64, version: u64) -> PublishedLimit {
+        PublishedLimit {
             max_leases_per_worker: limit,
             shard_count: 30,
             worker_count: 3,

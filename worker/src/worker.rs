@@ -18,7 +18,8 @@ use crate::context::{Context, ticker};
 use crate::coordinator;
 use crate::election::{Holder, HolderObserver};
 use crate::meta::{
-    HeartbeatOwner, HeartbeatRow, LimitReadError, LimitRecord, MetaStore, next_version, now_iso8601,
+    HeartbeatOwner, HeartbeatRow, LimitReadError, MetaStore, PublishedLimit, next_version,
+    now_iso8601,
 };
 use crate::processor::RecordProcessor;
 use crate::schema;
@@ -454,7 +455,7 @@ async fn replace_malformed_limit(ctx: &Context) {
     let Some(last) = ctx.state.limit() else {
         return;
     };
-    let record = LimitRecord {
+    let record = PublishedLimit {
         epoch,
         version: next_version(Some(&last), epoch),
         computed_by: ctx.state.settings.worker_id.clone(),

@@ -237,7 +237,7 @@ pub fn live(driver: &dyn Driver, interval: Duration) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kds_model::{CoordinatorRow, LeaseSummary, LimitRecord};
+    use kds_model::{CoordinatorRow, LeaseSummary, PublishedLimit};
 
     #[test]
     fn text_view_shows_formula_coordinator_workers_and_deficit() {
@@ -247,7 +247,7 @@ mod tests {
                 stream: "kds-lab".into(),
                 open_shards: 300,
                 lease_limits_problem: None,
-                lease_limits: Some(LimitRecord {
+                lease_limits: Some(PublishedLimit {
                     max_leases_per_worker: 80,
                     shard_count: 300,
                     worker_count: 3,

@@ -610,7 +610,7 @@ async fn a_checkpoint_that_is_no_position_is_reported_until_repaired() {
         "the foreign sequence number is counted as refused by Kinesis: {metric:?}"
     );
     // Not covered: neither counted as covered nor read.
-    assert_eq!(coverage["unowned_shards"], 2, "{coverage}");
+    assert_eq!(coverage["uncovered_shards"], 2, "{coverage}");
     let status = http.status().await;
     let read: BTreeSet<String> = status["leases"]
         .as_array()
@@ -679,7 +679,7 @@ async fn a_checkpoint_that_is_no_position_is_reported_until_repaired() {
             if unreadable.as_object().is_some_and(|m| m.is_empty())
                 && counted == 0.0
                 && coverage["unreadable_shards"] == 0
-                && coverage["unowned_shards"] == 0
+                && coverage["uncovered_shards"] == 0
                 && status["leases_held"] == 3
             {
                 Ok(())

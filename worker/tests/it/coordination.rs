@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::support::*;
-use kds_worker::meta::LimitRecord;
+use kds_worker::meta::PublishedLimit;
 
 /// The lab's phase table (lab/scenarios.toml): 30/3 → 10, 30/5 → 6, 60/3 → 20, 300/3 → 80 with deficit 60.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +151,7 @@ async fn failover_after_a_crash() {
     // The deposed coordinator's write is refused, whatever it claims to know.
     let store = meta(&aws, &app);
     let current = store.read_limit().await.unwrap().unwrap();
-    let stale = LimitRecord {
+    let stale = PublishedLimit {
         max_leases_per_worker: 99,
         epoch: old_epoch,
         version: current.version + 1,
@@ -383,7 +383,7 @@ async fn a_follower_keeps_its_last_good_limit_when_the_item_is_malformed() {
 
     // The ghost publishes a good record: obeyed.
     store
-        .publish_limit(&LimitRecord {
+        .publish_limit(&PublishedLimit {
             computed_by: "ghost".into(),
             ..kds_worker::meta::parse_limit(&limits_item(4, 5, 2)).unwrap()
         })

@@ -121,7 +121,7 @@ async fn leases_follow_the_limit_through_every_phase() {
                     .find(|w| w.is_coordinator())
                     .and_then(|w| w.state.coverage());
                 *last_seen.lock().unwrap() = c;
-                if let Some(c) = c.filter(|c| c.unowned_shards == 60) {
+                if let Some(c) = c.filter(|c| c.uncovered_shards == 60) {
                     return c;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
