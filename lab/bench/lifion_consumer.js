@@ -17,6 +17,38 @@ const env = (name) => {
   return value;
 };
 
+if (process.env.BENCH_CREATE_TABLE_ONLY) {
+  // Set-up, alone before the consumers: lifion's state table, keyed as lifion creates it.
+  const AWS = require('aws-sdk');
+  const db = new AWS.DynamoDB({
+    region: 'us-east-1',
+    accessKeyId: 'test',
+    secretAccessKey: 'test',
+    endpoint: env('BENCH_DYNAMODB_URL'),
+  });
+  const TableName = env('BENCH_TABLE');
+  db.createTable({
+    TableName,
+    BillingMode: 'PAY_PER_REQUEST',
+    AttributeDefinitions: [
+      { AttributeName: 'consumerGroup', AttributeType: 'S' },
+      { AttributeName: 'streamName', AttributeType: 'S' },
+    ],
+    KeySchema: [
+      { AttributeName: 'consumerGroup', KeyType: 'HASH' },
+      { AttributeName: 'streamName', KeyType: 'RANGE' },
+    ],
+  })
+    .promise()
+    .then(() => db.waitFor('tableExists', { TableName }).promise())
+    .then(() => process.exit(0))
+    .catch((err) => {
+      console.error(`cannot create ${TableName}: ${err.message}`);
+      process.exit(1);
+    });
+  return;
+}
+
 const worker = env('BENCH_WORKER');
 const log = fs.openSync(env('BENCH_RECORD_LOG'), 'a');
 const aws = { region: 'us-east-1', accessKeyId: 'test', secretAccessKey: 'test' };

@@ -111,6 +111,7 @@ pub async fn produce(
     stream: &str,
     rate: u64,
     seconds: u64,
+    each_shard: bool,
     out: Option<&std::path::Path>,
 ) -> Result<u64, AwsError> {
     use std::io::Write;
@@ -134,28 +135,54 @@ pub async fn produce(
     let mut next = 0u64;
     let mut accepted = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // With `each_shard`: every open shard's starting hash key, listed again every 5 s so a
+    // reshard's new shards get records too.
+    let mut targets: Vec<String> = Vec::new();
+    let mut listed: Option<Instant> = None;
     loop {
         tick.tick().await;
         if seconds > 0 && start.elapsed() >= Duration::from_secs(seconds) {
             return Ok(accepted);
         }
-        let mut remaining = rate;
+        if each_shard && listed.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            match open_shard_hash_keys(aws, stream).await {
+                Ok(keys) => {
+                    targets = keys;
+                    listed = Some(Instant::now());
+                }
+                Err(e) if seconds == 0 && e.is_transient() => {
+                    eprintln!("ListShards failed ({e}); keeping the last list");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut remaining = if each_shard {
+            rate * targets.len() as u64
+        } else {
+            rate
+        };
         while remaining > 0 {
             let batch = remaining.min(500);
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            // `at`: when it was put, so a consumer's lag can be measured from the data alone.
             let data: Vec<String> = (next..next + batch)
-                .map(|n| format!("{{\"run\":{run},\"record\":{n}}}"))
+                .map(|n| format!("{{\"run\":{run},\"record\":{n},\"at\":{at}}}"))
                 .collect();
+            let first = next;
             next += batch;
             remaining -= batch;
             let mut req = aws.kinesis.put_records().stream_name(stream);
             for (i, d) in data.iter().enumerate() {
-                req = req.records(
-                    PutRecordsRequestEntry::builder()
-                        .data(Blob::new(d.clone().into_bytes()))
-                        .partition_key(format!("key-{run}-{i}-{}", next))
-                        .build()
-                        .expect("data and key are set"),
-                );
+                let n = first + i as u64;
+                let mut entry = PutRecordsRequestEntry::builder()
+                    .data(Blob::new(d.clone().into_bytes()))
+                    .partition_key(format!("key-{run}-{n}"));
+                if each_shard {
+                    entry = entry.explicit_hash_key(&targets[(n as usize) % targets.len()]);
+                }
+                req = req.records(entry.build().expect("data and key are set"));
             }
             let result = match call(&aws.metrics, "kinesis", "PutRecords", req.send()).await {
                 Ok(r) => r,
@@ -184,6 +211,32 @@ pub async fn produce(
                         message: format!("cannot write the produced log: {e}"),
                     })?;
             }
+        }
+    }
+}
+
+/// The starting hash key of every open shard (one with no ending sequence number).
+async fn open_shard_hash_keys(aws: &AwsClients, stream: &str) -> Result<Vec<String>, AwsError> {
+    let mut keys = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let req = aws.kinesis.list_shards();
+        let req = match &next {
+            Some(token) => req.next_token(token),
+            None => req.stream_name(stream),
+        };
+        let page = call(&aws.metrics, "kinesis", "ListShards", req.send()).await?;
+        for shard in page.shards() {
+            let open = shard
+                .sequence_number_range()
+                .is_none_or(|r| r.ending_sequence_number().is_none());
+            if open && let Some(range) = shard.hash_key_range() {
+                keys.push(range.starting_hash_key().to_owned());
+            }
+        }
+        next = page.next_token().map(str::to_owned);
+        if next.is_none() {
+            return Ok(keys);
         }
     }
 }

@@ -81,8 +81,13 @@ enum Admin {
     Produce {
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100000))]
         rate: u64,
+        /// Seconds to run; 0: until stopped.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// `rate` records per second to each open shard (explicit hash keys, the shard list
+        /// read again every 5 s), instead of `rate` in all spread by partition key.
+        #[arg(long)]
+        each_shard: bool,
         /// Append the data of every accepted record to this file (one per line).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -258,11 +263,14 @@ async fn admin(settings: Settings, cmd: Admin) -> ExitCode {
             .await
         }
         Admin::Audit { .. } => unreachable!("answered above"),
-        Admin::Produce { rate, seconds, out } => {
-            kds_worker::admin::produce(&aws, &stream, rate, seconds, out.as_deref())
-                .await
-                .map(|n| eprintln!("put {n} records into {stream}"))
-        }
+        Admin::Produce {
+            rate,
+            seconds,
+            each_shard,
+            out,
+        } => kds_worker::admin::produce(&aws, &stream, rate, seconds, each_shard, out.as_deref())
+            .await
+            .map(|n| eprintln!("put {n} records into {stream}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! Plain Rust instead of shell scripts; one module per command. Commands that drive external
 //! tools take `--dry-run` to print the commands instead.
 
+mod bench;
 mod chaos;
 mod cleanup;
 mod config_file;
@@ -117,6 +118,10 @@ enum Command {
     /// Measure the release worker against the emulators (binary size, start to ready, RSS,
     /// API calls per minute, DynamoDB writes at 300 shards, records/s) as Markdown.
     Measure(measure::Args),
+    /// This worker beside the peer libraries (lifion-kinesis, async-kinesis) on the same
+    /// emulators and script: coverage, failover, exactness, DynamoDB and Kinesis cost, CPU and
+    /// memory. Writes bench/results.json, bench/REPORT.md and bench/coverage.svg.
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -133,6 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Test(args) => test::run(args),
         Command::Emulators => emulators::foreground(),
         Command::Measure(args) => measure::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Chaos(args) => chaos::run(args),
         Command::Doctor => doctor::run(),
         Command::Setup {

@@ -1,0 +1,400 @@
+//! `cargo xtask bench`: this worker beside the peer libraries people run, on the same
+//! emulators, with the same script, one system at a time on fresh emulators:
+//!
+//! 1. 30 shards, 3 consumers start together, every shard gets one record a second;
+//! 2. a 4th consumer joins;
+//! 3. one consumer is killed with SIGKILL;
+//! 4. the stream is resharded 30 → 60;
+//! 5. production stops; idle steady state.
+//!
+//! Every system reaches Kinesis and DynamoDB only through [`proxy::RecordingProxy`], and every
+//! consumer writes the records its callback received in one line format, so every figure
+//! comes from the same kind of evidence: delivered records and counted requests
+//! ([`analysis`]). Results go to `bench/results.json` and `bench/REPORT.md` ([`report`]).
+
+pub mod analysis;
+pub mod proxy;
+pub mod report;
+pub mod systems;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use xshell::{Shell, cmd};
+
+use crate::emulators;
+use crate::process::{self, Launch, Signal};
+use crate::util::{lab_dir, project_root, secs};
+use systems::System;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Shorter phases (the whole run in about 10 minutes on 2 cores).
+    #[arg(long)]
+    pub quick: bool,
+    /// Systems to run, in order: worker, worker-peer-timings, lifion, async-kinesis.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "worker,lifion,async-kinesis"
+    )]
+    pub peers: Vec<String>,
+    /// Where results.json and REPORT.md go.
+    #[arg(long, default_value = "bench")]
+    pub out: PathBuf,
+}
+
+/// How long each phase of the script lasts.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Phases {
+    /// Longest wait for the first full coverage.
+    pub start_deadline_s: u64,
+    pub join_s: u64,
+    pub kill_s: u64,
+    pub reshard_s: u64,
+    pub idle_s: u64,
+}
+
+impl Phases {
+    fn new(quick: bool) -> Phases {
+        if quick {
+            Phases {
+                start_deadline_s: 90,
+                join_s: 30,
+                kill_s: 75,
+                reshard_s: 45,
+                idle_s: 15,
+            }
+        } else {
+            Phases {
+                start_deadline_s: 180,
+                join_s: 90,
+                kill_s: 360,
+                reshard_s: 120,
+                idle_s: 60,
+            }
+        }
+    }
+}
+
+pub const SHARDS: u64 = 30;
+pub const RESHARD_TO: u64 = 60;
+const STREAM: &str = "bench-stream";
+const APP: &str = "bench-app";
+/// Coverage counts a shard as read if a record from it was delivered this recently.
+pub const COVERAGE_WINDOW_S: f64 = 5.0;
+
+/// A point in the script, in seconds since the consumers started.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mark {
+    pub name: String,
+    pub at: f64,
+}
+
+/// One consumer process.
+struct Consumer {
+    name: String,
+    handle: duct::Handle,
+    record_log: PathBuf,
+    /// CPU seconds and peak RSS (KiB), sampled before it stopped.
+    usage: Option<(f64, u64)>,
+}
+
+/// What one system's run left behind, for [`analysis`] and [`report`].
+pub struct RunData {
+    pub system: System,
+    pub t0_micros: u128,
+    pub marks: Vec<Mark>,
+    pub record_logs: Vec<PathBuf>,
+    pub produced: Vec<String>,
+    pub kinesis_calls: Vec<proxy::Call>,
+    pub dynamodb_calls: Vec<proxy::Call>,
+    pub usage: Vec<(String, f64, u64)>,
+    pub victim: String,
+    pub seconds: u64,
+}
+
+fn worker_bin() -> PathBuf {
+    crate::util::built_binary("release", "kds-worker")
+}
+
+/// `kds-worker` admin commands straight to the emulators (set-up and production are not
+/// counted).
+fn admin(emu: &emulators::Emulators, args: &[&str]) -> anyhow::Result<()> {
+    let out = duct::cmd(worker_bin(), args)
+        .full_env(
+            std::env::vars()
+                .filter(|(k, _)| !k.starts_with("KDS_") && !k.starts_with("AWS_"))
+                .chain(emu.aws_env().into_iter().map(|(k, v)| (k.to_owned(), v)))
+                .chain([
+                    ("KDS_APP_NAME".to_owned(), APP.to_owned()),
+                    ("KDS_STREAM_NAME".to_owned(), STREAM.to_owned()),
+                ]),
+        )
+        .stderr_to_stdout()
+        .stdout_capture()
+        .unchecked()
+        .run()?;
+    if !out.status.success() {
+        bail!(
+            "kds-worker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(())
+}
+
+/// CPU seconds (user + system) and peak RSS (KiB) of a live process.
+fn usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit(')').next()?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are the 12th and 13th after the name.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())?;
+    // USER_HZ is 100 on Linux.
+    Some((ticks / 100.0, hwm))
+}
+
+fn read_logs(logs: &[PathBuf]) -> String {
+    logs.iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect()
+}
+
+fn micros_now() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros())
+}
+
+/// Runs the script for one system.
+fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow::Result<RunData> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    eprintln!("==> {}: fresh emulators", system.name());
+    let emu = emulators::start(sh, &dir.join("logs"))?;
+    let kinesis = proxy::RecordingProxy::start(emu.kinesis)?;
+    let dynamodb = proxy::RecordingProxy::start(emu.dynamodb)?;
+    admin(&emu, &["init", "--shards", &SHARDS.to_string()])?;
+    system.prepare(&emu, APP, STREAM)?;
+    let produced_log = dir.join("produced.log");
+    let producer = Launch::new(
+        worker_bin(),
+        [
+            "admin",
+            "produce",
+            "--each-shard",
+            "--rate",
+            "1",
+            "--seconds",
+            "0",
+            "--out",
+            &produced_log.display().to_string(),
+        ],
+    )
+    .full_env(
+        std::env::vars()
+            .filter(|(k, _)| !k.starts_with("KDS_") && !k.starts_with("AWS_"))
+            .chain(emu.aws_env().into_iter().map(|(k, v)| (k.to_owned(), v)))
+            .collect(),
+    )
+    .env("KDS_APP_NAME", APP)
+    .env("KDS_STREAM_NAME", STREAM)
+    .log(dir.join("logs/producer.log"), false)
+    .start()?;
+
+    let t0 = Instant::now();
+    let t0_micros = micros_now();
+    let at = || t0.elapsed().as_secs_f64();
+    let mut marks = vec![Mark {
+        name: "start".into(),
+        at: 0.0,
+    }];
+    let mut consumers: Vec<Consumer> = Vec::new();
+    let start = |name: &str| -> anyhow::Result<Consumer> {
+        let record_log = dir.join(format!("records/{name}.log"));
+        std::fs::create_dir_all(record_log.parent().expect("has a parent"))?;
+        let handle = system
+            .launch(
+                name,
+                &record_log,
+                &kinesis.url(),
+                &dynamodb.url(),
+                APP,
+                STREAM,
+            )
+            .log(dir.join(format!("logs/{name}.log")), false)
+            .start()?;
+        Ok(Consumer {
+            name: name.to_owned(),
+            handle,
+            record_log,
+            usage: None,
+        })
+    };
+    for i in 0..3 {
+        consumers.push(start(&format!("c{i}"))?);
+    }
+
+    // 1. Until every shard has delivered a record (or the deadline).
+    let deadline = Duration::from_secs(phases.start_deadline_s);
+    loop {
+        let logs: Vec<PathBuf> = consumers.iter().map(|c| c.record_log.clone()).collect();
+        let d = analysis::parse(&read_logs(&logs), t0_micros);
+        let now = t0.elapsed();
+        let covered = analysis::coverage(&d, now.as_secs(), COVERAGE_WINDOW_S)
+            .last()
+            .copied()
+            .unwrap_or(0);
+        eprint!("\r  {}: {covered}/{SHARDS} shards read", secs(now));
+        if covered >= SHARDS {
+            eprintln!();
+            break;
+        }
+        if now > deadline {
+            eprintln!("\n  not every shard read within {}", secs(deadline));
+            break;
+        }
+        for c in &mut consumers {
+            if c.handle.try_wait()?.is_some() {
+                bail!(
+                    "{} {} exited; its log ends:\n{}",
+                    system.name(),
+                    c.name,
+                    emulators::tail(&dir.join(format!("logs/{}.log", c.name)), 15)
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+
+    // 2. A fourth joins.
+    marks.push(Mark {
+        name: "join".into(),
+        at: at(),
+    });
+    eprintln!("  {}: a 4th consumer joins", secs(t0.elapsed()));
+    consumers.push(start("c3")?);
+    std::thread::sleep(Duration::from_secs(phases.join_s));
+
+    // 3. One is killed.
+    let victim = "c1".to_owned();
+    marks.push(Mark {
+        name: "kill".into(),
+        at: at(),
+    });
+    eprintln!("  {}: SIGKILL {victim}", secs(t0.elapsed()));
+    if let Some(c) = consumers.iter_mut().find(|c| c.name == victim) {
+        let pid = c.handle.pids()[0];
+        c.usage = usage(pid);
+        process::signal(pid, Signal::Kill);
+    }
+    std::thread::sleep(Duration::from_secs(phases.kill_s));
+
+    // 4. Reshard.
+    marks.push(Mark {
+        name: "reshard".into(),
+        at: at(),
+    });
+    eprintln!("  {}: reshard {SHARDS} -> {RESHARD_TO}", secs(t0.elapsed()));
+    admin(&emu, &["admin", "reshard", &RESHARD_TO.to_string()])?;
+    marks.push(Mark {
+        name: "reshard_done".into(),
+        at: at(),
+    });
+    std::thread::sleep(Duration::from_secs(phases.reshard_s));
+
+    // 5. Idle.
+    marks.push(Mark {
+        name: "idle".into(),
+        at: at(),
+    });
+    eprintln!("  {}: production stops", secs(t0.elapsed()));
+    process::stop(producer.pids()[0], Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(phases.idle_s));
+    marks.push(Mark {
+        name: "end".into(),
+        at: at(),
+    });
+    let seconds = t0.elapsed().as_secs();
+    let kinesis_calls = kinesis.calls();
+    let dynamodb_calls = dynamodb.calls();
+    for c in &mut consumers {
+        if c.usage.is_none() {
+            c.usage = usage(c.handle.pids()[0]);
+        }
+        let _ = c.handle.kill();
+    }
+    emu.stop();
+    let produced: Vec<String> = std::fs::read_to_string(&produced_log)
+        .with_context(|| format!("reading {}", produced_log.display()))?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    Ok(RunData {
+        system,
+        t0_micros,
+        marks,
+        record_logs: consumers.iter().map(|c| c.record_log.clone()).collect(),
+        produced,
+        kinesis_calls,
+        dynamodb_calls,
+        usage: consumers
+            .iter()
+            .map(|c| {
+                let (cpu, rss) = c.usage.unwrap_or((0.0, 0));
+                (c.name.clone(), cpu, rss)
+            })
+            .collect(),
+        victim,
+        seconds,
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let systems: Vec<System> = args
+        .peers
+        .iter()
+        .map(|p| System::parse(p))
+        .collect::<anyhow::Result<_>>()?;
+    let phases = Phases::new(args.quick);
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+    cmd!(sh, "cargo build --release --quiet -p kds-worker").run()?;
+    for s in &systems {
+        s.install(&sh)?;
+    }
+    let began = Instant::now();
+    let mut results = Vec::new();
+    for s in systems {
+        let dir = lab_dir().join("bench").join(s.name());
+        let data = run_system(&sh, s, phases, &dir)
+            .with_context(|| format!("benchmarking {}", s.name()))?;
+        let result = report::figures(&data, phases);
+        eprintln!("  {}", result.summary());
+        results.push(result);
+    }
+    let out = if args.out.is_absolute() {
+        args.out.clone()
+    } else {
+        project_root().join(&args.out)
+    };
+    report::write(&out, &results, phases, began.elapsed())?;
+    eprintln!(
+        "bench done in {}: {} and {}",
+        secs(began.elapsed()),
+        out.join("results.json").display(),
+        out.join("REPORT.md").display()
+    );
+    Ok(())
+}

@@ -1,0 +1,450 @@
+//! The bench's figures for one system ([`figures`]) and the files they go to
+//! ([`write`]): `results.json` (every figure, versions, the machine), `REPORT.md` (a table
+//! per scenario, each figure also as a ratio to this worker) and `coverage.svg` (shards read
+//! over time for each system, with the join, kill and reshard marked), drawn with plotters.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::analysis::{self, Exactness};
+use super::proxy::{self, Tally};
+use super::{COVERAGE_WINDOW_S, Phases, RESHARD_TO, RunData, SHARDS};
+use crate::util::secs;
+
+/// Every figure for one system.
+#[derive(Debug, Clone, Serialize)]
+pub struct SystemResult {
+    pub system: String,
+    pub version: String,
+    pub seconds: u64,
+    pub marks: Vec<super::Mark>,
+    /// Seconds from start until every shard had delivered a record.
+    pub time_to_full_coverage_s: Option<u64>,
+    /// Max − min shards read per live worker at the end of the join phase.
+    pub spread_after_join: Option<u64>,
+    pub shards_per_worker_after_join: BTreeMap<String, u64>,
+    /// Seconds after the join until the joiner read its first record.
+    pub joiner_first_read_s: Option<f64>,
+    pub unread_shard_seconds_join: u64,
+    pub unread_shard_seconds_kill: u64,
+    pub unread_shard_seconds_reshard: u64,
+    /// Seconds after the SIGKILL until every shard the victim read was read by another.
+    pub failover_s: Option<f64>,
+    /// Seconds after the reshard finished until all 60 shards were read.
+    pub reshard_full_coverage_s: Option<u64>,
+    pub exactness: Exactness,
+    pub lag_p50_s: Option<f64>,
+    pub lag_p95_s: Option<f64>,
+    /// DynamoDB per second over the whole run, per category.
+    pub dynamodb: BTreeMap<String, CategoryRate>,
+    /// DynamoDB per second in the idle phase (steady state, no records), per category.
+    pub dynamodb_idle: BTreeMap<String, CategoryRate>,
+    pub conditional_writes: u64,
+    pub conditional_write_failure_rate: Option<f64>,
+    /// Kinesis control-plane calls (everything but GetRecords/GetShardIterator) per minute.
+    pub kinesis_control_per_min: f64,
+    pub kinesis_control_by_operation: BTreeMap<String, u64>,
+    /// Per consumer process: CPU seconds and peak RSS (MiB).
+    pub processes: Vec<ProcessUsage>,
+    /// Coverage (shards read in the last 5 s) at every second.
+    pub coverage: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CategoryRate {
+    pub calls_per_s: f64,
+    pub read_units_per_s: f64,
+    pub write_units_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessUsage {
+    pub name: String,
+    pub cpu_s: f64,
+    pub peak_rss_mib: f64,
+}
+
+fn rates(
+    calls: &[&proxy::Call],
+    seconds: f64,
+    category: impl Fn(&proxy::Call) -> &'static str,
+) -> BTreeMap<String, CategoryRate> {
+    let owned: Vec<proxy::Call> = calls.iter().map(|c| (*c).clone()).collect();
+    let mut by_category: BTreeMap<String, Tally> = BTreeMap::new();
+    for ((cat, _op), t) in proxy::tally(&owned, category) {
+        let e = by_category.entry(cat).or_default();
+        e.calls += t.calls;
+        e.read_units += t.read_units;
+        e.write_units += t.write_units;
+    }
+    let total = by_category.values().fold(Tally::default(), |mut a, t| {
+        a.calls += t.calls;
+        a.read_units += t.read_units;
+        a.write_units += t.write_units;
+        a
+    });
+    by_category.insert("all".into(), total);
+    by_category
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                k,
+                CategoryRate {
+                    calls_per_s: t.calls as f64 / seconds.max(1.0),
+                    read_units_per_s: t.read_units / seconds.max(1.0),
+                    write_units_per_s: t.write_units / seconds.max(1.0),
+                },
+            )
+        })
+        .collect()
+}
+
+fn mark(data: &RunData, name: &str) -> f64 {
+    data.marks
+        .iter()
+        .find(|m| m.name == name)
+        .map_or(0.0, |m| m.at)
+}
+
+/// Computes every figure of one run.
+pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
+    let text: String = data
+        .record_logs
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect();
+    let d = analysis::parse(&text, data.t0_micros);
+    let end = data.seconds;
+    let coverage = analysis::coverage(&d, end, COVERAGE_WINDOW_S);
+    let (join, kill, reshard, reshard_done, idle) = (
+        mark(data, "join"),
+        mark(data, "kill"),
+        mark(data, "reshard"),
+        mark(data, "reshard_done"),
+        mark(data, "idle"),
+    );
+    let s = |x: f64| x.ceil() as u64;
+    let live_after_join: Vec<String> = ["c0", "c1", "c2", "c3"].map(String::from).to_vec();
+    let per_worker = analysis::shards_per_worker(&d, kill, COVERAGE_WINDOW_S, &live_after_join);
+    let spread = per_worker
+        .values()
+        .max()
+        .zip(per_worker.values().min())
+        .map(|(a, b)| a - b);
+    let joiner_first_read_s = d
+        .iter()
+        .filter(|x| x.worker == "c3")
+        .map(|x| x.at - join)
+        .min_by(f64::total_cmp);
+    let exactness = analysis::exactness(&d, &data.produced, Some(kill), 3.0);
+    let lag = analysis::lag(&d, 0.0, idle);
+    let app = "bench-app";
+    let system = data.system;
+    let all: Vec<&proxy::Call> = data.dynamodb_calls.iter().collect();
+    let idle_calls: Vec<&proxy::Call> = data
+        .dynamodb_calls
+        .iter()
+        .filter(|c| c.second as f64 >= idle + 5.0)
+        .collect();
+    let conditional = data.dynamodb_calls.iter().filter(|c| c.conditional).count() as u64;
+    let failed = data
+        .dynamodb_calls
+        .iter()
+        .filter(|c| c.conditional && c.condition_failed)
+        .count() as u64;
+    let mut control: BTreeMap<String, u64> = BTreeMap::new();
+    for c in data.kinesis_calls.iter().filter(|c| {
+        !matches!(
+            c.operation.as_str(),
+            "GetRecords" | "GetShardIterator" | "PutRecords" | "PutRecord"
+        )
+    }) {
+        *control.entry(c.operation.clone()).or_default() += 1;
+    }
+    SystemResult {
+        system: system.name().to_owned(),
+        version: system.version(),
+        seconds: data.seconds,
+        marks: data.marks.clone(),
+        time_to_full_coverage_s: analysis::time_to_cover(&coverage, SHARDS, 0),
+        spread_after_join: spread,
+        shards_per_worker_after_join: per_worker,
+        joiner_first_read_s,
+        unread_shard_seconds_join: analysis::unread_shard_seconds(
+            &coverage,
+            SHARDS,
+            s(join),
+            s(kill),
+        ),
+        unread_shard_seconds_kill: analysis::unread_shard_seconds(
+            &coverage,
+            SHARDS,
+            s(kill),
+            s(reshard),
+        ),
+        unread_shard_seconds_reshard: analysis::unread_shard_seconds(
+            &coverage,
+            RESHARD_TO,
+            s(reshard_done),
+            s(idle),
+        ),
+        failover_s: analysis::failover(&d, &data.victim, kill, COVERAGE_WINDOW_S),
+        reshard_full_coverage_s: analysis::time_to_cover(&coverage, RESHARD_TO, s(reshard_done)),
+        exactness,
+        lag_p50_s: lag.map(|l| l.0),
+        lag_p95_s: lag.map(|l| l.1),
+        dynamodb: rates(&all, data.seconds as f64, |c| system.category(c, app)),
+        dynamodb_idle: rates(&idle_calls, (end as f64 - idle - 5.0).max(1.0), |c| {
+            system.category(c, app)
+        }),
+        conditional_writes: conditional,
+        conditional_write_failure_rate: (conditional > 0)
+            .then(|| failed as f64 / conditional as f64),
+        kinesis_control_per_min: control.values().sum::<u64>() as f64 * 60.0
+            / (data.seconds as f64).max(1.0),
+        kinesis_control_by_operation: control,
+        processes: data
+            .usage
+            .iter()
+            .map(|(n, cpu, rss)| ProcessUsage {
+                name: n.clone(),
+                cpu_s: *cpu,
+                peak_rss_mib: *rss as f64 / 1024.0,
+            })
+            .collect(),
+        coverage,
+    }
+}
+
+impl SystemResult {
+    /// One line for the terminal.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}: full coverage {}, failover {}, {} duplicates ({} without a failure), {} concurrent, {} lost of {}, DynamoDB {:.1} calls/s",
+            self.system,
+            opt_s(self.time_to_full_coverage_s.map(|x| x as f64)),
+            opt_s(self.failover_s),
+            self.exactness.duplicates,
+            self.exactness.duplicates_without_failure,
+            self.exactness.concurrent_deliveries,
+            self.exactness.lost,
+            self.exactness.produced,
+            self.dynamodb.get("all").map_or(0.0, |r| r.calls_per_s)
+        )
+    }
+}
+
+fn opt_s(x: Option<f64>) -> String {
+    x.map_or("never".to_owned(), |v| format!("{v:.1} s"))
+}
+
+fn ratio(x: Option<f64>, base: Option<f64>) -> String {
+    match (x, base) {
+        (Some(x), Some(b)) if b > 0.0 => format!(" ({:.2}×)", x / b),
+        _ => String::new(),
+    }
+}
+
+/// The machine, for results.json.
+fn machine() -> serde_json::Value {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    serde_json::json!({ "cpus": cpus, "memory_mib": mem / 1024, "os": std::env::consts::OS })
+}
+
+/// Writes results.json, REPORT.md and coverage.svg into `out`.
+pub fn write(
+    out: &Path,
+    results: &[SystemResult],
+    phases: Phases,
+    took: Duration,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    let json = serde_json::json!({
+        "phases": phases,
+        "took_s": took.as_secs(),
+        "machine": machine(),
+        "emulators": crate::emulators::load_pins().map(|p| format!(
+            "{}@{} and {}=={} (one request at a time)",
+            p.kinesis.npm_package, p.kinesis.version, p.dynamodb.pip_package, p.dynamodb.version
+        )).unwrap_or_default(),
+        "systems": results,
+    });
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&json)? + "\n",
+    )?;
+    std::fs::write(out.join("REPORT.md"), markdown(results, phases, took))?;
+    plot_coverage(&out.join("coverage.svg"), results)?;
+    Ok(())
+}
+
+/// REPORT.md: one table per scenario, each figure with its ratio to the first system.
+pub fn markdown(results: &[SystemResult], phases: Phases, took: Duration) -> String {
+    let base = results.first();
+    let mut md = format!(
+        "# Bench: this worker beside the peer libraries\n\n\
+         Written by `cargo xtask bench`; {} in all. Script: 30 shards with one record per shard \
+         per second, 3 consumers start together; a 4th joins ({} s); one is killed with SIGKILL \
+         ({} s); reshard 30 → 60 ({} s after it finishes); production stops ({} s idle). Each \
+         system ran alone on fresh emulators, reaching them only through a recording proxy. A \
+         shard counts as read when a record from it reached a consumer's callback in the last \
+         {} s. Ratios are to the first row.\n\n",
+        secs(took),
+        phases.join_s,
+        phases.kill_s,
+        phases.reshard_s,
+        phases.idle_s,
+        COVERAGE_WINDOW_S
+    );
+    md.push_str("## Start, join, kill, reshard\n\n| system | every shard read after | joiner's first record | max − min shards per worker after join | unread shard-seconds: join / kill / reshard | failover after SIGKILL | 60 shards read after reshard |\n|---|---|---|---|---|---|---|\n");
+    for r in results {
+        let b = base.expect("not empty");
+        md.push_str(&format!(
+            "| {} | {}{} | {}{} | {} | {} / {} / {} | {}{} | {} |\n",
+            r.system,
+            opt_s(r.time_to_full_coverage_s.map(|x| x as f64)),
+            ratio(
+                r.time_to_full_coverage_s.map(|x| x as f64),
+                b.time_to_full_coverage_s.map(|x| x as f64)
+            ),
+            opt_s(r.joiner_first_read_s),
+            ratio(r.joiner_first_read_s, b.joiner_first_read_s),
+            r.spread_after_join.map_or("-".into(), |s| s.to_string()),
+            r.unread_shard_seconds_join,
+            r.unread_shard_seconds_kill,
+            r.unread_shard_seconds_reshard,
+            opt_s(r.failover_s),
+            ratio(r.failover_s, b.failover_s),
+            opt_s(r.reshard_full_coverage_s.map(|x| x as f64)),
+        ));
+    }
+    md.push_str("\n## Exactly one reader, nothing lost\n\n| system | produced | delivered | read twice (without a failure) | delivered while another read the shard | lost | lag p50 / p95 |\n|---|---|---|---|---|---|---|\n");
+    for r in results {
+        let e = &r.exactness;
+        md.push_str(&format!(
+            "| {} | {} | {} | {} ({}) | {} | {} | {} / {} |\n",
+            r.system,
+            e.produced,
+            e.delivered,
+            e.duplicates,
+            e.duplicates_without_failure,
+            e.concurrent_deliveries,
+            e.lost,
+            opt_s(r.lag_p50_s),
+            opt_s(r.lag_p95_s)
+        ));
+    }
+    md.push_str("\n## Cost\n\nDynamoDB per second over the run (capacity units approximated from request and answer sizes), and in the idle phase; Kinesis control-plane calls per minute.\n\n| system | DynamoDB calls/s | write units/s | read units/s | idle calls/s | by category (calls/s) | conditional writes failed | Kinesis control calls/min | CPU s per process | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        let b = base.expect("not empty");
+        let all = r.dynamodb.get("all").cloned().unwrap_or_default();
+        let b_all = b.dynamodb.get("all").cloned().unwrap_or_default();
+        let idle = r.dynamodb_idle.get("all").cloned().unwrap_or_default();
+        let cats: Vec<String> = r
+            .dynamodb
+            .iter()
+            .filter(|(k, _)| k.as_str() != "all")
+            .map(|(k, v)| format!("{k} {:.2}", v.calls_per_s))
+            .collect();
+        md.push_str(&format!(
+            "| {} | {:.2}{} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {} | {} |\n",
+            r.system,
+            all.calls_per_s,
+            ratio(Some(all.calls_per_s), Some(b_all.calls_per_s)),
+            all.write_units_per_s,
+            all.read_units_per_s,
+            idle.calls_per_s,
+            cats.join(", "),
+            r.conditional_write_failure_rate
+                .map_or("-".into(), |f| format!(
+                    "{:.1}% of {}",
+                    f * 100.0,
+                    r.conditional_writes
+                )),
+            r.kinesis_control_per_min,
+            r.processes
+                .iter()
+                .map(|p| format!("{:.1}", p.cpu_s))
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.processes
+                .iter()
+                .map(|p| format!("{:.0}", p.peak_rss_mib))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
+    md.push_str("\n![Shards read over time](coverage.svg)\n");
+    md
+}
+
+/// Shards read (in the last 5 s) at every second, one line per system, with the script's
+/// marks.
+fn plot_coverage(path: &Path, results: &[SystemResult]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let end = results.iter().map(|r| r.seconds).max().unwrap_or(1) as f64;
+    let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Shards read in the last 5 s", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..end, 0f64..(RESHARD_TO as f64 + 5.0))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the consumers started")
+        .y_desc("shards")
+        .draw()?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    for (i, r) in results.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(
+                r.coverage
+                    .iter()
+                    .enumerate()
+                    .map(|(s, c)| (s as f64, *c as f64)),
+                color.stroke_width(2),
+            ))?
+            .label(r.system.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    if let Some(r) = results.first() {
+        for m in r
+            .marks
+            .iter()
+            .filter(|m| matches!(m.name.as_str(), "join" | "kill" | "reshard" | "idle"))
+        {
+            chart.draw_series(LineSeries::new(
+                [(m.at, 0.0), (m.at, RESHARD_TO as f64 + 5.0)],
+                BLACK.mix(0.3),
+            ))?;
+            chart.draw_series(std::iter::once(Text::new(
+                m.name.clone(),
+                (m.at + 1.0, RESHARD_TO as f64 + 3.0),
+                ("sans-serif", 12),
+            )))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
