@@ -137,6 +137,15 @@ pub async fn consume(
     if let Some(reason) = invalid_checkpoint(&held.checkpoint) {
         return unreadable(&store, &held, &me, reason).await;
     }
+    if !ctx.reading {
+        // kds-swarm: the lease is held, nothing is read. A fence stops it like a reader.
+        tokio::select! {
+            _ = stop.cancelled() => return ConsumerExit::Stopped { last_processed: None },
+            _ = fence.wait_for(|fenced| *fenced) => {
+                return ConsumerExit::Fenced { last_processed: None };
+            }
+        }
+    }
     // Where reading starts: the checkpoint, except that `LATEST` is pinned to a time first, so
     // that whoever reads this shard after this reader (a hand-off, a crash) starts where this
     // one did, not at a later tip.

@@ -19,6 +19,9 @@ pub struct Context {
     pub processor: Option<Arc<dyn RecordProcessor>>,
     pub consumer_tuning: ConsumerTuning,
     pub start_retry: StartRetry,
+    /// `false` only in `kds-swarm`: consumers hold their leases without reading, so the
+    /// lease protocol's cost can be measured alone.
+    pub reading: bool,
 }
 
 impl Context {

@@ -43,6 +43,7 @@ impl Worker {
                 processor: None,
                 consumer_tuning,
                 start_retry: StartRetry::default(),
+                reading: true,
             },
         }
     }
@@ -50,6 +51,14 @@ impl Worker {
     /// Hands every batch of records to `processor` too (after the built-in counting).
     pub fn with_processor(mut self, processor: Arc<dyn RecordProcessor>) -> Self {
         self.ctx.processor = Some(processor);
+        self
+    }
+
+    /// Holds leases without reading them (for `kds-swarm`, which measures the lease
+    /// protocol alone): each consumer waits until it is stopped, then hands its lease on with
+    /// the checkpoint it was given.
+    pub fn without_reading(mut self) -> Self {
+        self.ctx.reading = false;
         self
     }
 

@@ -15,13 +15,14 @@
 pub mod analysis;
 pub mod proxy;
 pub mod report;
+pub mod swarm;
 pub mod systems;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use xshell::{Shell, cmd};
 
 use crate::emulators;
@@ -41,13 +42,17 @@ pub struct Args {
         default_value = "worker,lifion,async-kinesis"
     )]
     pub peers: Vec<String>,
-    /// Where results.json and REPORT.md go.
+    /// Where results.json, REPORT.md and the plots go.
     #[arg(long, default_value = "bench")]
     pub out: PathBuf,
+    /// The control plane alone at scale instead: many non-reading workers in one process
+    /// (3 to 100 workers × 30 to 2,000 shards; `--quick`: three pairs).
+    #[arg(long)]
+    pub swarm: bool,
 }
 
 /// How long each phase of the script lasts.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Phases {
     /// Longest wait for the first full coverage.
     pub start_deadline_s: u64,
@@ -87,7 +92,7 @@ const APP: &str = "bench-app";
 pub const COVERAGE_WINDOW_S: f64 = 5.0;
 
 /// A point in the script, in seconds since the consumers started.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mark {
     pub name: String,
     pub at: f64,
@@ -113,6 +118,9 @@ pub struct RunData {
     pub dynamodb_calls: Vec<proxy::Call>,
     pub usage: Vec<(String, f64, u64)>,
     pub victim: String,
+    /// Seconds from the DynamoDB proxy's start to the consumers' start (`Call::at` − this
+    /// is the time since the consumers started).
+    pub proxy_offset: f64,
     pub seconds: u64,
 }
 
@@ -123,14 +131,24 @@ fn worker_bin() -> PathBuf {
 /// `kds-worker` admin commands straight to the emulators (set-up and production are not
 /// counted).
 fn admin(emu: &emulators::Emulators, args: &[&str]) -> anyhow::Result<()> {
+    admin_as(emu, APP, STREAM, args)
+}
+
+/// [`admin`] for another application and stream.
+fn admin_as(
+    emu: &emulators::Emulators,
+    app: &str,
+    stream: &str,
+    args: &[&str],
+) -> anyhow::Result<()> {
     let out = duct::cmd(worker_bin(), args)
         .full_env(
             std::env::vars()
                 .filter(|(k, _)| !k.starts_with("KDS_") && !k.starts_with("AWS_"))
                 .chain(emu.aws_env().into_iter().map(|(k, v)| (k.to_owned(), v)))
                 .chain([
-                    ("KDS_APP_NAME".to_owned(), APP.to_owned()),
-                    ("KDS_STREAM_NAME".to_owned(), STREAM.to_owned()),
+                    ("KDS_APP_NAME".to_owned(), app.to_owned()),
+                    ("KDS_STREAM_NAME".to_owned(), stream.to_owned()),
                 ]),
         )
         .stderr_to_stdout()
@@ -148,7 +166,7 @@ fn admin(emu: &emulators::Emulators, args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// CPU seconds (user + system) and peak RSS (KiB) of a live process.
-fn usage(pid: u32) -> Option<(f64, u64)> {
+pub(crate) fn usage(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit(')').next()?;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -214,6 +232,7 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
 
     let t0 = Instant::now();
     let t0_micros = micros_now();
+    let proxy_offset = t0.duration_since(dynamodb.started).as_secs_f64();
     let at = || t0.elapsed().as_secs_f64();
     let mut marks = vec![Mark {
         name: "start".into(),
@@ -357,6 +376,7 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
             })
             .collect(),
         victim,
+        proxy_offset,
         seconds,
     })
 }
@@ -370,7 +390,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let phases = Phases::new(args.quick);
     let sh = Shell::new()?;
     sh.change_dir(project_root());
-    cmd!(sh, "cargo build --release --quiet -p kds-worker").run()?;
+    // Both binaries of the package: kds-worker and kds-swarm.
+    cmd!(sh, "cargo build --release --quiet -p kds-worker --bins").run()?;
+    let out = if args.out.is_absolute() {
+        args.out.clone()
+    } else {
+        project_root().join(&args.out)
+    };
+    if args.swarm {
+        let began = Instant::now();
+        let results = swarm::run(&sh, args.quick, &lab_dir().join("bench/swarm"))?;
+        report::write(
+            &out,
+            report::Update::Swarm {
+                results,
+                took: began.elapsed(),
+            },
+        )?;
+        eprintln!(
+            "swarm done in {}: {}",
+            secs(began.elapsed()),
+            out.join("REPORT.md").display()
+        );
+        return Ok(());
+    }
     for s in &systems {
         s.install(&sh)?;
     }
@@ -384,12 +427,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("  {}", result.summary());
         results.push(result);
     }
-    let out = if args.out.is_absolute() {
-        args.out.clone()
-    } else {
-        project_root().join(&args.out)
-    };
-    report::write(&out, &results, phases, began.elapsed())?;
+    report::write(
+        &out,
+        report::Update::Systems {
+            results,
+            phases,
+            took: began.elapsed(),
+        },
+    )?;
     eprintln!(
         "bench done in {}: {} and {}",
         secs(began.elapsed()),

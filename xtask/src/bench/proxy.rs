@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One request as the proxy saw it.
 #[derive(Debug, Clone)]
 pub struct Call {
     /// Seconds since the proxy started.
-    pub second: u64,
+    pub at: f64,
     pub operation: String,
     pub table: Option<String>,
     /// The request body (JSON), for the category.
@@ -30,7 +30,7 @@ pub struct Call {
 }
 
 /// Totals per (category, operation) over some window.
-#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Tally {
     pub calls: u64,
     /// Approximate write capacity units: 1 per KiB of request, at least 1 per write.
@@ -76,6 +76,8 @@ impl Tally {
 /// The proxy; stops accepting when dropped (open connections end with their client).
 pub struct RecordingProxy {
     pub addr: SocketAddr,
+    /// When it started: [`Call::at`] counts from here.
+    pub started: Instant,
     calls: Arc<Mutex<Vec<Call>>>,
     stop: Arc<AtomicBool>,
 }
@@ -99,7 +101,12 @@ impl RecordingProxy {
                 std::thread::spawn(move || serve(client, upstream, c, started));
             }
         });
-        Ok(RecordingProxy { addr, calls, stop })
+        Ok(RecordingProxy {
+            addr,
+            started,
+            calls,
+            stop,
+        })
     }
 
     pub fn url(&self) -> String {
@@ -126,7 +133,7 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, calls: Arc<Mutex<Vec<Call>
         let Some(request) = read_message(&mut client) else {
             return;
         };
-        let second = t0.elapsed().as_secs();
+        let at = t0.elapsed().as_secs_f64();
         if server.is_none() {
             match TcpStream::connect(upstream) {
                 Ok(s) => server = Some(s),
@@ -143,7 +150,7 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, calls: Arc<Mutex<Vec<Call>
         let body = String::from_utf8_lossy(&request.bytes[request.head.len()..]).into_owned();
         let answer = String::from_utf8_lossy(&response.bytes[response.head.len()..]);
         let call = Call {
-            second,
+            at,
             operation: header(&request.head, "x-amz-target")
                 .and_then(|t| t.rsplit('.').next().map(str::to_owned))
                 .unwrap_or_else(|| "?".to_owned()),

@@ -1,21 +1,25 @@
 //! The bench's figures for one system ([`figures`]) and the files they go to
 //! ([`write`]): `results.json` (every figure, versions, the machine), `REPORT.md` (a table
-//! per scenario, each figure also as a ratio to this worker) and `coverage.svg` (shards read
-//! over time for each system, with the join, kill and reshard marked), drawn with plotters.
+//! per scenario, each figure also as a ratio to this worker, and the swarm's scale table) and
+//! three plots drawn with plotters: `coverage.svg` (shards read over time for each system,
+//! with the join, kill and reshard marked), `dynamodb.svg` (DynamoDB capacity units per second
+//! over time) and `scale.svg` (the swarm's fleet units per second against shards, beside the
+//! KCL model).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::analysis::{self, Exactness};
 use super::proxy::{self, Tally};
+use super::swarm::SwarmResult;
 use super::{COVERAGE_WINDOW_S, Phases, RESHARD_TO, RunData, SHARDS};
 use crate::util::secs;
 
 /// Every figure for one system.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SystemResult {
     pub system: String,
     pub version: String,
@@ -51,16 +55,18 @@ pub struct SystemResult {
     pub processes: Vec<ProcessUsage>,
     /// Coverage (shards read in the last 5 s) at every second.
     pub coverage: Vec<u64>,
+    /// DynamoDB capacity units (read + write) in every second.
+    pub dynamodb_units: Vec<f64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CategoryRate {
     pub calls_per_s: f64,
     pub read_units_per_s: f64,
     pub write_units_per_s: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessUsage {
     pub name: String,
     pub cpu_s: f64,
@@ -147,7 +153,7 @@ pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
     let idle_calls: Vec<&proxy::Call> = data
         .dynamodb_calls
         .iter()
-        .filter(|c| c.second as f64 >= idle + 5.0)
+        .filter(|c| c.at - data.proxy_offset >= idle + 5.0)
         .collect();
     let conditional = data.dynamodb_calls.iter().filter(|c| c.conditional).count() as u64;
     let failed = data
@@ -216,7 +222,23 @@ pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
             })
             .collect(),
         coverage,
+        dynamodb_units: units_per_second(&data.dynamodb_calls, data.proxy_offset, end),
     }
+}
+
+/// Capacity units (read + write) of the calls in each second `0..=end` since the consumers
+/// started.
+fn units_per_second(calls: &[proxy::Call], offset: f64, end: u64) -> Vec<f64> {
+    let mut out = vec![0.0; end as usize + 1];
+    for c in calls {
+        let t = c.at - offset;
+        if t >= 0.0 && (t as usize) < out.len() {
+            let mut one = Tally::default();
+            one.add(c);
+            out[t as usize] += one.read_units + one.write_units;
+        }
+    }
+    out
 }
 
 impl SystemResult {
@@ -263,39 +285,104 @@ fn machine() -> serde_json::Value {
     serde_json::json!({ "cpus": cpus, "memory_mib": mem / 1024, "os": std::env::consts::OS })
 }
 
-/// Writes results.json, REPORT.md and coverage.svg into `out`.
-pub fn write(
-    out: &Path,
-    results: &[SystemResult],
-    phases: Phases,
-    took: Duration,
-) -> anyhow::Result<()> {
+/// Everything results.json holds. `cargo xtask bench` replaces `systems`, `--swarm` replaces
+/// `swarm`; each keeps the other part of an earlier run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub machine: serde_json::Value,
+    pub emulators: String,
+    pub phases: Option<Phases>,
+    pub systems_took_s: Option<u64>,
+    pub systems: Vec<SystemResult>,
+    pub swarm_took_s: Option<u64>,
+    pub swarm: Vec<SwarmResult>,
+}
+
+/// What one run adds to results.json.
+pub enum Update {
+    Systems {
+        results: Vec<SystemResult>,
+        phases: Phases,
+        took: Duration,
+    },
+    Swarm {
+        results: Vec<SwarmResult>,
+        took: Duration,
+    },
+}
+
+/// Merges `update` into `out/results.json` and writes REPORT.md and the plots from it.
+pub fn write(out: &Path, update: Update) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
-    let json = serde_json::json!({
-        "phases": phases,
-        "took_s": took.as_secs(),
-        "machine": machine(),
-        "emulators": crate::emulators::load_pins().map(|p| format!(
-            "{}@{} and {}=={} (one request at a time)",
-            p.kinesis.npm_package, p.kinesis.version, p.dynamodb.pip_package, p.dynamodb.version
-        )).unwrap_or_default(),
-        "systems": results,
-    });
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&json)? + "\n",
-    )?;
-    std::fs::write(out.join("REPORT.md"), markdown(results, phases, took))?;
-    plot_coverage(&out.join("coverage.svg"), results)?;
+    let path = out.join("results.json");
+    let mut all: Results = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    all.machine = machine();
+    all.emulators = crate::emulators::load_pins()
+        .map(|p| {
+            format!(
+                "{}@{} and {}=={} (one request at a time)",
+                p.kinesis.npm_package,
+                p.kinesis.version,
+                p.dynamodb.pip_package,
+                p.dynamodb.version
+            )
+        })
+        .unwrap_or_default();
+    match update {
+        Update::Systems {
+            results,
+            phases,
+            took,
+        } => {
+            all.systems = results;
+            all.phases = Some(phases);
+            all.systems_took_s = Some(took.as_secs());
+            plot_coverage(&out.join("coverage.svg"), &all.systems)?;
+            plot_dynamodb(&out.join("dynamodb.svg"), &all.systems)?;
+        }
+        Update::Swarm { results, took } => {
+            all.swarm = results;
+            all.swarm_took_s = Some(took.as_secs());
+            plot_scale(&out.join("scale.svg"), &all.swarm)?;
+        }
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&all)? + "\n")?;
+    std::fs::write(out.join("REPORT.md"), markdown(&all))?;
     Ok(())
 }
 
 /// REPORT.md: one table per scenario, each figure with its ratio to the first system.
-pub fn markdown(results: &[SystemResult], phases: Phases, took: Duration) -> String {
-    let base = results.first();
+pub fn markdown(all: &Results) -> String {
     let mut md = format!(
         "# Bench: this worker beside the peer libraries\n\n\
-         Written by `cargo xtask bench`; {} in all. Script: 30 shards with one record per shard \
+         Written by `cargo xtask bench` (and `--swarm`) from results.json, which also records \
+         the machine ({} CPUs, {} MiB) and the emulators ({}).\n\n",
+        all.machine["cpus"], all.machine["memory_mib"], all.emulators
+    );
+    if let Some(phases) = all.phases {
+        md.push_str(&systems_markdown(
+            &all.systems,
+            phases,
+            Duration::from_secs(all.systems_took_s.unwrap_or(0)),
+        ));
+    }
+    if !all.swarm.is_empty() {
+        md.push_str(&swarm_markdown(
+            &all.swarm,
+            Duration::from_secs(all.swarm_took_s.unwrap_or(0)),
+        ));
+    }
+    md
+}
+
+fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) -> String {
+    let base = results.first();
+    let mut md = format!(
+        "## Systems side by side\n\n\
+         The run took {}. Script: 30 shards with one record per shard \
          per second, 3 consumers start together; a 4th joins ({} s); one is killed with SIGKILL \
          ({} s); reshard 30 → 60 ({} s after it finishes); production stops ({} s idle). Each \
          system ran alone on fresh emulators, reaching them only through a recording proxy. A \
@@ -308,7 +395,7 @@ pub fn markdown(results: &[SystemResult], phases: Phases, took: Duration) -> Str
         phases.idle_s,
         COVERAGE_WINDOW_S
     );
-    md.push_str("## Start, join, kill, reshard\n\n| system | every shard read after | joiner's first record | max − min shards per worker after join | unread shard-seconds: join / kill / reshard | failover after SIGKILL | 60 shards read after reshard |\n|---|---|---|---|---|---|---|\n");
+    md.push_str("### Start, join, kill, reshard\n\n| system | every shard read after | joiner's first record | max − min shards per worker after join | unread shard-seconds: join / kill / reshard | failover after SIGKILL | 60 shards read after reshard |\n|---|---|---|---|---|---|---|\n");
     for r in results {
         let b = base.expect("not empty");
         md.push_str(&format!(
@@ -330,7 +417,7 @@ pub fn markdown(results: &[SystemResult], phases: Phases, took: Duration) -> Str
             opt_s(r.reshard_full_coverage_s.map(|x| x as f64)),
         ));
     }
-    md.push_str("\n## Exactly one reader, nothing lost\n\n| system | produced | delivered | read twice (without a failure) | delivered while another read the shard | lost | lag p50 / p95 |\n|---|---|---|---|---|---|---|\n");
+    md.push_str("\n### Exactly one reader, nothing lost\n\n| system | produced | delivered | read twice (without a failure) | delivered while another read the shard | lost | lag p50 / p95 |\n|---|---|---|---|---|---|---|\n");
     for r in results {
         let e = &r.exactness;
         md.push_str(&format!(
@@ -346,7 +433,7 @@ pub fn markdown(results: &[SystemResult], phases: Phases, took: Duration) -> Str
             opt_s(r.lag_p95_s)
         ));
     }
-    md.push_str("\n## Cost\n\nDynamoDB per second over the run (capacity units approximated from request and answer sizes), and in the idle phase; Kinesis control-plane calls per minute.\n\n| system | DynamoDB calls/s | write units/s | read units/s | idle calls/s | by category (calls/s) | conditional writes failed | Kinesis control calls/min | CPU s per process | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\n### Cost\n\nDynamoDB per second over the run (capacity units approximated from request and answer sizes), and in the idle phase; Kinesis control-plane calls per minute.\n\n| system | DynamoDB calls/s | write units/s | read units/s | idle calls/s | by category (calls/s) | conditional writes failed | Kinesis control calls/min | CPU s per process | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
         let b = base.expect("not empty");
         let all = r.dynamodb.get("all").cloned().unwrap_or_default();
@@ -386,7 +473,45 @@ pub fn markdown(results: &[SystemResult], phases: Phases, took: Duration) -> Str
                 .join(", "),
         ));
     }
-    md.push_str("\n![Shards read over time](coverage.svg)\n");
+    md.push_str("\n![Shards read over time](coverage.svg)\n\n![DynamoDB capacity units per second](dynamodb.svg)\n\n");
+    md
+}
+
+fn swarm_markdown(results: &[SwarmResult], took: Duration) -> String {
+    let mut md = format!(
+        "## Scale: the control plane alone (`--swarm`)\n\n\
+         Many workers in one process (`kds-swarm`), none reading, at the default timings \
+         (heartbeat 2 s, failover 10 s); {} in all. DynamoDB figures are the fleet's, per second, \
+         over a steady-state window. The KCL columns are a **model** from KCL 2.x's documented \
+         defaults (each lease renewed every failover/3, each worker's lease taker scanning every \
+         lease every 2 × failover), not a measurement.\n\n\
+         | workers × shards | every shard leased, balanced | rebalance after one leaves | DynamoDB calls/s | write units/s | read units/s | KCL model write / read units/s | ratio to the model | conditional writes failed | Kinesis calls/min | CPU s/min per worker | RSS MiB per worker |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        secs(took)
+    );
+    for r in results {
+        let ours = r.write_units_per_s + r.read_units_per_s;
+        let model = r.kcl_model.write_units_per_s + r.kcl_model.read_units_per_s;
+        md.push_str(&format!(
+            "| {} × {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} / {:.1} | {:.3} | {} | {:.1} | {:.2} | {:.1} |\n",
+            r.workers,
+            r.shards,
+            opt_s(r.time_to_coverage_s),
+            opt_s(r.rebalance_s),
+            r.dynamodb_calls_per_s,
+            r.write_units_per_s,
+            r.read_units_per_s,
+            r.kcl_model.write_units_per_s,
+            r.kcl_model.read_units_per_s,
+            ours / model.max(f64::MIN_POSITIVE),
+            r.conditional_failure_rate
+                .map_or("-".into(), |f| format!("{:.1}%", f * 100.0)),
+            r.kinesis_calls_per_min,
+            r.cpu_s_per_worker_per_min,
+            r.rss_mib_per_worker,
+        ));
+    }
+    md.push_str("\n![Fleet DynamoDB units per second against shards](scale.svg)\n");
     md
 }
 
@@ -444,6 +569,116 @@ fn plot_coverage(path: &Path, results: &[SystemResult]) -> anyhow::Result<()> {
         .border_style(BLACK)
         .background_style(WHITE.mix(0.8))
         .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// DynamoDB capacity units per second over time, one line per system.
+fn plot_dynamodb(path: &Path, results: &[SystemResult]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let end = results.iter().map(|r| r.seconds).max().unwrap_or(1) as f64;
+    let top = results
+        .iter()
+        .flat_map(|r| r.dynamodb_units.iter().copied())
+        .fold(1.0f64, f64::max);
+    let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("DynamoDB capacity units per second", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..end, 0f64..top * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the consumers started")
+        .y_desc("read + write units")
+        .draw()?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    for (i, r) in results.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(
+                r.dynamodb_units
+                    .iter()
+                    .enumerate()
+                    .map(|(s, u)| (s as f64, *u)),
+                color.stroke_width(1),
+            ))?
+            .label(r.system.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The swarm's fleet DynamoDB units per second against shards (log scales), one line per
+/// worker count, and the KCL model's for the same fleets dashed.
+fn plot_scale(path: &Path, results: &[SwarmResult]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let units = |r: &SwarmResult| (r.read_units_per_s + r.write_units_per_s).max(0.01);
+    let model = |r: &SwarmResult| r.kcl_model.read_units_per_s + r.kcl_model.write_units_per_s;
+    let top = results
+        .iter()
+        .map(|r| units(r).max(model(r)))
+        .fold(1.0f64, f64::max);
+    let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Fleet DynamoDB units per second (measured) and the KCL-style model (dashed)",
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(
+            (20f64..3000f64).log_scale(),
+            (0.01f64..top * 2.0).log_scale(),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("shards")
+        .y_desc("read + write units per second")
+        .draw()?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    let mut counts: Vec<u64> = results.iter().map(|r| r.workers).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    for (i, w) in counts.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let mut row: Vec<&SwarmResult> = results.iter().filter(|r| r.workers == *w).collect();
+        row.sort_by_key(|r| r.shards);
+        chart
+            .draw_series(LineSeries::new(
+                row.iter().map(|r| (r.shards as f64, units(r))),
+                color.stroke_width(2),
+            ))?
+            .label(format!("{w} workers"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart.draw_series(
+            row.iter()
+                .map(|r| Circle::new((r.shards as f64, units(r)), 3, color.filled())),
+        )?;
+        chart.draw_series(DashedLineSeries::new(
+            row.iter().map(|r| (r.shards as f64, model(r))),
+            6,
+            4,
+            color.stroke_width(1),
+        ))?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperLeft)
         .draw()?;
     root.present()?;
     Ok(())

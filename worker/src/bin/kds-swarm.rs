@@ -1,0 +1,108 @@
+//! `kds-swarm N`: N workers in one process, for `cargo xtask bench --swarm`. Each is a full
+//! [`Worker`] (election, heartbeats, leases, its own AWS clients and metrics) built without
+//! reading: its consumers hold their leases and wait, so what the swarm costs is the lease
+//! protocol alone. Configured like `kds-worker` (the same file and `KDS_*` variables); worker
+//! `i` is `{worker_id}-{i}`.
+//!
+//! Input, one command per line: `stop I` stops worker `I` gracefully (it hands its leases off,
+//! as on SIGTERM); `quit` stops all and exits. Output, one JSON line a second:
+//! `{"held": [leases of each running worker], "limit": published max_leases_per_worker}`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kds_worker::aws::AwsClients;
+use kds_worker::config::{ConfigFile, Settings, Surroundings};
+use kds_worker::metrics::Metrics;
+use kds_worker::state::WorkerState;
+use kds_worker::worker::Worker;
+use tokio_util::sync::CancellationToken;
+
+struct Member {
+    state: Arc<WorkerState>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let Some(count) = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse::<usize>().ok())
+    else {
+        eprintln!("usage: kds-swarm WORKERS (configured like kds-worker)");
+        return ExitCode::from(2);
+    };
+    let (base, _) = match Settings::load(&ConfigFile::from_arg(None), &Surroundings::detect()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("kds-swarm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    kds_worker::telemetry::init(base.log_format);
+    let mut members: Vec<Option<Member>> = Vec::new();
+    for i in 0..count {
+        let mut settings = base.clone();
+        settings.worker_id = format!("{}-{i}", base.worker_id);
+        let aws = AwsClients::from_env(Metrics::new()).await;
+        let worker = Worker::new(settings, aws, None).without_reading();
+        let state = worker.state();
+        let stop = CancellationToken::new();
+        let run_stop = stop.clone();
+        let task = tokio::spawn(async move {
+            match worker.wait_to_start(&run_stop).await {
+                Ok(true) => worker.run(run_stop).await,
+                Ok(false) => {}
+                Err(e) => eprintln!("kds-swarm: cannot start: {e}"),
+            }
+        });
+        members.push(Some(Member { state, stop, task }));
+    }
+    // Commands from stdin, read on a thread (no async stdin needed); closed stdin is `quit`.
+    let (tx, mut input) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            line = input.recv() => {
+                let line = line.unwrap_or_else(|| "quit".to_owned());
+                let mut words = line.split_whitespace();
+                match (words.next(), words.next().and_then(|i| i.parse::<usize>().ok())) {
+                    (Some("stop"), Some(i)) => {
+                        if let Some(m) = members.get_mut(i).and_then(Option::take) {
+                            m.stop.cancel();
+                            let _ = m.task.await;
+                        }
+                    }
+                    (Some("quit"), _) => break,
+                    _ => eprintln!("kds-swarm: unknown command {line:?}"),
+                }
+            }
+            _ = tick.tick() => {
+                let running: Vec<&Member> = members.iter().flatten().collect();
+                let held: Vec<u64> = running.iter().map(|m| m.state.leases_held()).collect();
+                let limit = running
+                    .iter()
+                    .filter_map(|m| m.state.limit())
+                    .map(|l| l.max_leases_per_worker)
+                    .max();
+                println!("{}", serde_json::json!({ "held": held, "limit": limit }));
+            }
+        }
+    }
+    for m in members.iter().flatten() {
+        m.stop.cancel();
+    }
+    for m in members.into_iter().flatten() {
+        let _ = m.task.await;
+    }
+    ExitCode::SUCCESS
+}
