@@ -4,6 +4,12 @@
 //! protocol alone. Configured like `kds-worker` (the same file and `KDS_*` variables); worker
 //! `i` is `{worker_id}-{i}`.
 //!
+//! `kds-swarm --naive N`: each worker also does what it would without a coordinator — the
+//! design the original scripts describe: it polls `DescribeStreamSummary` itself every
+//! `shard_poll_interval`, and renews each lease it holds KCL-style every `failover_timeout / 3`
+//! (one conditional UpdateItem per lease, on an attribute nothing else reads). Ownership still
+//! follows this worker's protocol; the mode measures what the coordinator saves.
+//!
 //! Input, one command per line: `stop I` stops worker `I` gracefully (it hands its leases off,
 //! as on SIGTERM); `quit` stops all and exits. Output, one JSON line a second:
 //! `{"held": [leases of each running worker], "limit": published max_leases_per_worker}`.
@@ -27,11 +33,14 @@ struct Member {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Some(count) = std::env::args()
-        .nth(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let naive = args.iter().any(|a| a == "--naive");
+    let Some(count) = args
+        .iter()
+        .find(|a| *a != "--naive")
         .and_then(|n| n.parse::<usize>().ok())
     else {
-        eprintln!("usage: kds-swarm WORKERS (configured like kds-worker)");
+        eprintln!("usage: kds-swarm [--naive] WORKERS (configured like kds-worker)");
         return ExitCode::from(2);
     };
     let (base, _) = match Settings::load(&ConfigFile::from_arg(None), &Surroundings::detect()) {
@@ -50,6 +59,10 @@ async fn main() -> ExitCode {
         let worker = Worker::new(settings, aws, None).without_reading();
         let state = worker.state();
         let stop = CancellationToken::new();
+        if naive {
+            let aws = AwsClients::from_env(Metrics::new()).await;
+            tokio::spawn(naive_duties(aws, state.clone(), stop.clone()));
+        }
         let run_stop = stop.clone();
         let task = tokio::spawn(async move {
             match worker.wait_to_start(&run_stop).await {
@@ -105,4 +118,37 @@ async fn main() -> ExitCode {
         let _ = m.task.await;
     }
     ExitCode::SUCCESS
+}
+
+/// What every worker does in the naive design (see the module comment), until `stop`.
+async fn naive_duties(aws: AwsClients, state: Arc<WorkerState>, stop: CancellationToken) {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let s = state.settings.clone();
+    let mut poll = tokio::time::interval(s.shard_poll_interval);
+    let mut renew = tokio::time::interval(s.failover_timeout / 3);
+    let mut renewals: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = poll.tick() => {
+                let _ = kds_worker::inputs::open_shard_count(&aws, &s.stream_name).await;
+            }
+            _ = renew.tick() => {
+                for shard in state.leases() {
+                    renewals += 1;
+                    let _ = aws
+                        .dynamodb
+                        .update_item()
+                        .table_name(s.lease_table())
+                        .key(kds_worker::schema::LEASE_KEY, AttributeValue::S(shard))
+                        .update_expression("SET naiveRenewals = :n")
+                        .condition_expression("leaseOwner = :me")
+                        .expression_attribute_values(":n", AttributeValue::N(renewals.to_string()))
+                        .expression_attribute_values(":me", AttributeValue::S(s.worker_id.clone()))
+                        .send()
+                        .await;
+                }
+            }
+        }
+    }
 }

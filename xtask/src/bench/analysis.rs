@@ -165,7 +165,11 @@ pub fn exactness(
         ..Exactness::default()
     };
     let mut by_shard: BTreeMap<&str, Vec<&Delivery>> = BTreeMap::new();
-    for d in deliveries {
+    // In delivery order: the later of two deliveries is the duplicate (the logs come one
+    // consumer after another).
+    let mut in_time: Vec<&Delivery> = deliveries.iter().collect();
+    in_time.sort_by(|a, b| a.at.total_cmp(&b.at));
+    for d in in_time {
         if !seen.insert((&d.shard, &d.sequence)) {
             out.duplicates += 1;
             if failure_at.is_none_or(|f| d.at < f) {
@@ -290,11 +294,23 @@ mod tests {
             d(2.0, "a", "s", 2),
             d(2.5, "b", "s", 2),
         ];
-        let e = exactness(&both, &produced, Some(2.2), 3.0);
+        // Given one consumer's log after the other's, as the bench reads them.
+        let mut by_log = both.clone();
+        by_log.sort_by(|x, y| x.worker.cmp(&y.worker));
+        let e = exactness(&by_log, &produced, Some(2.2), 3.0);
         assert_eq!(e.duplicates, 2);
         assert_eq!(e.duplicates_without_failure, 1);
         // a read [1, 2] and b [1.5, 2.5]: b's first and a's last fall inside the other's.
         assert_eq!(e.concurrent_deliveries, 2);
+    }
+
+    #[test]
+    fn a_re_read_after_the_failure_counts_after_it_whatever_the_log_order() {
+        // b read the record, was killed at 2 s, and a read it again at 3 s; a's log is read
+        // first.
+        let logs = vec![d(3.0, "a", "s", 1), d(1.0, "b", "s", 1)];
+        let e = exactness(&logs, &["s-1".to_owned()], Some(2.0), 3.0);
+        assert_eq!((e.duplicates, e.duplicates_without_failure), (1, 0));
     }
 
     #[test]

@@ -481,19 +481,22 @@ fn swarm_markdown(results: &[SwarmResult], took: Duration) -> String {
     let mut md = format!(
         "## Scale: the control plane alone (`--swarm`)\n\n\
          Many workers in one process (`kds-swarm`), none reading, at the default timings \
-         (heartbeat 2 s, failover 10 s); {} in all. DynamoDB figures are the fleet's, per second, \
+         (heartbeat 2 s, failover 10 s); {} in all. Mode `naive`: every worker also polls \
+         the stream itself and renews each of its leases every failover/3, as the original \
+         scripts' design would (the coordinator's effect, measured). DynamoDB figures are the fleet's, per second, \
          over a steady-state window. The KCL columns are a **model** from KCL 2.x's documented \
          defaults (each lease renewed every failover/3, each worker's lease taker scanning every \
          lease every 2 × failover), not a measurement.\n\n\
-         | workers × shards | every shard leased, balanced | rebalance after one leaves | DynamoDB calls/s | write units/s | read units/s | KCL model write / read units/s | ratio to the model | conditional writes failed | Kinesis calls/min | CPU s/min per worker | RSS MiB per worker |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | mode | workers × shards | every shard leased, balanced | rebalance after one leaves | DynamoDB calls/s | write units/s | read units/s | KCL model write / read units/s | ratio to the model | conditional writes failed | Kinesis calls/min | CPU s/min per worker | RSS MiB per worker |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         secs(took)
     );
     for r in results {
         let ours = r.write_units_per_s + r.read_units_per_s;
         let model = r.kcl_model.write_units_per_s + r.kcl_model.read_units_per_s;
         md.push_str(&format!(
-            "| {} × {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} / {:.1} | {:.3} | {} | {:.1} | {:.2} | {:.1} |\n",
+            "| {} | {} × {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} / {:.1} | {:.3} | {} | {:.1} | {:.2} | {:.1} |\n",
+            r.mode,
             r.workers,
             r.shards,
             opt_s(r.time_to_coverage_s),
@@ -649,12 +652,19 @@ fn plot_scale(path: &Path, results: &[SwarmResult]) -> anyhow::Result<()> {
         .y_desc("read + write units per second")
         .draw()?;
     let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
-    let mut counts: Vec<u64> = results.iter().map(|r| r.workers).collect();
+    let mut counts: Vec<u64> = results
+        .iter()
+        .filter(|r| r.mode == "coordinator")
+        .map(|r| r.workers)
+        .collect();
     counts.sort_unstable();
     counts.dedup();
     for (i, w) in counts.iter().enumerate() {
         let color = colors[i % colors.len()];
-        let mut row: Vec<&SwarmResult> = results.iter().filter(|r| r.workers == *w).collect();
+        let mut row: Vec<&SwarmResult> = results
+            .iter()
+            .filter(|r| r.workers == *w && r.mode == "coordinator")
+            .collect();
         row.sort_by_key(|r| r.shards);
         chart
             .draw_series(LineSeries::new(

@@ -29,6 +29,9 @@ pub const KCL_LEASE_ITEM_BYTES: f64 = 300.0;
 /// One (workers, shards) pair's figures.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SwarmResult {
+    /// `coordinator` (this worker) or `naive` (each worker also polls the stream and renews
+    /// each lease every failover/3 itself; `kds-swarm --naive`).
+    pub mode: String,
     pub workers: u64,
     pub shards: u64,
     /// Seconds from start until every shard was leased and no worker held more than the limit.
@@ -65,15 +68,22 @@ pub fn kcl_model(workers: u64, shards: u64) -> KclModel {
     }
 }
 
-/// The grid: `--quick` runs three pairs, the full run every pair.
-pub fn grid(quick: bool) -> Vec<(u64, u64)> {
+/// The grid of (workers, shards, naive): `--quick` runs three pairs and the naive design at
+/// the middle one; the full run every pair, each also naive.
+pub fn grid(quick: bool) -> Vec<(u64, u64, bool)> {
     if quick {
-        vec![(3, 30), (10, 300), (100, 2000)]
+        vec![
+            (3, 30, false),
+            (10, 300, false),
+            (10, 300, true),
+            (100, 2000, false),
+        ]
     } else {
         let mut g = Vec::new();
         for shards in [30, 300, 2000] {
             for workers in [3, 10, 30, 100] {
-                g.push((workers, shards));
+                g.push((workers, shards, false));
+                g.push((workers, shards, true));
             }
         }
         g
@@ -97,9 +107,11 @@ impl Swarm {
         bin: &Path,
         env: Vec<(String, String)>,
         workers: u64,
+        naive: bool,
         log: &Path,
     ) -> anyhow::Result<Swarm> {
         let mut child = Command::new(bin)
+            .args(naive.then_some("--naive"))
             .arg(workers.to_string())
             .env_clear()
             .envs(env)
@@ -182,14 +194,14 @@ fn balanced(l: &Line, shards: u64) -> bool {
 /// Runs one (workers, shards) pair against running emulators.
 pub fn run_pair(
     emu: &Emulators,
-    workers: u64,
-    shards: u64,
+    (workers, shards, naive): (u64, u64, bool),
     window: Duration,
     dir: &Path,
 ) -> anyhow::Result<SwarmResult> {
-    let app = format!("swarm-{workers}x{shards}");
+    let mode = if naive { "naive" } else { "coordinator" };
+    let app = format!("swarm-{workers}x{shards}-{mode}");
     let stream = format!("swarm-{shards}");
-    eprintln!("==> swarm: {workers} workers x {shards} shards");
+    eprintln!("==> swarm ({mode}): {workers} workers x {shards} shards");
     super::admin_as(
         emu,
         &app,
@@ -218,7 +230,7 @@ pub fn run_pair(
         )
         .collect();
     let bin = crate::util::built_binary("release", "kds-swarm");
-    let mut swarm = Swarm::start(&bin, env, workers, &dir.join(format!("{app}.log")))?;
+    let mut swarm = Swarm::start(&bin, env, workers, naive, &dir.join(format!("{app}.log")))?;
     let pid = swarm.child.id();
     let deadline = Duration::from_secs(120 + shards / 5);
     let coverage = swarm.wait(deadline, "coverage", |l| {
@@ -248,6 +260,7 @@ pub fn run_pair(
     };
     swarm.send("quit");
     Ok(SwarmResult {
+        mode: mode.to_owned(),
         workers,
         shards,
         time_to_coverage_s: coverage,
@@ -270,10 +283,12 @@ pub fn run(sh: &xshell::Shell, quick: bool, dir: &Path) -> anyhow::Result<Vec<Sw
     let emu = crate::emulators::start(sh, &dir.join("logs"))?;
     let window = Duration::from_secs(if quick { 20 } else { 60 });
     let mut out = Vec::new();
-    for (workers, shards) in grid(quick) {
-        let r = run_pair(&emu, workers, shards, window, dir)?;
+    for pair in grid(quick) {
+        let (workers, shards, _) = pair;
+        let r = run_pair(&emu, pair, window, dir)?;
         eprintln!(
-            "    {} workers x {} shards: covered {}, DynamoDB {:.1} WCU/s + {:.1} RCU/s (KCL model {:.1} + {:.1}), rebalance {}",
+            "    ({}) {} workers x {} shards: covered {}, DynamoDB {:.1} WCU/s + {:.1} RCU/s (KCL model {:.1} + {:.1}), rebalance {}",
+            r.mode,
             workers,
             shards,
             r.time_to_coverage_s
@@ -308,7 +323,7 @@ mod tests {
         let m = kcl_model(100, 2000);
         assert!((m.write_units_per_s - 600.0).abs() < 1e-9);
         assert!((m.read_units_per_s - 100.0 * 147.0 * 0.5 / 20.0).abs() < 1e-9);
-        assert_eq!(grid(true).len(), 3);
-        assert_eq!(grid(false).len(), 12);
+        assert_eq!(grid(true).len(), 4);
+        assert_eq!(grid(false).len(), 24);
     }
 }
