@@ -137,15 +137,7 @@ pub async fn consume(
     if let Some(reason) = invalid_checkpoint(&held.checkpoint) {
         return unreadable(&store, &held, &me, reason).await;
     }
-    if !ctx.reading {
-        // kds-swarm: the lease is held, nothing is read. A fence stops it like a reader.
-        tokio::select! {
-            _ = stop.cancelled() => return ConsumerExit::Stopped { last_processed: None },
-            _ = fence.wait_for(|fenced| *fenced) => {
-                return ConsumerExit::Fenced { last_processed: None };
-            }
-        }
-    }
+
     // Where reading starts: the checkpoint, except that `LATEST` is pinned to a time first, so
     // that whoever reads this shard after this reader (a hand-off, a crash) starts where this
     // one did, not at a later tip.
@@ -312,6 +304,16 @@ pub async fn consume(
                 return finish(&ctx, &store, &held, &me, last_processed, &stop).await;
             }
             Some(next) => iterator = Some(next.to_owned()),
+        }
+        if !ctx.reading && records.is_empty() {
+            // kds-swarm: the shard is open and caught up; hold the lease without polling it.
+            // A fence stops it like a reader.
+            tokio::select! {
+                _ = stop.cancelled() => return ConsumerExit::Stopped { last_processed },
+                _ = fence.wait_for(|fenced| *fenced) => {
+                    return ConsumerExit::Fenced { last_processed };
+                }
+            }
         }
         let behind = out.millis_behind_latest().unwrap_or(0);
         previous_read_had_records = !records.is_empty();

@@ -19,8 +19,8 @@ pub struct Context {
     pub processor: Option<Arc<dyn RecordProcessor>>,
     pub consumer_tuning: ConsumerTuning,
     pub start_retry: StartRetry,
-    /// `false` only in `kds-swarm`: consumers hold their leases without reading, so the
-    /// lease protocol's cost can be measured alone.
+    /// `false` only in `kds-swarm`: consumers stop polling a shard once it is caught up, so
+    /// the lease protocol's cost can be measured alone.
     pub reading: bool,
 }
 

@@ -54,9 +54,10 @@ impl Worker {
         self
     }
 
-    /// Holds leases without reading them (for `kds-swarm`, which measures the lease
-    /// protocol alone): each consumer waits until it is stopped, then hands its lease on with
-    /// the checkpoint it was given.
+    /// Holds leases without polling them (for `kds-swarm`, which measures the lease protocol
+    /// alone): each consumer reads until its shard is caught up (once, on a stream nobody
+    /// writes to), finishing a closed parent as any reader would, then waits until it is
+    /// stopped or fenced.
     pub fn without_reading(mut self) -> Self {
         self.ctx.reading = false;
         self

@@ -1,7 +1,8 @@
 //! `kds-swarm N`: N workers in one process, for `cargo xtask bench --swarm`. Each is a full
-//! [`Worker`] (election, heartbeats, leases, its own AWS clients and metrics) built without
-//! reading: its consumers hold their leases and wait, so what the swarm costs is the lease
-//! protocol alone. Configured like `kds-worker` (the same file and `KDS_*` variables); worker
+//! [`Worker`] (election, heartbeats, leases, its own AWS clients and metrics) built not to
+//! poll: its consumers read a shard until it is caught up (the swarm's streams get no
+//! records), finish closed parents, then hold their leases and wait, so what the swarm costs
+//! is the lease protocol alone. Configured like `kds-worker` (the same file and `KDS_*` variables); worker
 //! `i` is `{worker_id}-{i}`.
 //!
 //! `kds-swarm --naive N`: each worker also does what it would without a coordinator — the

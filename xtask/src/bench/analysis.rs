@@ -145,6 +145,7 @@ pub struct Exactness {
     /// [`exactness`]).
     pub concurrent_deliveries: u64,
     pub produced: u64,
+    /// Produced records nobody delivered by the end of the run.
     pub lost: u64,
 }
 

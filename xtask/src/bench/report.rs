@@ -417,7 +417,12 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
             opt_s(r.reshard_full_coverage_s.map(|x| x as f64)),
         ));
     }
-    md.push_str("\n### Exactly one reader, nothing lost\n\n| system | produced | delivered | read twice (without a failure) | delivered while another read the shard | lost | lag p50 / p95 |\n|---|---|---|---|---|---|---|\n");
+    md.push_str("\n### Exactly one reader, nothing lost\n\n\
+        \"Read twice without a failure\": the second delivery came before the SIGKILL. \
+        \"Delivered while another read the shard\": within another consumer's reading interval \
+        on that shard (a run of its deliveries with no gap above 3 s). \"Not delivered by the \
+        end\": put, but not delivered by the end of the idle phase (a shard never read, or \
+        still behind).\n\n| system | produced | delivered | read twice (without a failure) | delivered while another read the shard | not delivered by the end | lag p50 / p95 |\n|---|---|---|---|---|---|---|\n");
     for r in results {
         let e = &r.exactness;
         md.push_str(&format!(

@@ -21,6 +21,8 @@ use super::proxy::{self, RecordingProxy};
 use crate::emulators::Emulators;
 use crate::util::secs;
 
+/// The most shards kinesis-mock's CreateStream accepts.
+const MAX_CREATE_SHARDS: u64 = 1000;
 /// The worker's default failover timeout, which the model uses too.
 pub const FAILOVER_S: f64 = 10.0;
 /// A KCL lease item's size in bytes (key, owner, counter, checkpoint, parents): ~300.
@@ -202,12 +204,23 @@ pub fn run_pair(
     let app = format!("swarm-{workers}x{shards}-{mode}");
     let stream = format!("swarm-{shards}");
     eprintln!("==> swarm ({mode}): {workers} workers x {shards} shards");
+    // kinesis-mock creates at most 1,000 shards with a stream: more come from a reshard, and
+    // the fleet then finishes the closed parents first, as after any reshard.
+    let created = shards.min(MAX_CREATE_SHARDS);
     super::admin_as(
         emu,
         &app,
         &stream,
-        &["init", "--shards", &shards.to_string()],
+        &["init", "--shards", &created.to_string()],
     )?;
+    if shards > created {
+        super::admin_as(
+            emu,
+            &app,
+            &stream,
+            &["admin", "reshard", &shards.to_string()],
+        )?;
+    }
     let kinesis = RecordingProxy::start(emu.kinesis)?;
     let dynamodb = RecordingProxy::start(emu.dynamodb)?;
     let env: Vec<(String, String)> = std::env::vars()
