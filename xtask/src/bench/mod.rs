@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "worker,lifion,async-kinesis"
+        default_value = "worker,worker-peer-timings,lifion,async-kinesis"
     )]
     pub peers: Vec<String>,
     /// Where results.json, REPORT.md and the plots go.
