@@ -35,13 +35,11 @@ pub struct Args {
     /// Shorter phases (the whole run in about 10 minutes on 2 cores).
     #[arg(long)]
     pub quick: bool,
-    /// Systems to run, in order: worker, worker-peer-timings, lifion, async-kinesis.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "worker,worker-peer-timings,lifion,async-kinesis"
-    )]
-    pub peers: Vec<String>,
+    /// Systems to run, in order, from: worker, worker-peer-timings, lifion, async-kinesis.
+    /// Default: all four; with `--quick`, all but worker-peer-timings (to stay under 10
+    /// minutes).
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Option<Vec<String>>,
     /// Where results.json, REPORT.md and the plots go.
     #[arg(long, default_value = "bench")]
     pub out: PathBuf,
@@ -382,8 +380,14 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let systems: Vec<System> = args
-        .peers
+    let peers = args.peers.clone().unwrap_or_else(|| {
+        let all = ["worker", "worker-peer-timings", "lifion", "async-kinesis"];
+        all.iter()
+            .filter(|p| !(args.quick && **p == "worker-peer-timings"))
+            .map(|p| p.to_string())
+            .collect()
+    });
+    let systems: Vec<System> = peers
         .iter()
         .map(|p| System::parse(p))
         .collect::<anyhow::Result<_>>()?;
