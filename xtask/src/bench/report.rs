@@ -524,50 +524,82 @@ fn swarm_markdown(results: &[SwarmResult], took: Duration) -> String {
 }
 
 /// Shards read (in the last 5 s) at every second, one line per system, with the script's
-/// marks.
+/// marks (the first system's: every run follows the same script).
 fn plot_coverage(path: &Path, results: &[SystemResult]) -> anyhow::Result<()> {
+    over_time(
+        path,
+        "Shards read in the last 5 s",
+        "shards",
+        RESHARD_TO as f64 + 5.0,
+        results,
+        |r| r.coverage.iter().map(|c| *c as f64).collect(),
+    )
+}
+
+/// DynamoDB capacity units per second over time, one line per system.
+fn plot_dynamodb(path: &Path, results: &[SystemResult]) -> anyhow::Result<()> {
+    let top = results
+        .iter()
+        .flat_map(|r| r.dynamodb_units.iter().copied())
+        .fold(1.0f64, f64::max);
+    over_time(
+        path,
+        "DynamoDB capacity units per second",
+        "read + write units",
+        top * 1.1,
+        results,
+        |r| r.dynamodb_units.clone(),
+    )
+}
+
+/// One value per second for each system, against seconds since the consumers started, with
+/// the join, kill, reshard and idle marks.
+fn over_time(
+    path: &Path,
+    caption: &str,
+    y_desc: &str,
+    y_max: f64,
+    results: &[SystemResult],
+    values: impl Fn(&SystemResult) -> Vec<f64>,
+) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let end = results.iter().map(|r| r.seconds).max().unwrap_or(1) as f64;
     let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Shards read in the last 5 s", ("sans-serif", 20))
+        .caption(caption, ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d(0f64..end, 0f64..(RESHARD_TO as f64 + 5.0))?;
+        .build_cartesian_2d(0f64..end, 0f64..y_max)?;
     chart
         .configure_mesh()
         .x_desc("seconds since the consumers started")
-        .y_desc("shards")
+        .y_desc(y_desc)
         .draw()?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
     for (i, r) in results.iter().enumerate() {
-        let color = colors[i % colors.len()];
+        let color = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(
-                r.coverage
-                    .iter()
+                values(r)
+                    .into_iter()
                     .enumerate()
-                    .map(|(s, c)| (s as f64, *c as f64)),
+                    .map(|(s, v)| (s as f64, v)),
                 color.stroke_width(2),
             ))?
             .label(r.system.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
     if let Some(r) = results.first() {
-        for m in r
-            .marks
-            .iter()
-            .filter(|m| matches!(m.name.as_str(), "join" | "kill" | "reshard" | "idle"))
-        {
+        let shown = ["join", "kill", "reshard", "idle"];
+        for m in r.marks.iter().filter(|m| shown.contains(&m.name.as_str())) {
             chart.draw_series(LineSeries::new(
-                [(m.at, 0.0), (m.at, RESHARD_TO as f64 + 5.0)],
+                [(m.at, 0.0), (m.at, y_max)],
                 BLACK.mix(0.3),
             ))?;
             chart.draw_series(std::iter::once(Text::new(
                 m.name.clone(),
-                (m.at + 1.0, RESHARD_TO as f64 + 3.0),
+                (m.at + 1.0, y_max * 0.96),
                 ("sans-serif", 12),
             )))?;
         }
@@ -582,50 +614,14 @@ fn plot_coverage(path: &Path, results: &[SystemResult]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// DynamoDB capacity units per second over time, one line per system.
-fn plot_dynamodb(path: &Path, results: &[SystemResult]) -> anyhow::Result<()> {
-    use plotters::prelude::*;
-    let end = results.iter().map(|r| r.seconds).max().unwrap_or(1) as f64;
-    let top = results
-        .iter()
-        .flat_map(|r| r.dynamodb_units.iter().copied())
-        .fold(1.0f64, f64::max);
-    let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("DynamoDB capacity units per second", ("sans-serif", 20))
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..end, 0f64..top * 1.1)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds since the consumers started")
-        .y_desc("read + write units")
-        .draw()?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
-    for (i, r) in results.iter().enumerate() {
-        let color = colors[i % colors.len()];
-        chart
-            .draw_series(LineSeries::new(
-                r.dynamodb_units
-                    .iter()
-                    .enumerate()
-                    .map(|(s, u)| (s as f64, *u)),
-                color.stroke_width(1),
-            ))?
-            .label(r.system.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
-    root.present()?;
-    Ok(())
-}
+/// One color per system or worker count, in order.
+const COLORS: [plotters::style::RGBColor; 5] = [
+    plotters::style::BLUE,
+    plotters::style::RED,
+    plotters::style::GREEN,
+    plotters::style::MAGENTA,
+    plotters::style::CYAN,
+];
 
 /// The swarm's fleet DynamoDB units per second against shards (log scales), one line per
 /// worker count, and the KCL model's for the same fleets dashed.
@@ -656,7 +652,6 @@ fn plot_scale(path: &Path, results: &[SwarmResult]) -> anyhow::Result<()> {
         .x_desc("shards")
         .y_desc("read + write units per second")
         .draw()?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
     let mut counts: Vec<u64> = results
         .iter()
         .filter(|r| r.mode == "coordinator")
@@ -665,7 +660,7 @@ fn plot_scale(path: &Path, results: &[SwarmResult]) -> anyhow::Result<()> {
     counts.sort_unstable();
     counts.dedup();
     for (i, w) in counts.iter().enumerate() {
-        let color = colors[i % colors.len()];
+        let color = COLORS[i % COLORS.len()];
         let mut row: Vec<&SwarmResult> = results
             .iter()
             .filter(|r| r.workers == *w && r.mode == "coordinator")
