@@ -215,30 +215,14 @@ pub async fn produce(
     }
 }
 
-/// The starting hash key of every open shard (one with no ending sequence number).
+/// The starting hash key of every open shard.
 async fn open_shard_hash_keys(aws: &AwsClients, stream: &str) -> Result<Vec<String>, AwsError> {
-    let mut keys = Vec::new();
-    let mut next: Option<String> = None;
-    loop {
-        let req = aws.kinesis.list_shards();
-        let req = match &next {
-            Some(token) => req.next_token(token),
-            None => req.stream_name(stream),
-        };
-        let page = call(&aws.metrics, "kinesis", "ListShards", req.send()).await?;
-        for shard in page.shards() {
-            let open = shard
-                .sequence_number_range()
-                .is_none_or(|r| r.ending_sequence_number().is_none());
-            if open && let Some(range) = shard.hash_key_range() {
-                keys.push(range.starting_hash_key().to_owned());
-            }
-        }
-        next = page.next_token().map(str::to_owned);
-        if next.is_none() {
-            return Ok(keys);
-        }
-    }
+    Ok(crate::inputs::list_shards(aws, stream)
+        .await?
+        .into_iter()
+        .filter(|s| s.open)
+        .map(|s| s.starting_hash_key)
+        .collect())
 }
 
 #[cfg(test)]

@@ -60,6 +60,10 @@ pub struct ShardInfo {
     pub shard_id: String,
     /// Parent and adjacent parent (after a merge), where the service reports them.
     pub parents: Vec<String>,
+    /// The lowest hash key it covers (a producer targets the shard with it).
+    pub starting_hash_key: String,
+    /// No ending sequence number yet: records still go to it.
+    pub open: bool,
 }
 
 /// Every shard of the stream, open and closed, all pages. Follow-up pages carry only the
@@ -85,6 +89,13 @@ pub async fn list_shards(aws: &AwsClients, stream: &str) -> Result<Vec<ShardInfo
             shards.push(ShardInfo {
                 shard_id: shard.shard_id().to_owned(),
                 parents,
+                starting_hash_key: shard
+                    .hash_key_range()
+                    .map(|r| r.starting_hash_key().to_owned())
+                    .unwrap_or_default(),
+                open: shard
+                    .sequence_number_range()
+                    .is_none_or(|r| r.ending_sequence_number().is_none()),
             });
         }
         match out.next_token() {

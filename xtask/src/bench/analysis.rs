@@ -114,13 +114,16 @@ pub fn shards_per_worker(
 }
 
 /// After `victim` stopped at `at`: seconds until every shard it read in the `window` before
-/// was read by someone else (`None` if one never was).
+/// was read by someone else (`None` if one never was, or it read nothing).
 pub fn failover(deliveries: &[Delivery], victim: &str, at: f64, window: f64) -> Option<f64> {
     let orphans: BTreeSet<&str> = deliveries
         .iter()
         .filter(|d| d.worker == victim && d.at > at - window && d.at <= at)
         .map(|d| d.shard.as_str())
         .collect();
+    if orphans.is_empty() {
+        return None;
+    }
     let mut worst: f64 = 0.0;
     for shard in orphans {
         let first = deliveries
@@ -139,7 +142,8 @@ pub struct Exactness {
     pub delivered: u64,
     /// Extra deliveries of a (shard, sequence) already delivered.
     pub duplicates: u64,
-    /// Of those, the ones delivered before `failure_at` (no failure to excuse them).
+    /// Of those, the ones no failure explains: not a re-delivery, after the failure, of a
+    /// record the failed consumer had delivered.
     pub duplicates_without_failure: u64,
     /// Deliveries made while another worker was also reading the same shard (see
     /// [`exactness`]).
@@ -156,10 +160,11 @@ pub struct Exactness {
 pub fn exactness(
     deliveries: &[Delivery],
     produced: &[String],
-    failure_at: Option<f64>,
+    failure: Option<(&str, f64)>,
     gap: f64,
 ) -> Exactness {
-    let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
+    // (shard, sequence) → who delivered it first.
+    let mut seen: BTreeMap<(&str, &str), &str> = BTreeMap::new();
     let mut out = Exactness {
         delivered: deliveries.len() as u64,
         produced: produced.len() as u64,
@@ -171,10 +176,16 @@ pub fn exactness(
     let mut in_time: Vec<&Delivery> = deliveries.iter().collect();
     in_time.sort_by(|a, b| a.at.total_cmp(&b.at));
     for d in in_time {
-        if !seen.insert((&d.shard, &d.sequence)) {
-            out.duplicates += 1;
-            if failure_at.is_none_or(|f| d.at < f) {
-                out.duplicates_without_failure += 1;
+        match seen.get(&(d.shard.as_str(), d.sequence.as_str())) {
+            None => {
+                seen.insert((&d.shard, &d.sequence), &d.worker);
+            }
+            Some(first) => {
+                out.duplicates += 1;
+                let explained = failure.is_some_and(|(victim, at)| *first == victim && d.at >= at);
+                if !explained {
+                    out.duplicates_without_failure += 1;
+                }
             }
         }
         by_shard.entry(&d.shard).or_default().push(d);
@@ -206,6 +217,21 @@ pub fn exactness(
         .filter(|p| !delivered.contains(p.as_str()))
         .count() as u64;
     out
+}
+
+/// The deliveries of shards first read at or after `since` (after a reshard: the children,
+/// not the closed parents whose last records were still arriving).
+pub fn shards_first_read_since(deliveries: &[Delivery], since: f64) -> Vec<Delivery> {
+    let mut first: BTreeMap<&str, f64> = BTreeMap::new();
+    for d in deliveries {
+        let f = first.entry(&d.shard).or_insert(d.at);
+        *f = f.min(d.at);
+    }
+    deliveries
+        .iter()
+        .filter(|d| first[d.shard.as_str()] >= since)
+        .cloned()
+        .collect()
 }
 
 /// End-to-end lag (delivery − put) in seconds: (p50, p95), over deliveries in `[from, to)`.
@@ -276,6 +302,7 @@ mod tests {
         ];
         assert_eq!(failover(&v, "a", 10.0, 5.0), Some(5.0));
         assert_eq!(failover(&v[..3], "a", 10.0, 5.0), None);
+        assert_eq!(failover(&v, "z", 10.0, 5.0), None, "z read nothing");
     }
 
     #[test]
@@ -298,9 +325,14 @@ mod tests {
         // Given one consumer's log after the other's, as the bench reads them.
         let mut by_log = both.clone();
         by_log.sort_by(|x, y| x.worker.cmp(&y.worker));
-        let e = exactness(&by_log, &produced, Some(2.2), 3.0);
+        // a failed at 2.2 s: b's re-delivery at 2.5 s of a's record is explained, the one at
+        // 1.5 s is not.
+        let e = exactness(&by_log, &produced, Some(("a", 2.2)), 3.0);
         assert_eq!(e.duplicates, 2);
         assert_eq!(e.duplicates_without_failure, 1);
+        // Nor is one after the failure of a record the failed consumer never had.
+        let e = exactness(&by_log, &produced, Some(("c", 2.2)), 3.0);
+        assert_eq!(e.duplicates_without_failure, 2);
         // a read [1, 2] and b [1.5, 2.5]: b's first and a's last fall inside the other's.
         assert_eq!(e.concurrent_deliveries, 2);
     }
@@ -310,8 +342,20 @@ mod tests {
         // b read the record, was killed at 2 s, and a read it again at 3 s; a's log is read
         // first.
         let logs = vec![d(3.0, "a", "s", 1), d(1.0, "b", "s", 1)];
-        let e = exactness(&logs, &["s-1".to_owned()], Some(2.0), 3.0);
+        let e = exactness(&logs, &["s-1".to_owned()], Some(("b", 2.0)), 3.0);
         assert_eq!((e.duplicates, e.duplicates_without_failure), (1, 0));
+    }
+
+    #[test]
+    fn after_a_reshard_only_the_children_count() {
+        let v = vec![
+            d(9.0, "a", "parent", 1),
+            d(11.0, "a", "parent", 2),
+            d(12.0, "b", "child", 1),
+        ];
+        let children = shards_first_read_since(&v, 10.0);
+        assert_eq!(children.len(), 1);
+        assert_eq!(children[0].shard, "child");
     }
 
     #[test]

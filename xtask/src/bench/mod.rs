@@ -96,13 +96,28 @@ pub struct Mark {
     pub at: f64,
 }
 
-/// One consumer process.
+/// One consumer process; killed when dropped, so a failed run leaves nothing behind.
 struct Consumer {
     name: String,
     handle: duct::Handle,
     record_log: PathBuf,
     /// CPU seconds and peak RSS (KiB), sampled before it stopped.
     usage: Option<(f64, u64)>,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        let _ = self.handle.kill();
+    }
+}
+
+/// A process killed when dropped (the producer).
+struct KillOnDrop(duct::Handle);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
 }
 
 /// What one system's run left behind, for [`analysis`] and [`report`].
@@ -203,30 +218,32 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
     admin(&emu, &["init", "--shards", &SHARDS.to_string()])?;
     system.prepare(&emu, APP, STREAM)?;
     let produced_log = dir.join("produced.log");
-    let producer = Launch::new(
-        worker_bin(),
-        [
-            "admin",
-            "produce",
-            "--each-shard",
-            "--rate",
-            "1",
-            "--seconds",
-            "0",
-            "--out",
-            &produced_log.display().to_string(),
-        ],
-    )
-    .full_env(
-        std::env::vars()
-            .filter(|(k, _)| !k.starts_with("KDS_") && !k.starts_with("AWS_"))
-            .chain(emu.aws_env().into_iter().map(|(k, v)| (k.to_owned(), v)))
-            .collect(),
-    )
-    .env("KDS_APP_NAME", APP)
-    .env("KDS_STREAM_NAME", STREAM)
-    .log(dir.join("logs/producer.log"), false)
-    .start()?;
+    let producer = KillOnDrop(
+        Launch::new(
+            worker_bin(),
+            [
+                "admin",
+                "produce",
+                "--each-shard",
+                "--rate",
+                "1",
+                "--seconds",
+                "0",
+                "--out",
+                &produced_log.display().to_string(),
+            ],
+        )
+        .full_env(
+            std::env::vars()
+                .filter(|(k, _)| !k.starts_with("KDS_") && !k.starts_with("AWS_"))
+                .chain(emu.aws_env().into_iter().map(|(k, v)| (k.to_owned(), v)))
+                .collect(),
+        )
+        .env("KDS_APP_NAME", APP)
+        .env("KDS_STREAM_NAME", STREAM)
+        .log(dir.join("logs/producer.log"), false)
+        .start()?,
+    );
 
     let t0 = Instant::now();
     let t0_micros = micros_now();
@@ -337,7 +354,7 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
         at: at(),
     });
     eprintln!("  {}: production stops", secs(t0.elapsed()));
-    process::stop(producer.pids()[0], Duration::from_secs(5));
+    process::stop(producer.0.pids()[0], Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(phases.idle_s));
     marks.push(Mark {
         name: "end".into(),

@@ -145,7 +145,15 @@ pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
         .filter(|x| x.worker == "c3")
         .map(|x| x.at - join)
         .min_by(f64::total_cmp);
-    let exactness = analysis::exactness(&d, &data.produced, Some(kill), 3.0);
+    let exactness =
+        analysis::exactness(&d, &data.produced, Some((data.victim.as_str(), kill)), 3.0);
+    // After the reshard only the children count: a parent's last records arrive for a few
+    // seconds and would stand in for a child not yet read.
+    let children = analysis::coverage(
+        &analysis::shards_first_read_since(&d, reshard),
+        end,
+        COVERAGE_WINDOW_S,
+    );
     let lag = analysis::lag(&d, 0.0, idle);
     let app = "bench-app";
     let system = data.system;
@@ -192,20 +200,22 @@ pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
             s(reshard),
         ),
         unread_shard_seconds_reshard: analysis::unread_shard_seconds(
-            &coverage,
+            &children,
             RESHARD_TO,
             s(reshard_done),
             s(idle),
         ),
         failover_s: analysis::failover(&d, &data.victim, kill, COVERAGE_WINDOW_S),
-        reshard_full_coverage_s: analysis::time_to_cover(&coverage, RESHARD_TO, s(reshard_done)),
+        reshard_full_coverage_s: analysis::time_to_cover(&children, RESHARD_TO, s(reshard_done)),
         exactness,
         lag_p50_s: lag.map(|l| l.0),
         lag_p95_s: lag.map(|l| l.1),
         dynamodb: rates(&all, data.seconds as f64, |c| system.category(c, app)),
-        dynamodb_idle: rates(&idle_calls, (end as f64 - idle - 5.0).max(1.0), |c| {
-            system.category(c, app)
-        }),
+        dynamodb_idle: rates(
+            &idle_calls,
+            (mark(data, "end") - idle - 5.0).max(1.0),
+            |c| system.category(c, app),
+        ),
         conditional_writes: conditional,
         conditional_write_failure_rate: (conditional > 0)
             .then(|| failed as f64 / conditional as f64),
@@ -288,6 +298,7 @@ fn machine() -> serde_json::Value {
 /// Everything results.json holds. `cargo xtask bench` replaces `systems`, `--swarm` replaces
 /// `swarm`; each keeps the other part of an earlier run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Results {
     pub machine: serde_json::Value,
     pub emulators: String,
@@ -315,10 +326,17 @@ pub enum Update {
 pub fn write(out: &Path, update: Update) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
     let path = out.join("results.json");
-    let mut all: Results = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let mut all: Results = match std::fs::read_to_string(&path) {
+        Err(_) => Results::default(),
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            // An older bench's file: say so rather than silently lose its other half.
+            eprintln!(
+                "{} is not this bench's format ({e}); writing it afresh",
+                path.display()
+            );
+            Results::default()
+        }),
+    };
     all.machine = machine();
     all.emulators = crate::emulators::load_pins()
         .map(|p| {

@@ -204,9 +204,14 @@ pub fn run_pair(
     let app = format!("swarm-{workers}x{shards}-{mode}");
     let stream = format!("swarm-{shards}");
     eprintln!("==> swarm ({mode}): {workers} workers x {shards} shards");
-    // kinesis-mock creates at most 1,000 shards with a stream: more come from a reshard, and
-    // the fleet then finishes the closed parents first, as after any reshard.
-    let created = shards.min(MAX_CREATE_SHARDS);
+    // kinesis-mock creates at most 1,000 shards with a stream, and refuses 1,000 -> 2,000
+    // ("already exists"): more shards come from resharding a smaller stream (600 -> 1,200 ->
+    // 2,000), and the fleet then finishes the closed parents first, as after any reshard.
+    let created = if shards > MAX_CREATE_SHARDS {
+        shards * 3 / 10
+    } else {
+        shards
+    };
     super::admin_as(
         emu,
         &app,
@@ -214,12 +219,18 @@ pub fn run_pair(
         &["init", "--shards", &created.to_string()],
     )?;
     if shards > created {
-        super::admin_as(
-            emu,
-            &app,
-            &stream,
-            &["admin", "reshard", &shards.to_string()],
-        )?;
+        // A big UpdateShardCount can outlast the SDK's 10 s call timeout while kinesis-mock
+        // works; the command is idempotent (it steps from the current count), so ask again.
+        let target = shards.to_string();
+        let mut attempt = 0;
+        while let Err(e) = super::admin_as(emu, &app, &stream, &["admin", "reshard", &target]) {
+            attempt += 1;
+            if attempt >= 5 {
+                return Err(e);
+            }
+            eprintln!("    reshard to {shards} not done yet ({e}); asking again");
+            std::thread::sleep(Duration::from_secs(10));
+        }
     }
     let kinesis = RecordingProxy::start(emu.kinesis)?;
     let dynamodb = RecordingProxy::start(emu.dynamodb)?;
