@@ -56,6 +56,25 @@ impl CountingProcessor {
         }
     }
 
+    /// Forgets every shard not in `held`: its counts and its per-shard metric series. A
+    /// worker that ran through many reshards and hand-offs keeps only what it reads now, so
+    /// neither the map nor the metric labels grow with every shard it ever read (a counter
+    /// that comes back starts again from 0, which Prometheus reads as a reset).
+    pub fn retain(&self, held: &[String]) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.retain(|shard, _| {
+            let keep = held.contains(shard);
+            if !keep {
+                let label = ShardLabel {
+                    shard: shard.clone(),
+                };
+                self.records_metric.remove(&label);
+                self.bytes_metric.remove(&label);
+            }
+            keep
+        });
+    }
+
     pub fn counts(&self) -> BTreeMap<String, ShardCounts> {
         self.counts
             .lock()
@@ -78,5 +97,37 @@ impl RecordProcessor for CountingProcessor {
             .get_or_create(&label)
             .inc_by(records.len() as u64);
         self.bytes_metric.get_or_create(&label).inc_by(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_kinesis::primitives::{Blob, DateTime};
+
+    fn record(seq: &str) -> Record {
+        Record::builder()
+            .sequence_number(seq)
+            .data(Blob::new("x"))
+            .partition_key("k")
+            .approximate_arrival_timestamp(DateTime::from_secs(0))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn shards_no_longer_held_are_forgotten_with_their_metric_series() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let (records, bytes) = (Family::default(), Family::default());
+        registry.register("records", "records", records.clone());
+        let counting = CountingProcessor::new(records, bytes);
+        counting.process("w", "shard-a", 1, &[record("1")]);
+        counting.process("w", "shard-b", 1, &[record("1"), record("2")]);
+        counting.retain(&["shard-a".to_owned()]);
+        assert_eq!(counting.counts().keys().collect::<Vec<_>>(), ["shard-a"]);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("shard=\"shard-a\""), "{text}");
+        assert!(!text.contains("shard-b"), "{text}");
     }
 }

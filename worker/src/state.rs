@@ -497,6 +497,8 @@ impl WorkerState {
         let mut g = self.lock();
         // Failing reads of shards no longer read are over.
         g.failing_reads.retain(|shard, _| leases.contains(shard));
+        // Counts and per-shard metrics of shards no longer held are dropped.
+        self.counting.retain(&leases);
         self.metrics
             .failing_shard_reads
             .set(g.failing_reads.len() as i64);

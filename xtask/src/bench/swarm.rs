@@ -14,7 +14,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::proxy::{self, RecordingProxy};
@@ -70,14 +70,17 @@ pub fn kcl_model(workers: u64, shards: u64) -> KclModel {
     }
 }
 
-/// The grid of (workers, shards, naive): `--quick` runs three pairs and the naive design at
-/// the middle one; the full run every pair, each also naive.
+/// The grid of (workers, shards, naive): `--quick` runs four pairs and the naive design at
+/// 10 × 300; the full run every pair, each also naive. On 2 cores, moto serving one request
+/// at a time cannot keep up with 100 workers' heartbeats (they time out and fence): that row
+/// reads "never", and 30 × 2,000 is the largest fleet measured here.
 pub fn grid(quick: bool) -> Vec<(u64, u64, bool)> {
     if quick {
         vec![
             (3, 30, false),
             (10, 300, false),
             (10, 300, true),
+            (30, 2000, false),
             (100, 2000, false),
         ]
     } else {
@@ -256,7 +259,7 @@ pub fn run_pair(
     let bin = crate::util::built_binary("release", "kds-swarm");
     let mut swarm = Swarm::start(&bin, env, workers, naive, &dir.join(format!("{app}.log")))?;
     let pid = swarm.child.id();
-    let deadline = Duration::from_secs(120 + shards / 5);
+    let deadline = Duration::from_secs(60 + shards / 10);
     let coverage = swarm.wait(deadline, "coverage", |l| {
         l.held.len() as u64 == workers && balanced(l, shards)
     });
@@ -275,7 +278,7 @@ pub fn run_pair(
     let w = window.as_secs_f64();
     // One worker leaves (gracefully, as a scale-down does).
     swarm.send(&format!("stop {}", workers - 1));
-    let rebalance = if workers > 1 {
+    let rebalance = if workers > 1 && coverage.is_some() {
         swarm.wait(deadline, "rebalance", |l| {
             l.held.len() as u64 == workers - 1 && balanced(l, shards)
         })
@@ -325,8 +328,9 @@ pub fn run(sh: &xshell::Shell, quick: bool, dir: &Path) -> anyhow::Result<Vec<Sw
                 .map_or("never".into(), |s| format!("{s:.1} s")),
         );
         if r.time_to_coverage_s.is_none() {
-            bail!(
-                "{workers} workers never covered {shards} shards; see {}",
+            // Kept as a row ("never"): the report says what could not be measured here.
+            eprintln!(
+                "    {workers} workers never covered {shards} shards; their log is in {}",
                 dir.display()
             );
         }
@@ -347,7 +351,7 @@ mod tests {
         let m = kcl_model(100, 2000);
         assert!((m.write_units_per_s - 600.0).abs() < 1e-9);
         assert!((m.read_units_per_s - 100.0 * 147.0 * 0.5 / 20.0).abs() < 1e-9);
-        assert_eq!(grid(true).len(), 4);
+        assert_eq!(grid(true).len(), 5);
         assert_eq!(grid(false).len(), 24);
     }
 }
