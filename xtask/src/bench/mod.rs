@@ -47,6 +47,9 @@ pub struct Args {
     /// (3 to 100 workers × 30 to 2,000 shards; `--quick`: three pairs).
     #[arg(long)]
     pub swarm: bool,
+    /// Only write REPORT.md again from results.json (nothing is run).
+    #[arg(long)]
+    pub report_only: bool,
 }
 
 /// How long each phase of the script lasts.
@@ -408,16 +411,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|p| System::parse(p))
         .collect::<anyhow::Result<_>>()?;
-    let phases = Phases::new(args.quick);
-    let sh = Shell::new()?;
-    sh.change_dir(project_root());
-    // Both binaries of the package: kds-worker and kds-swarm.
-    cmd!(sh, "cargo build --release --quiet -p kds-worker --bins").run()?;
     let out = if args.out.is_absolute() {
         args.out.clone()
     } else {
         project_root().join(&args.out)
     };
+    if args.report_only {
+        return report::rewrite_markdown(&out);
+    }
+    let phases = Phases::new(args.quick);
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+    // Both binaries of the package: kds-worker and kds-swarm.
+    cmd!(sh, "cargo build --release --quiet -p kds-worker --bins").run()?;
     if args.swarm {
         let began = Instant::now();
         let results = swarm::run(&sh, args.quick, &lab_dir().join("bench/swarm"))?;

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::analysis::{self, Exactness};
@@ -322,6 +323,17 @@ pub enum Update {
     },
 }
 
+/// Writes REPORT.md again from `out/results.json` (after a change to the report's text).
+pub fn rewrite_markdown(out: &Path) -> anyhow::Result<()> {
+    let path = out.join("results.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}: run `cargo xtask bench` first", path.display()))?;
+    let all: Results =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    std::fs::write(out.join("REPORT.md"), markdown(&all))?;
+    Ok(())
+}
+
 /// Merges `update` into `out/results.json` and writes REPORT.md and the plots from it.
 pub fn write(out: &Path, update: Update) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
@@ -436,7 +448,8 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
         ));
     }
     md.push_str("\n### Exactly one reader, nothing lost\n\n\
-        \"Read twice without a failure\": the second delivery came before the SIGKILL. \
+        \"Read twice without a failure\": a second delivery the SIGKILL does not explain (it \
+        is not a re-delivery, after the kill, of a record the killed consumer had delivered). \
         \"Delivered while another read the shard\": within another consumer's reading interval \
         on that shard (a run of its deliveries with no gap above 3 s). \"Not delivered by the \
         end\": put, but not delivered by the end of the idle phase (a shard never read, or \
