@@ -296,8 +296,8 @@ fn machine() -> serde_json::Value {
     serde_json::json!({ "cpus": cpus, "memory_mib": mem / 1024, "os": std::env::consts::OS })
 }
 
-/// Everything results.json holds. `cargo xtask bench` replaces `systems`, `--swarm` replaces
-/// `swarm`; each keeps the other part of an earlier run.
+/// Everything results.json holds. `cargo xtask bench` replaces the rows of the systems it
+/// ran, `--swarm` replaces `swarm`; each keeps the rest of an earlier run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Results {
@@ -367,7 +367,13 @@ pub fn write(out: &Path, update: Update) -> anyhow::Result<()> {
             phases,
             took,
         } => {
-            all.systems = results;
+            // Each run replaces the rows of the systems it ran and keeps the others.
+            for r in results {
+                match all.systems.iter_mut().find(|x| x.system == r.system) {
+                    Some(row) => *row = r,
+                    None => all.systems.push(r),
+                }
+            }
             all.phases = Some(phases);
             all.systems_took_s = Some(took.as_secs());
             plot_coverage(&out.join("coverage.svg"), &all.systems)?;
