@@ -418,7 +418,7 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
     let base = results.first();
     let mut md = format!(
         "## Systems side by side\n\n\
-         The run took {}. Script: 30 shards with one record per shard \
+         The last run of `cargo xtask bench` took {}. Script: 30 shards with one record per shard \
          per second, 3 consumers start together; a 4th joins ({} s); one is killed with SIGKILL \
          ({} s); reshard 30 → 60 ({} s after it finishes); production stops ({} s idle). Each \
          system ran alone on fresh emulators, reaching them only through a recording proxy. A \
