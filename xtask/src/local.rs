@@ -137,6 +137,10 @@ impl Local {
 
     fn start_worker(&mut self, name: &str) -> anyhow::Result<()> {
         let port = free_port()?;
+        // The worker appends to its record log but does not create the directory.
+        if !self.runner.dry_run {
+            std::fs::create_dir_all(records_dir())?;
+        }
         let launch = Launch::new(
             worker_binary(),
             ["--config".to_owned(), config_path().display().to_string()],
