@@ -120,7 +120,7 @@ enum Command {
     Measure(measure::Args),
     /// This worker beside the peer libraries (lifion-kinesis, async-kinesis) on the same
     /// emulators and script: coverage, failover, exactness, DynamoDB and Kinesis cost, CPU and
-    /// memory. Writes bench/results.json, bench/REPORT.md and bench/coverage.svg.
+    /// memory. Writes bench/results.json, bench/REPORT.md and three SVG plots.
     Bench(bench::Args),
 }
 

@@ -44,7 +44,8 @@ pub struct Args {
     #[arg(long, default_value = "bench")]
     pub out: PathBuf,
     /// The control plane alone at scale instead: many non-reading workers in one process
-    /// (3 to 100 workers × 30 to 2,000 shards; `--quick`: three pairs).
+    /// (3 to 100 workers × 30 to 2,000 shards, each also naive; `--quick`: four pairs and
+    /// the naive design at 10 × 300).
     #[arg(long)]
     pub swarm: bool,
     /// Only write REPORT.md again from results.json (nothing is run).
