@@ -153,86 +153,193 @@ const SCAN_PAUSES: u32 = 2;
 /// The coordinator's lease rounds: one scan of the lease table and of the heartbeats, the
 /// lease table synced with the stream when `shard_poll_interval` is due (from the same scan),
 /// a plan for the whole fleet, and its writes (each conditional on the lease as scanned).
+/// They are the term's only reader of the heartbeats: the live-worker count goes from here to
+/// the publication loop through `live_tx`.
 ///
 /// Rounds start every `heartbeat_interval`, but never sooner than [`SCAN_PAUSES`] scan
 /// durations after the last round ended: on a large table the scan dominates, and the
 /// DynamoDB it shares with every heartbeat must not be kept busy by it (a slow table is
-/// scanned at most a third of the time).
-async fn lease_rounds(ctx: Arc<Context>, stop: CancellationToken) {
+/// scanned at most a third of the time). Within that bound a round also starts early:
+/// - when a silent worker is due to be judged dead, so its leases wait `failover_timeout`,
+///   not up to a round more;
+/// - when a new limit is published (workers came or went, shards changed), so leases that
+///   did not fit under the old limit are planned under the new one at once.
+async fn lease_rounds(
+    ctx: Arc<Context>,
+    live_tx: watch::Sender<Option<u64>>,
+    stop: CancellationToken,
+) {
     let s = &ctx.state.settings;
-    let me = s.worker_id.clone();
     let store = LeaseStore::new(ctx.aws.clone(), s.lease_table());
-    let mut liveness = LivenessTracker::default();
-    let mut last_deficit_report: Option<(u64, u64)> = None;
-    let mut listed: Option<BTreeSet<String>> = None;
-    let mut next_sync = Instant::now();
+    let mut round = RoundState {
+        me: s.worker_id.clone(),
+        liveness: LivenessTracker::default(),
+        owners: BTreeSet::new(),
+        live_tx,
+        listed: None,
+        next_sync: Instant::now(),
+        last_deficit_report: None,
+    };
+    let mut limits = ctx.state.limit_versions();
     let mut next_round = Instant::now();
+    let mut earliest = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(next_round) => {}
+            _ = sleep_until(next_round) => {}
+            Ok(()) = limits.changed() => {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = sleep_until(earliest) => {}
+                }
+            }
         }
+        limits.mark_unchanged();
         let began = Instant::now();
-        let result = lease_round(
-            &ctx,
-            &store,
-            &me,
-            &mut liveness,
-            &mut listed,
-            &mut next_sync,
-            &mut last_deficit_report,
-            &stop,
-        )
-        .await;
-        let scan_took = match result {
-            Ok(took) => took,
+        let result = lease_round(&ctx, &store, &mut round, &stop).await;
+        let scan_took = match &result {
+            Ok(took) => *took,
             Err(e) => {
                 tracing::warn!(error = %e, "lease round failed; retrying next round");
                 began.elapsed()
             }
         };
-        next_round = (began + s.heartbeat_interval).max(Instant::now() + scan_took * SCAN_PAUSES);
+        earliest = Instant::now() + scan_took * SCAN_PAUSES;
+        next_round = began + s.heartbeat_interval;
+        // After a failed round the deadlines may be stale: retry at the usual pace.
+        if result.is_ok()
+            && let Some(verdict) = round.liveness.next_verdict(s.failover_timeout)
+        {
+            next_round = next_round.min(verdict);
+        }
+        next_round = next_round.max(earliest);
     }
     ctx.state.set_coverage(None);
     ctx.state.clear_stream_calls();
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the lease rounds of one term carry from round to round.
+struct RoundState {
+    me: String,
+    liveness: LivenessTracker,
+    /// Lease owners in the last lease scan that succeeded: expected to heartbeat.
+    owners: BTreeSet<String>,
+    live_tx: watch::Sender<Option<u64>>,
+    /// The stream's shard ids at the last sync.
+    listed: Option<BTreeSet<String>>,
+    next_sync: Instant,
+    last_deficit_report: Option<(u64, u64)>,
+}
+
+impl RoundState {
+    /// Hands the live-worker count to the publication loop (only a change wakes it).
+    fn publish_live(&self, live_workers: u64) {
+        self.live_tx.send_if_modified(|v| {
+            let changed = *v != Some(live_workers);
+            *v = Some(live_workers);
+            changed
+        });
+    }
+}
+
+/// Deletes the heartbeat rows of workers judged dead, each conditional on the counter seen (a
+/// worker that came back meanwhile keeps its row). A deleted row is remembered as gone, so
+/// the same worker writing a new row (its counter starting again at 1) counts as progress.
+async fn remove_dead_rows(ctx: &Context, liveness: &mut LivenessTracker, dead: &[(String, u64)]) {
+    let deletes = dead.iter().map(|(id, counter)| async move {
+        tracing::info!(worker = %id, "worker's heartbeat stopped; removing it");
+        match ctx.meta.delete_dead_heartbeat(id, *counter).await {
+            Ok(()) => Some(id),
+            Err(e) => {
+                if !e.is_condition_failed() {
+                    tracing::warn!(worker = %id, error = %e, "could not remove a dead heartbeat");
+                }
+                None
+            }
+        }
+    });
+    for id in futures::future::join_all(deletes)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        liveness.row_removed(id);
+    }
+}
+
 async fn lease_round(
     ctx: &Context,
     store: &LeaseStore,
-    me: &str,
-    liveness: &mut LivenessTracker,
-    listed: &mut Option<BTreeSet<String>>,
-    next_sync: &mut Instant,
-    last_deficit_report: &mut Option<(u64, u64)>,
+    round: &mut RoundState,
     stop: &CancellationToken,
 ) -> Result<Duration, crate::aws::AwsError> {
     let s = &ctx.state.settings;
+    let me = round.me.as_str();
     let began = Instant::now();
-    let leases = store.scan().await?;
+    let scan = store.scan().await;
     let scanned = began.elapsed();
-    if Instant::now() >= *next_sync {
+    if let Ok(leases) = &scan {
+        round.owners = leases.iter().filter_map(|l| l.owner.clone()).collect();
+    }
+    // Heartbeats are read after the lease scan: an owner that acquired a lease the scan saw
+    // had its heartbeat land before, so it is seen alive. Lease owners without a heartbeat
+    // row are expected too: dead only after `failover_timeout` of absence on this
+    // coordinator's clock, row or no row. They are read even when the scan failed, so the
+    // limit keeps following the workers.
+    let issued = Instant::now();
+    let rows = ctx.meta.scan_heartbeats().await?;
+    let answered = Instant::now();
+    let judged = round.liveness.observe_read(
+        &rows,
+        round.owners.iter().map(String::as_str),
+        issued,
+        answered,
+        s.failover_timeout,
+    );
+    // Only rows can be deleted (a dead owner without a row has none).
+    let dead_rows: Vec<(String, u64)> = judged
+        .dead
+        .iter()
+        .filter_map(|(id, c)| c.map(|c| (id.clone(), c)))
+        .collect();
+    // The count the limit is computed from: workers with a live row (an owner without one is
+    // waited for before its leases move, but is not counted), and this worker, alive by
+    // definition there even before its first row is read.
+    let with_rows: BTreeSet<&str> = rows.iter().map(|r| r.worker_id.as_str()).collect();
+    let live_workers = judged
+        .live
+        .iter()
+        .filter(|w| with_rows.contains(w.as_str()) && w.as_str() != me)
+        .count() as u64
+        + 1;
+    // The count is sent after this round's writes, so a worker woken by the new limit finds
+    // its new leases; a term's first count goes out at once, so neither the sync (creating
+    // every lease item of a new stream) nor the writes hold the term's first limit back.
+    if round.live_tx.borrow().is_none() {
+        round.publish_live(live_workers);
+    }
+    let leases = match scan {
+        Ok(leases) => leases,
+        Err(e) => {
+            remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
+            round.publish_live(live_workers);
+            return Err(e);
+        }
+    };
+    if Instant::now() >= round.next_sync {
         match sync_leases(ctx, store, &leases).await {
-            Ok(ids) => *listed = Some(ids),
+            Ok(ids) => round.listed = Some(ids),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot sync the lease table with the stream's shards")
             }
         }
-        *next_sync = Instant::now() + s.shard_poll_interval;
+        round.next_sync = Instant::now() + s.shard_poll_interval;
     }
-    let (Some(limit), Some(listed)) = (ctx.state.limit(), listed.as_ref()) else {
+    let (Some(limit), Some(listed)) = (ctx.state.limit(), round.listed.as_ref()) else {
+        remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
+        round.publish_live(live_workers);
         return Ok(scanned);
     };
-    // Heartbeats are read after the lease scan (and the sync): an owner that acquired a lease
-    // the scan saw had its heartbeat land before, so it is seen alive. Lease owners without a
-    // heartbeat row are expected too: dead only after `failover_timeout` of absence on this
-    // coordinator's clock, row or no row.
-    let issued = Instant::now();
-    let rows = ctx.meta.scan_heartbeats().await?;
-    let answered = Instant::now();
-    let owners: BTreeSet<&str> = leases.iter().filter_map(|l| l.owner.as_deref()).collect();
-    let judged = liveness.observe_read(&rows, owners, issued, answered, s.failover_timeout);
     // This worker is judged by its own row like anyone (a coordinator that cannot write its
     // heartbeat loses its leases like anyone); before its first row is read it counts while
     // it may read.
@@ -251,7 +358,7 @@ async fn lease_round(
     let coverage = assignment::coverage(&view, limit.cap);
     if limit.capacity_deficit > 0 && coverage.uncovered_shards > 0 {
         let report = (coverage.uncovered_shards, coverage.workers_needed);
-        if *last_deficit_report != Some(report) {
+        if round.last_deficit_report != Some(report) {
             tracing::warn!(
                 uncovered_shards = coverage.uncovered_shards,
                 workers_needed = coverage.workers_needed,
@@ -262,9 +369,9 @@ async fn lease_round(
                 coverage.workers_needed
             );
         }
-        *last_deficit_report = Some(report);
+        round.last_deficit_report = Some(report);
     } else {
-        *last_deficit_report = None;
+        round.last_deficit_report = None;
     }
     ctx.state.set_coverage(Some(coverage));
 
@@ -309,6 +416,8 @@ async fn lease_round(
         .buffer_unordered(ASSIGNMENT_WRITES_IN_FLIGHT)
         .collect::<()>()
         .await;
+    remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
+    round.publish_live(live_workers);
     Ok(scanned)
 }
 
@@ -338,11 +447,13 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
     }
 
     let mut shard_tick = ticker(s.shard_poll_interval);
-    let mut heartbeat_tick = ticker(s.heartbeat_interval);
-    let mut liveness = LivenessTracker::default();
     // The lease table sync and the assignment run beside the publication loop: creating
-    // hundreds of lease items after a reshard must not delay the new limit.
-    watchers.spawn(lease_rounds(ctx.clone(), stop.child_token()).in_current_span());
+    // hundreds of lease items after a reshard must not delay the new limit. The lease rounds
+    // are also the term's only reader of the heartbeats: the live-worker count published here
+    // is the one the leases were just assigned by.
+    let (live_tx, mut live_rx) = watch::channel(None::<u64>);
+    let mut live_open = true;
+    watchers.spawn(lease_rounds(ctx.clone(), live_tx, stop.child_token()).in_current_span());
     let mut shards: Option<u64> = None;
     let mut live: Option<u64> = None;
 
@@ -359,30 +470,16 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
                     ctx.state.stream_call("DescribeStreamSummary", Err(e.to_string()));
                 }
             },
-            _ = heartbeat_tick.tick() => match ctx.meta.scan_heartbeats().await {
-                Ok(rows) => {
-                    let judged =
-                        liveness.observe(&rows, std::iter::empty(), Instant::now(), s.failover_timeout);
-                    // Only rows can be deleted (a dead worker without a row has none).
-                    let dead = judged.dead.iter().filter_map(|(id, c)| c.as_ref().map(|c| (id, c)));
-                    for (id, counter) in dead {
-                        tracing::info!(worker = %id, "worker's heartbeat stopped; removing it");
-                        // Conditional: a worker that came back meanwhile keeps its row.
-                        if let Err(e) = ctx.meta.delete_dead_heartbeat(id, *counter).await
-                            && !e.is_condition_failed()
-                        {
-                            tracing::warn!(worker = %id, error = %e, "could not remove a dead heartbeat");
-                        }
+            changed = live_rx.changed(), if live_open => {
+                match changed {
+                    Ok(()) => live = *live_rx.borrow_and_update(),
+                    // Only a panic ends the lease rounds before the term does.
+                    Err(_) => {
+                        tracing::error!("the lease rounds stopped: no lease is assigned and the worker count stays as it is until this term ends");
+                        live_open = false;
                     }
-                    // This worker is alive by definition, even before its first row is read.
-                    let mut n = judged.live.len() as u64;
-                    if !judged.live.contains(&me) {
-                        n += 1;
-                    }
-                    live = Some(n);
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot scan heartbeats; keeping the last worker count"),
-            },
+            }
             changed = desired_rx.changed() => {
                 if changed.is_err() {
                     // The watcher ended (stop was cancelled); nothing more will come from it.

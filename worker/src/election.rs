@@ -112,11 +112,13 @@ struct Seen {
     failover: Option<Duration>,
 }
 
-/// The coordinator's and the lease loop's view of which workers are alive, from repeated
-/// heartbeat scans.
+/// The coordinator's view of which workers are alive, from repeated heartbeat scans (one
+/// per lease round).
 #[derive(Debug, Default)]
 pub struct LivenessTracker {
     seen: HashMap<String, Seen>,
+    /// When the last judged read was issued: workers due after it have not been judged dead.
+    judged_at: Option<Instant>,
 }
 
 /// One scan's judgement.
@@ -138,7 +140,7 @@ impl LivenessTracker {
     ///
     /// Everything seen for the first time counts as live: a row was written recently enough
     /// to exist (graceful shutdown deletes rows, the coordinator removes dead ones), and
-    /// counting a new worker at once is what makes scale-ups visible within one heartbeat.
+    /// counting a new worker at once is what makes scale-ups visible at the next scan.
     /// Ids neither in `rows` nor in `expected` are forgotten.
     pub fn observe<'a>(
         &mut self,
@@ -215,9 +217,31 @@ impl LivenessTracker {
             judge(id, seen, &mut out);
         }
         self.seen = next;
+        self.judged_at = Some(issued);
         out.live.sort();
         out.dead.sort();
         out
+    }
+
+    /// The earliest instant at which a worker seen so far, silent since, would be judged
+    /// dead: where to schedule the next scan so a death is noticed when it is due, not up to
+    /// a whole round later. Only workers judged alive at the last read count (the others
+    /// were judged dead there); `None` when there are none.
+    pub fn next_verdict(&self, timeout: Duration) -> Option<Instant> {
+        let judged_at = self.judged_at?;
+        self.seen
+            .values()
+            .map(|seen| seen.since + effective_timeout(timeout, seen.failover))
+            .filter(|due| *due > judged_at)
+            .min()
+    }
+
+    /// The coordinator deleted `worker_id`'s row: whatever row appears for it next (a new
+    /// instance starts its counter again at 1) is progress, not the old counter standing still.
+    pub fn row_removed(&mut self, worker_id: &str) {
+        if let Some(seen) = self.seen.get_mut(worker_id) {
+            seen.counter = None;
+        }
     }
 }
 
@@ -406,6 +430,51 @@ mod tests {
         let out = l.observe(&[hb("a", 4)], none(), t0 + T * 3, T);
         assert_eq!(out.live, vec!["a"]);
         assert!(out.dead.is_empty());
+    }
+
+    #[test]
+    fn the_next_verdict_is_the_earliest_silent_worker_due() {
+        let mut l = LivenessTracker::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        assert_eq!(l.next_verdict(T), None);
+        l.observe(&[hb("a", 1), hb("b", 1)], none(), t0, T);
+        // b goes silent at t0; a keeps writing, so b is the one due first.
+        l.observe(&[hb("a", 2), hb("b", 1)], none(), t0 + s * 2, T);
+        assert_eq!(l.next_verdict(T), Some(t0 + T));
+        // Read exactly when due, b is dead; a's deadline is the next one.
+        let out = l.observe(&[hb("a", 2), hb("b", 1)], none(), t0 + T, T);
+        assert_eq!(out.dead, vec![("b".to_owned(), Some(1))]);
+        assert_eq!(l.next_verdict(T), Some(t0 + s * 2 + T));
+        // A longer published timeout is what a worker is judged by.
+        let mut slow = hb("c", 1);
+        slow.failover_ms = Some(30_000);
+        l.observe(&[slow], none(), t0 + T, T);
+        assert_eq!(l.next_verdict(T), Some(t0 + T + Duration::from_secs(30)));
+        // An expected owner without a row is due once it has been absent for the timeout.
+        let mut l = LivenessTracker::default();
+        l.observe(&[], ["d"], t0, T);
+        assert_eq!(l.next_verdict(T), Some(t0 + T));
+        let out = l.observe(&[], ["d"], t0 + T, T);
+        assert_eq!(out.dead, vec![("d".to_owned(), None)]);
+        assert_eq!(l.next_verdict(T), None);
+    }
+
+    #[test]
+    fn a_new_row_after_the_dead_one_was_removed_is_progress() {
+        let mut l = LivenessTracker::default();
+        let t0 = Instant::now();
+        l.observe(&[hb("e", 1)], none(), t0, T);
+        let out = l.observe(&[hb("e", 1)], ["e"], t0 + T, T);
+        assert_eq!(out.dead, vec![("e".to_owned(), Some(1))]);
+        // Unremoved, the same counter read again is still silence.
+        let out = l.observe(&[hb("e", 1)], ["e"], t0 + T * 2, T);
+        assert_eq!(out.dead, vec![("e".to_owned(), Some(1))]);
+        // Removed, the next row read (a restarted instance's, counter 1 again) is progress,
+        // even when no read saw the row missing in between.
+        l.row_removed("e");
+        let out = l.observe(&[hb("e", 1)], ["e"], t0 + T * 2, T);
+        assert_eq!(out.live, vec!["e"]);
     }
 
     #[test]

@@ -128,6 +128,9 @@ pub struct WorkerState {
     /// Woken when a new `lease_limits` version arrives: the lease loop obeys it at once
     /// instead of at its next round.
     pub limit_changed: tokio::sync::Notify,
+    /// The `(epoch, version)` of the limit in force, for any loop that waits for a new one
+    /// (the coordinator's lease rounds).
+    limit_version: tokio::sync::watch::Sender<(u64, u64)>,
 }
 
 /// `GET /status` body.
@@ -167,6 +170,7 @@ impl WorkerState {
             // Fenced until the first heartbeat succeeds.
             fenced: tokio::sync::watch::Sender::new(true),
             limit_changed: tokio::sync::Notify::new(),
+            limit_version: tokio::sync::watch::Sender::new((0, 0)),
             inner: Mutex::new(Inner {
                 role: Role::Follower,
                 epoch: 0,
@@ -406,11 +410,18 @@ impl WorkerState {
             .limit
             .as_ref()
             .is_none_or(|old| (old.epoch, old.version) != (record.epoch, record.version));
+        let version = (record.epoch, record.version);
         g.limit = Some(record);
         if newer {
             // notify_one keeps a permit when the lease loop is busy, so no change is missed.
             self.limit_changed.notify_one();
+            self.limit_version.send_replace(version);
         }
+    }
+
+    /// Changes whenever a newer limit is installed.
+    pub fn limit_versions(&self) -> tokio::sync::watch::Receiver<(u64, u64)> {
+        self.limit_version.subscribe()
     }
 
     pub fn limit(&self) -> Option<PublishedLimit> {

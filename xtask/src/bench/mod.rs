@@ -35,9 +35,10 @@ pub struct Args {
     /// Shorter phases (the whole run in about 10 minutes on 2 cores).
     #[arg(long)]
     pub quick: bool,
-    /// Systems to run, in order, from: worker, worker-peer-timings, lifion, async-kinesis.
-    /// Default: all four; with `--quick`, all but worker-peer-timings (to stay under 10
-    /// minutes).
+    /// Systems to run, in order, from: worker, worker-lifion-timings,
+    /// worker-async-kinesis-timings, lifion, async-kinesis. Default: all five; with `--quick`,
+    /// worker, lifion and async-kinesis (to stay under 10 minutes). The two timing rows run
+    /// this worker at each peer's failure timeout, for a fair comparison.
     #[arg(long, value_delimiter = ',')]
     pub peers: Option<Vec<String>>,
     /// Where results.json, REPORT.md and the plots go.
@@ -337,7 +338,7 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
         c.usage = usage(pid);
         process::signal(pid, Signal::Kill);
     }
-    std::thread::sleep(Duration::from_secs(phases.kill_s));
+    std::thread::sleep(Duration::from_secs(phases.kill_s).max(system.min_kill_phase()));
 
     // 4. Reshard.
     marks.push(Mark {
@@ -402,10 +403,10 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let peers = args.peers.clone().unwrap_or_else(|| {
-        let all = ["worker", "worker-peer-timings", "lifion", "async-kinesis"];
-        all.iter()
-            .filter(|p| !(args.quick && **p == "worker-peer-timings"))
-            .map(|p| p.to_string())
+        System::ALL
+            .into_iter()
+            .filter(|s| !(args.quick && s.worker_timings().is_some()))
+            .map(|s| s.name().to_owned())
             .collect()
     });
     let systems: Vec<System> = peers

@@ -374,6 +374,13 @@ pub fn write(out: &Path, update: Update) -> anyhow::Result<()> {
                     None => all.systems.push(r),
                 }
             }
+            // This worker first (the ratios are to it), then the order `--peers` lists.
+            all.systems.sort_by_key(|r| {
+                super::System::ALL
+                    .iter()
+                    .position(|s| s.name() == r.system)
+                    .unwrap_or(usize::MAX)
+            });
             all.phases = Some(phases);
             all.systems_took_s = Some(took.as_secs());
             plot_coverage(&out.join("coverage.svg"), &all.systems)?;
@@ -418,9 +425,11 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
     let base = results.first();
     let mut md = format!(
         "## Systems side by side\n\n\
-         The last run of `cargo xtask bench` took {}. Script: 30 shards with one record per shard \
+         The last run of `cargo xtask bench` took {}; each row comes from the latest run of its \
+         system. Script: 30 shards with one record per shard \
          per second, 3 consumers start together; a 4th joins ({} s); one is killed with SIGKILL \
-         ({} s); reshard 30 → 60 ({} s after it finishes); production stops ({} s idle). Each \
+         ({} s, or for this worker at a peer's timings its failover timeout + 2 heartbeats + \
+         10 s if longer); reshard 30 → 60 ({} s after it finishes); production stops ({} s idle). Each \
          system ran alone on fresh emulators, reaching them only through a recording proxy. A \
          shard counts as read when a record from it reached a consumer's callback in the last \
          {} s. Ratios are to the first row.\n\n",

@@ -4,6 +4,7 @@
 //! `.lab/tools/bench/`; their adapters live in lab/bench/.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -18,8 +19,12 @@ use crate::util::{project_root, tools_dir};
 pub enum System {
     /// This worker at its defaults (heartbeat 2 s, failover 10 s).
     Worker,
-    /// This worker at lifion-kinesis' timings (heartbeat 20 s, failover 40 s).
-    WorkerPeerTimings,
+    /// This worker at lifion-kinesis' failure timeout: a consumer is dropped after 40 s
+    /// without a heartbeat. lifion heartbeats every 20 s; this worker needs at least four
+    /// heartbeats per failover timeout, so it heartbeats every 10 s.
+    WorkerLifionTimings,
+    /// This worker at async-kinesis' timings: heartbeat 15 s, session (failover) 60 s.
+    WorkerAsyncKinesisTimings,
     Lifion,
     AsyncKinesis,
 }
@@ -53,14 +58,44 @@ fn venv_python() -> PathBuf {
 }
 
 impl System {
+    pub const ALL: [System; 5] = [
+        System::Worker,
+        System::WorkerLifionTimings,
+        System::WorkerAsyncKinesisTimings,
+        System::Lifion,
+        System::AsyncKinesis,
+    ];
+
+    /// The heartbeat interval and failover timeout a worker row runs with, if not the defaults.
+    pub fn worker_timings(self) -> Option<(Duration, Duration)> {
+        match self {
+            System::WorkerLifionTimings => Some((Duration::from_secs(10), Duration::from_secs(40))),
+            System::WorkerAsyncKinesisTimings => {
+                Some((Duration::from_secs(15), Duration::from_secs(60)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The kill phase lasts at least this long: a worker row at a peer's timings gets its
+    /// failover timeout, two heartbeats and 10 s to take the leases and read again.
+    pub fn min_kill_phase(self) -> Duration {
+        self.worker_timings()
+            .map_or(Duration::ZERO, |(heartbeat, failover)| {
+                failover + heartbeat * 2 + Duration::from_secs(10)
+            })
+    }
+
     pub fn parse(name: &str) -> anyhow::Result<System> {
         Ok(match name {
             "worker" => System::Worker,
-            "worker-peer-timings" => System::WorkerPeerTimings,
+            "worker-lifion-timings" => System::WorkerLifionTimings,
+            "worker-async-kinesis-timings" => System::WorkerAsyncKinesisTimings,
             "lifion" => System::Lifion,
             "async-kinesis" => System::AsyncKinesis,
             other => bail!(
-                "unknown system {other:?}: choose from worker, worker-peer-timings, lifion, async-kinesis"
+                "unknown system {other:?}: choose from {}",
+                System::ALL.map(System::name).join(", ")
             ),
         })
     }
@@ -68,7 +103,8 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Worker => "worker",
-            System::WorkerPeerTimings => "worker-peer-timings",
+            System::WorkerLifionTimings => "worker-lifion-timings",
+            System::WorkerAsyncKinesisTimings => "worker-async-kinesis-timings",
             System::Lifion => "lifion",
             System::AsyncKinesis => "async-kinesis",
         }
@@ -77,7 +113,7 @@ impl System {
     /// The version that ran.
     pub fn version(self) -> String {
         match self {
-            System::Worker | System::WorkerPeerTimings => {
+            System::Worker | System::WorkerLifionTimings | System::WorkerAsyncKinesisTimings => {
                 format!("kds-worker {}", env!("CARGO_PKG_VERSION"))
             }
             System::Lifion => pins()
@@ -95,7 +131,7 @@ impl System {
         let dir = bench_tools();
         std::fs::create_dir_all(&dir)?;
         match self {
-            System::Worker | System::WorkerPeerTimings => {}
+            System::Worker | System::WorkerLifionTimings | System::WorkerAsyncKinesisTimings => {}
             System::Lifion => {
                 let spec = format!("{}@{}", pins.lifion.package, pins.lifion.version);
                 let installed = dir.join("node_modules/lifion-kinesis/package.json");
@@ -190,7 +226,7 @@ impl System {
                 .env("BENCH_TABLE", format!("{app}-lifion-state"))
         };
         match self {
-            System::Worker | System::WorkerPeerTimings => {
+            System::Worker | System::WorkerLifionTimings | System::WorkerAsyncKinesisTimings => {
                 let mut l = Launch::new(super::worker_bin(), Vec::<String>::new())
                     .full_env(env)
                     .env("KDS_APP_NAME", app)
@@ -200,10 +236,13 @@ impl System {
                     .env("KDS_WORKER_COUNT_SOURCE", "heartbeats")
                     .env("KDS_RECORD_LOG", record_log.display().to_string())
                     .env("KDS_LOG_FORMAT", "json");
-                if self == System::WorkerPeerTimings {
+                if let Some((heartbeat, failover)) = self.worker_timings() {
                     l = l
-                        .env("KDS_HEARTBEAT_INTERVAL", "20s")
-                        .env("KDS_FAILOVER_TIMEOUT", "40s");
+                        .env(
+                            "KDS_HEARTBEAT_INTERVAL",
+                            format!("{}s", heartbeat.as_secs()),
+                        )
+                        .env("KDS_FAILOVER_TIMEOUT", format!("{}s", failover.as_secs()));
                 }
                 l
             }
@@ -226,7 +265,7 @@ impl System {
     pub fn category(self, call: &Call, app: &str) -> &'static str {
         let body = call.body.as_str();
         match self {
-            System::Worker | System::WorkerPeerTimings => {
+            System::Worker | System::WorkerLifionTimings | System::WorkerAsyncKinesisTimings => {
                 let meta = format!("{app}_meta");
                 match call.table.as_deref() {
                     Some(t) if t == meta && body.contains("worker#") => "heartbeat",
