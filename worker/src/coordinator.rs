@@ -167,6 +167,7 @@ const SCAN_PAUSES: u32 = 2;
 async fn lease_rounds(
     ctx: Arc<Context>,
     live_tx: watch::Sender<Option<u64>>,
+    handled: watch::Receiver<Option<u64>>,
     stop: CancellationToken,
 ) {
     let s = &ctx.state.settings;
@@ -176,6 +177,7 @@ async fn lease_rounds(
         liveness: LivenessTracker::default(),
         owners: BTreeSet::new(),
         live_tx,
+        handled,
         listed: None,
         next_sync: Instant::now(),
         last_deficit_report: None,
@@ -206,7 +208,8 @@ async fn lease_rounds(
         };
         earliest = Instant::now() + scan_took * SCAN_PAUSES;
         next_round = began + s.heartbeat_interval;
-        // After a failed round the deadlines may be stale: retry at the usual pace.
+        // A failed round retries at the usual pace (a fast-failing scan must not spin on a
+        // deadline it never gets past).
         if result.is_ok()
             && let Some(verdict) = round.liveness.next_verdict(s.failover_timeout)
         {
@@ -225,6 +228,9 @@ struct RoundState {
     /// Lease owners in the last lease scan that succeeded: expected to heartbeat.
     owners: BTreeSet<String>,
     live_tx: watch::Sender<Option<u64>>,
+    /// The last count the publication loop has handled (published a limit for, or found it
+    /// changes nothing).
+    handled: watch::Receiver<Option<u64>>,
     /// The stream's shard ids at the last sync.
     listed: Option<BTreeSet<String>>,
     next_sync: Instant,
@@ -232,23 +238,31 @@ struct RoundState {
 }
 
 impl RoundState {
-    /// Hands the live-worker count to the publication loop (only a change wakes it).
-    fn publish_live(&self, live_workers: u64) {
+    /// Hands the live-worker count to the publication loop (only a change wakes it); true
+    /// when it changed.
+    fn publish_live(&self, live_workers: u64) -> bool {
         self.live_tx.send_if_modified(|v| {
             let changed = *v != Some(live_workers);
             *v = Some(live_workers);
             changed
-        });
+        })
     }
 }
 
-/// Deletes the heartbeat rows of workers judged dead, each conditional on the counter seen (a
-/// worker that came back meanwhile keeps its row). A deleted row is remembered as gone, so
+/// A silent worker's heartbeat row as judged: worker id, counter, instance.
+type DeadRow = (String, u64, Option<String>);
+
+/// Deletes the heartbeat rows of workers judged dead, each conditional on the counter and
+/// instance seen (a worker that came back meanwhile keeps its row). A deleted row is remembered as gone, so
 /// the same worker writing a new row (its counter starting again at 1) counts as progress.
-async fn remove_dead_rows(ctx: &Context, liveness: &mut LivenessTracker, dead: &[(String, u64)]) {
-    let deletes = dead.iter().map(|(id, counter)| async move {
+async fn remove_dead_rows(ctx: &Context, liveness: &mut LivenessTracker, dead: &[DeadRow]) {
+    let deletes = dead.iter().map(|(id, counter, instance)| async move {
         tracing::info!(worker = %id, "worker's heartbeat stopped; removing it");
-        match ctx.meta.delete_dead_heartbeat(id, *counter).await {
+        match ctx
+            .meta
+            .delete_dead_heartbeat(id, *counter, instance.as_deref())
+            .await
+        {
             Ok(()) => Some(id),
             Err(e) => {
                 if !e.is_condition_failed() {
@@ -297,10 +311,13 @@ async fn lease_round(
         s.failover_timeout,
     );
     // Only rows can be deleted (a dead owner without a row has none).
-    let dead_rows: Vec<(String, u64)> = judged
+    let dead_rows: Vec<DeadRow> = judged
         .dead
         .iter()
-        .filter_map(|(id, c)| c.map(|c| (id.clone(), c)))
+        .filter_map(|(id, c)| {
+            let row = rows.iter().find(|r| &r.worker_id == id)?;
+            c.map(|c| (id.clone(), c, row.instance.clone()))
+        })
         .collect();
     // The count the limit is computed from: workers with a live row (an owner without one is
     // waited for before its leases move, but is not counted), and this worker, alive by
@@ -312,17 +329,18 @@ async fn lease_round(
         .filter(|w| with_rows.contains(w.as_str()) && w.as_str() != me)
         .count() as u64
         + 1;
-    // The count is sent after this round's writes, so a worker woken by the new limit finds
-    // its new leases; a term's first count goes out at once, so neither the sync (creating
-    // every lease item of a new stream) nor the writes hold the term's first limit back.
-    if round.live_tx.borrow().is_none() {
-        round.publish_live(live_workers);
+    // Sent at once: neither the sync (creating every lease item of a new stream) nor the
+    // writes hold a new limit back. This round then plans under the limit the new count gives
+    // (a death raises it: the dead worker's leases are all assigned now, not a round later),
+    // waiting for its publication, one write, a heartbeat at most.
+    if round.publish_live(live_workers) && ctx.state.limit().is_some() {
+        let handled = round.handled.wait_for(|h| *h == Some(live_workers));
+        let _ = tokio::time::timeout(s.heartbeat_interval, handled).await;
     }
     let leases = match scan {
         Ok(leases) => leases,
         Err(e) => {
             remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
-            round.publish_live(live_workers);
             return Err(e);
         }
     };
@@ -337,7 +355,6 @@ async fn lease_round(
     }
     let (Some(limit), Some(listed)) = (ctx.state.limit(), round.listed.as_ref()) else {
         remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
-        round.publish_live(live_workers);
         return Ok(scanned);
     };
     // This worker is judged by its own row like anyone (a coordinator that cannot write its
@@ -378,6 +395,9 @@ async fn lease_round(
     let by_id: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.shard_id.as_str(), l)).collect();
     // Written a few at a time: each write is conditional on its own lease only.
     let actions = assignment::plan(&view, MAX_BALANCE_MOVES_PER_ROUND);
+    let assigns_me = actions
+        .iter()
+        .any(|a| matches!(a, Action::Assign { to, .. } if to == me));
     tracing::debug!(
         leases = leases.len(),
         live = live.len(),
@@ -416,15 +436,17 @@ async fn lease_round(
         .buffer_unordered(ASSIGNMENT_WRITES_IN_FLIGHT)
         .collect::<()>()
         .await;
+    if assigns_me {
+        // This worker's own lease loop takes them now, not at its next round.
+        ctx.state.leases_assigned.notify_one();
+    }
     remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
-    round.publish_live(live_workers);
     Ok(scanned)
 }
 
 /// Runs the coordinator's duties for `epoch` until `stop` is cancelled.
 pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
     let s = &ctx.state.settings;
-    let me = s.worker_id.clone();
     let mut published = ctx.state.limit();
 
     let (desired_tx, mut desired_rx) = watch::channel(None::<u64>);
@@ -449,11 +471,14 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
     let mut shard_tick = ticker(s.shard_poll_interval);
     // The lease table sync and the assignment run beside the publication loop: creating
     // hundreds of lease items after a reshard must not delay the new limit. The lease rounds
-    // are also the term's only reader of the heartbeats: the live-worker count published here
-    // is the one the leases were just assigned by.
+    // are also the term's only reader of the heartbeats: they send the live-worker count
+    // published here, from the same read their assignments are judged by.
     let (live_tx, mut live_rx) = watch::channel(None::<u64>);
+    let (handled_tx, handled_rx) = watch::channel(None::<u64>);
     let mut live_open = true;
-    watchers.spawn(lease_rounds(ctx.clone(), live_tx, stop.child_token()).in_current_span());
+    watchers.spawn(
+        lease_rounds(ctx.clone(), live_tx, handled_rx, stop.child_token()).in_current_span(),
+    );
     let mut shards: Option<u64> = None;
     let mut live: Option<u64> = None;
 
@@ -473,7 +498,9 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             changed = live_rx.changed(), if live_open => {
                 match changed {
                     Ok(()) => live = *live_rx.borrow_and_update(),
-                    // Only a panic ends the lease rounds before the term does.
+                    // The term is ending (the rounds stop with it)...
+                    Err(_) if stop.is_cancelled() => break,
+                    // ...and only a panic ends them sooner.
                     Err(_) => {
                         tracing::error!("the lease rounds stopped: no lease is assigned and the worker count stays as it is until this term ends");
                         live_open = false;
@@ -488,65 +515,77 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             }
         }
 
-        let (Some(shards), Some(live)) = (shards, live) else {
-            continue;
-        };
-        let desired = *desired_rx.borrow();
-        let limit = policy::compute(FleetInputs {
-            open_shards: shards,
-            live_workers: live,
-            desired_workers: desired,
-            cap: s.max_leases_cap,
-        });
-        let record = PublishedLimit {
-            max_leases_per_worker: limit.max_leases_per_worker,
-            shard_count: shards,
-            worker_count: limit.worker_count,
-            desired_workers: desired,
-            live_workers: live,
-            cap: s.max_leases_cap,
-            capacity_deficit: limit.capacity_deficit,
-            workers_needed: limit.workers_needed,
-            epoch,
-            version: crate::meta::next_version(published.as_ref(), epoch),
-            computed_by: me.clone(),
-            updated_at: now_iso8601(),
-        };
-        if published
-            .as_ref()
-            .is_some_and(|p| same_decision(p, &record))
-        {
-            continue;
+        if let (Some(shards), Some(live)) = (shards, live) {
+            let inputs = FleetInputs {
+                open_shards: shards,
+                live_workers: live,
+                desired_workers: *desired_rx.borrow(),
+                cap: s.max_leases_cap,
+            };
+            publish_if_changed(&ctx, epoch, inputs, &mut published).await;
         }
-        match ctx.meta.publish_limit(&record).await {
-            Ok(()) => {
-                tracing::info!(
-                    epoch,
-                    version = record.version,
-                    max_leases_per_worker = record.max_leases_per_worker,
-                    shard_count = record.shard_count,
-                    worker_count = record.worker_count,
-                    capacity_deficit = record.capacity_deficit,
-                    "{}",
-                    describe_change(published.as_ref(), &record)
-                );
-                ctx.state.metrics.lease_limit_publications.inc();
-                ctx.state.published(record.clone());
-                published = Some(record);
-            }
-            Err(e) if e.is_condition_failed() => {
-                // Deposed, or a newer version exists: the election loop ends this term at its
-                // next renewal; re-read so a retry would carry the right version.
-                tracing::warn!(
-                    epoch,
-                    "lease_limits write refused: no longer the coordinator of this epoch?"
-                );
-                if let Ok(current) = ctx.meta.read_limit().await {
-                    published = current;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot publish lease_limits; will retry"),
+        // The lease round that sent this count plans under the limit it gives.
+        handled_tx.send_replace(live);
+    }
+}
+
+/// Publishes the limit `inputs` give, unless it is the decision already published.
+async fn publish_if_changed(
+    ctx: &Context,
+    epoch: u64,
+    inputs: FleetInputs,
+    published: &mut Option<PublishedLimit>,
+) {
+    let s = &ctx.state.settings;
+    let limit = policy::compute(inputs);
+    let record = PublishedLimit {
+        max_leases_per_worker: limit.max_leases_per_worker,
+        shard_count: inputs.open_shards,
+        worker_count: limit.worker_count,
+        desired_workers: inputs.desired_workers,
+        live_workers: inputs.live_workers,
+        cap: s.max_leases_cap,
+        capacity_deficit: limit.capacity_deficit,
+        workers_needed: limit.workers_needed,
+        epoch,
+        version: crate::meta::next_version(published.as_ref(), epoch),
+        computed_by: s.worker_id.clone(),
+        updated_at: now_iso8601(),
+    };
+    if published
+        .as_ref()
+        .is_some_and(|p| same_decision(p, &record))
+    {
+        return;
+    }
+    match ctx.meta.publish_limit(&record).await {
+        Ok(()) => {
+            tracing::info!(
+                epoch,
+                version = record.version,
+                max_leases_per_worker = record.max_leases_per_worker,
+                shard_count = record.shard_count,
+                worker_count = record.worker_count,
+                capacity_deficit = record.capacity_deficit,
+                "{}",
+                describe_change(published.as_ref(), &record)
+            );
+            ctx.state.metrics.lease_limit_publications.inc();
+            ctx.state.published(record.clone());
+            *published = Some(record);
         }
+        Err(e) if e.is_condition_failed() => {
+            // Deposed, or a newer version exists: the election loop ends this term at its
+            // next renewal; re-read so a retry would carry the right version.
+            tracing::warn!(
+                epoch,
+                "lease_limits write refused: no longer the coordinator of this epoch?"
+            );
+            if let Ok(current) = ctx.meta.read_limit().await {
+                *published = current;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot publish lease_limits; will retry"),
     }
 }
 

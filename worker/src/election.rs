@@ -106,6 +106,9 @@ impl CoordinatorObserver {
 struct Seen {
     /// `None`: expected (a lease owner) but without a heartbeat row.
     counter: Option<u64>,
+    /// The process that wrote the row: a new one (a restart) is progress even when its
+    /// counter, starting again at 1, happens to equal the old one.
+    instance: Option<String>,
     /// Last change (counter moved, row appeared or vanished) on the observer's clock.
     since: Instant,
     /// The writer's published timeout, remembered after its row vanished.
@@ -135,7 +138,8 @@ impl LivenessTracker {
     /// Judges `rows` (every heartbeat item) and `expected` (worker ids known from elsewhere,
     /// such as lease owners). A worker is dead only after `timeout` (or the longer timeout its
     /// row publishes) without progress on this observer's clock, row or no row: a counter
-    /// change is progress, and so is a row appearing or vanishing (an expected worker without
+    /// change is progress, and so are a new instance writing the row and a row appearing or
+    /// vanishing (an expected worker without
     /// a row is live until it has been absent for the timeout).
     ///
     /// Everything seen for the first time counts as live: a row was written recently enough
@@ -179,11 +183,16 @@ impl LivenessTracker {
         };
         for row in rows {
             let since = match self.seen.get(&row.worker_id) {
-                Some(prev) if prev.counter == Some(row.counter) => prev.since,
+                Some(prev)
+                    if prev.counter == Some(row.counter) && prev.instance == row.instance =>
+                {
+                    prev.since
+                }
                 _ => now,
             };
             let seen = Seen {
                 counter: Some(row.counter),
+                instance: row.instance.clone(),
                 since,
                 failover: row.failover(),
             };
@@ -204,12 +213,14 @@ impl LivenessTracker {
                 // again within a heartbeat, which restarts the clock.
                 Some(prev) => Seen {
                     counter: None,
+                    instance: None,
                     since: prev.since,
                     failover: prev.failover,
                 },
                 // Never seen: absent from now.
                 None => Seen {
                     counter: None,
+                    instance: None,
                     since: now,
                     failover: None,
                 },
@@ -241,6 +252,7 @@ impl LivenessTracker {
     pub fn row_removed(&mut self, worker_id: &str) {
         if let Some(seen) = self.seen.get_mut(worker_id) {
             seen.counter = None;
+            seen.instance = None;
         }
     }
 }
@@ -474,6 +486,13 @@ mod tests {
         // even when no read saw the row missing in between.
         l.row_removed("e");
         let out = l.observe(&[hb("e", 1)], ["e"], t0 + T * 2, T);
+        assert_eq!(out.live, vec!["e"]);
+        // A new process writing the row is progress too, whatever its counter.
+        let mut restarted = hb("e", 1);
+        restarted.instance = Some("second".into());
+        let out = l.observe(&[restarted.clone()], ["e"], t0 + T * 4, T);
+        assert_eq!(out.live, vec!["e"]);
+        let out = l.observe(&[restarted], ["e"], t0 + T * 4 + Duration::from_secs(1), T);
         assert_eq!(out.live, vec!["e"]);
     }
 

@@ -125,6 +125,8 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             _ = fence.changed() => {}
             // A new limit (the first one at start, a lower one after a scale-up): obey it now.
             _ = ctx.state.limit_changed.notified() => {}
+            // This worker, as coordinator, just assigned leases to itself.
+            _ = ctx.state.leases_assigned.notified() => {}
         }
         ctx.state.loop_went_round(crate::state::Loop::Lease);
         draining.retain(|_, h| !h.is_finished());

@@ -372,12 +372,19 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Deletes a dead worker's heartbeat only if it has not been renewed since it was judged.
+    /// Deletes a dead worker's heartbeat only if it has not been renewed since it was judged:
+    /// the same counter written by the same process (a restarted one may have reached the
+    /// same counter in a new row).
     pub async fn delete_dead_heartbeat(
         &self,
         worker_id: &str,
         counter: u64,
+        instance: Option<&str>,
     ) -> Result<(), AwsError> {
+        let same_instance = match instance {
+            Some(_) => "#i = :i",
+            None => "attribute_not_exists(#i)",
+        };
         call(
             &self.aws.metrics,
             "dynamodb",
@@ -387,9 +394,15 @@ impl MetaStore {
                 .delete_item()
                 .table_name(&self.table)
                 .key(META_KEY, s(worker_item_key(worker_id)))
-                .condition_expression("#c = :c")
+                .condition_expression(format!("#c = :c AND {same_instance}"))
                 .expression_attribute_names("#c", "counter")
-                .expression_attribute_values(":c", n(counter))
+                .expression_attribute_names("#i", "instance")
+                .set_expression_attribute_values(Some(
+                    [(":c".to_owned(), n(counter))]
+                        .into_iter()
+                        .chain(instance.map(|i| (":i".to_owned(), s(i))))
+                        .collect(),
+                ))
                 .send(),
         )
         .await?;

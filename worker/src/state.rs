@@ -128,6 +128,9 @@ pub struct WorkerState {
     /// Woken when a new `lease_limits` version arrives: the lease loop obeys it at once
     /// instead of at its next round.
     pub limit_changed: tokio::sync::Notify,
+    /// Woken when this worker, as coordinator, assigned leases to itself: its lease loop
+    /// takes them at once.
+    pub leases_assigned: tokio::sync::Notify,
     /// The `(epoch, version)` of the limit in force, for any loop that waits for a new one
     /// (the coordinator's lease rounds).
     limit_version: tokio::sync::watch::Sender<(u64, u64)>,
@@ -170,6 +173,7 @@ impl WorkerState {
             // Fenced until the first heartbeat succeeds.
             fenced: tokio::sync::watch::Sender::new(true),
             limit_changed: tokio::sync::Notify::new(),
+            leases_assigned: tokio::sync::Notify::new(),
             limit_version: tokio::sync::watch::Sender::new((0, 0)),
             inner: Mutex::new(Inner {
                 role: Role::Follower,
