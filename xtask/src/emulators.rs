@@ -200,6 +200,17 @@ impl Emulators {
         self.kill_all();
     }
 
+    /// These emulators' DynamoDB beside another Kinesis endpoint (a view: dropping it stops
+    /// nothing).
+    pub fn with_kinesis(&self, kinesis: SocketAddr) -> Emulators {
+        Emulators {
+            kinesis,
+            dynamodb: self.dynamodb,
+            handles: Vec::new(),
+            detached: false,
+        }
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.handles.iter().flat_map(|h| h.pids()).collect()
     }
@@ -269,22 +280,19 @@ fn spawn(sh: &Shell, logs: &Path, detach: bool) -> anyhow::Result<Emulators> {
     )
     .start()
     .context("starting kinesis-mock with node")?;
-    let moto_args: [OsString; 5] = [
-        launcher.clone().into(),
-        "-H".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        dynamodb_port.to_string().into(),
-    ];
-    let moto = group(Launch::new(&moto_python, moto_args).log(logs.join("moto.log"), false))
-        .start()
-        .with_context(|| {
-            format!(
-                "starting moto with {} {}",
-                moto_python.display(),
-                launcher.display()
-            )
-        })?;
+    let moto = group(moto_launch(
+        &moto_python,
+        dynamodb_port,
+        &logs.join("moto.log"),
+    ))
+    .start()
+    .with_context(|| {
+        format!(
+            "starting moto with {} {}",
+            moto_python.display(),
+            launcher.display()
+        )
+    })?;
     let emulators = Emulators {
         kinesis: ([127, 0, 0, 1], kinesis_port).into(),
         dynamodb: ([127, 0, 0, 1], dynamodb_port).into(),
@@ -306,6 +314,52 @@ fn spawn(sh: &Shell, logs: &Path, detach: bool) -> anyhow::Result<Emulators> {
         &emulators.handles[1],
     )?;
     Ok(emulators)
+}
+
+/// moto on `port`, serving one request at a time (`lab/moto_serial.py`).
+fn moto_launch(python: &Path, port: u16, log: &Path) -> Launch {
+    let args: [OsString; 5] = [
+        moto_launcher().into(),
+        "-H".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string().into(),
+    ];
+    Launch::new(python, args).log(log, false)
+}
+
+/// A second moto, serving Kinesis, for streams larger than kinesis-mock creates (it refuses
+/// more than 1,000 shards at once and 1,000 -> 2,000 by resharding); moto creates 2,000 at
+/// once and lists them in one page. Stopped when dropped.
+pub struct MotoKinesis {
+    pub addr: SocketAddr,
+    handle: duct::Handle,
+}
+
+impl MotoKinesis {
+    pub fn start(sh: &Shell, logs: &Path) -> anyhow::Result<MotoKinesis> {
+        let pins = load_pins()?;
+        install(sh, &pins)?;
+        std::fs::create_dir_all(logs)?;
+        let python = moto_python(&pins)?;
+        let port = free_port()?;
+        let log = logs.join("moto-kinesis.log");
+        let handle = moto_launch(&python, port, &log)
+            .start()
+            .with_context(|| format!("starting moto (Kinesis) with {}", python.display()))?;
+        let moto = MotoKinesis {
+            addr: ([127, 0, 0, 1], port).into(),
+            handle,
+        };
+        wait_healthy("moto (Kinesis)", moto.addr, "/", &log, &moto.handle)?;
+        Ok(moto)
+    }
+}
+
+impl Drop for MotoKinesis {
+    fn drop(&mut self) {
+        let _ = self.handle.kill();
+    }
 }
 
 fn wait_healthy(

@@ -91,6 +91,11 @@ pub const SHARDS: u64 = 30;
 pub const RESHARD_TO: u64 = 60;
 const STREAM: &str = "bench-stream";
 const APP: &str = "bench-app";
+/// After production stops, the consumers count as caught up once no record was delivered
+/// for this long...
+const QUIET_FOR: Duration = Duration::from_secs(3);
+/// ...or after this long at most.
+const IDLE_CATCH_UP: Duration = Duration::from_secs(60);
 /// Coverage counts a shard as read if a record from it was delivered this recently.
 pub const COVERAGE_WINDOW_S: f64 = 5.0;
 
@@ -360,6 +365,29 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
     });
     eprintln!("  {}: production stops", secs(t0.elapsed()));
     process::stop(producer.0.pids()[0], Duration::from_secs(5));
+    // The idle window starts once the consumers have caught up: no record delivered for
+    // QUIET_FOR (or, for a system that never catches up, after IDLE_CATCH_UP at most).
+    let logs: Vec<PathBuf> = consumers.iter().map(|c| c.record_log.clone()).collect();
+    let delivered = || -> u64 {
+        logs.iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    let catch_up_began = Instant::now();
+    let (mut last, mut last_change) = (delivered(), Instant::now());
+    while last_change.elapsed() < QUIET_FOR && catch_up_began.elapsed() < IDLE_CATCH_UP {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = delivered();
+        if now != last {
+            (last, last_change) = (now, Instant::now());
+        }
+    }
+    marks.push(Mark {
+        name: "caught_up".into(),
+        at: at(),
+    });
+    eprintln!("  {}: consumers caught up; idle window", secs(t0.elapsed()));
     std::thread::sleep(Duration::from_secs(phases.idle_s));
     marks.push(Mark {
         name: "end".into(),

@@ -127,28 +127,39 @@ impl Drop for RecordingProxy {
     }
 }
 
-fn serve(mut client: TcpStream, upstream: SocketAddr, calls: Arc<Mutex<Vec<Call>>>, t0: Instant) {
-    let mut server: Option<TcpStream> = None;
+fn serve(client: TcpStream, upstream: SocketAddr, calls: Arc<Mutex<Vec<Call>>>, t0: Instant) {
+    let mut client = Conn::new(client);
+    let mut server: Option<Conn> = None;
     loop {
-        let Some(request) = read_message(&mut client) else {
+        let Some(request) = client.read_message(Kind::Request) else {
             return;
         };
         let at = t0.elapsed().as_secs_f64();
-        if server.is_none() {
-            match TcpStream::connect(upstream) {
-                Ok(s) => server = Some(s),
-                Err(_) => return,
+        // A kept-alive upstream connection may have been closed while idle: a request that
+        // gets no answer on a reused connection is sent once more on a new one.
+        let mut response = None;
+        for _ in 0..2 {
+            let reused = server.is_some();
+            if server.is_none() {
+                match TcpStream::connect(upstream) {
+                    Ok(s) => server = Some(Conn::new(s)),
+                    Err(_) => return,
+                }
             }
+            let up = server.as_mut().expect("connected above");
+            response = up
+                .send(&request.bytes)
+                .and_then(|()| up.read_message(Kind::Response));
+            if response.is_some() || !reused {
+                break;
+            }
+            server = None;
         }
-        let up = server.as_mut().expect("connected above");
-        if up.write_all(&request.bytes).is_err() {
-            return;
-        }
-        let Some(response) = read_message(up) else {
+        let Some(response) = response else {
             return;
         };
-        let body = String::from_utf8_lossy(&request.bytes[request.head.len()..]).into_owned();
-        let answer = String::from_utf8_lossy(&response.bytes[response.head.len()..]);
+        let body = String::from_utf8_lossy(&request.body).into_owned();
+        let answer = String::from_utf8_lossy(&response.body);
         let call = Call {
             at,
             operation: header(&request.head, "x-amz-target")
@@ -163,11 +174,15 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, calls: Arc<Mutex<Vec<Call>
             body,
         };
         calls.lock().unwrap_or_else(|e| e.into_inner()).push(call);
-        if client.write_all(&response.bytes).is_err() {
+        if client.send(&response.bytes).is_none() {
+            return;
+        }
+        if response.closes {
             return;
         }
         if header(&response.head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
-            return;
+            // The upstream closes its side; the next request gets a new connection.
+            server = None;
         }
     }
 }
@@ -180,10 +195,21 @@ pub fn json_string(body: &str, key: &str) -> Option<String> {
     Some(rest.split('"').next()?.to_owned())
 }
 
-/// One HTTP/1.1 message as read: the head and every byte.
+/// One HTTP/1.1 message as read.
 struct Message {
     head: String,
+    /// Every byte, as passed on.
     bytes: Vec<u8>,
+    /// The body without its chunk framing.
+    body: Vec<u8>,
+    /// A response delimited by closing the connection (no length, not chunked).
+    closes: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Request,
+    Response,
 }
 
 fn header(head: &str, name: &str) -> Option<String> {
@@ -195,57 +221,114 @@ fn header(head: &str, name: &str) -> Option<String> {
     })
 }
 
-fn fill(s: &mut impl Read, bytes: &mut Vec<u8>) -> Option<()> {
-    let mut chunk = [0u8; 16384];
-    let n = s.read(&mut chunk).ok()?;
-    if n == 0 {
-        return None;
-    }
-    bytes.extend_from_slice(&chunk[..n]);
-    Some(())
+/// A connection and the bytes read from it beyond the last message.
+struct Conn<S = TcpStream> {
+    stream: S,
+    buf: Vec<u8>,
 }
 
-/// Reads one request or response: headers, then a `Content-Length` or chunked body.
-fn read_message(s: &mut impl Read) -> Option<Message> {
-    let mut bytes = Vec::new();
-    let header_end = loop {
-        if let Some(i) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
+impl<S: Read + Write> Conn<S> {
+    fn new(stream: S) -> Self {
+        Conn {
+            stream,
+            buf: Vec::new(),
         }
-        fill(s, &mut bytes)?;
-    };
-    let head = String::from_utf8_lossy(&bytes[..header_end]).into_owned();
-    if header(&head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        let mut at = header_end;
-        loop {
-            let line_end = loop {
-                if let Some(i) = bytes[at..].windows(2).position(|w| w == b"\r\n") {
-                    break at + i;
-                }
-                fill(s, &mut bytes)?;
-            };
-            let size_text = String::from_utf8_lossy(&bytes[at..line_end]).to_string();
-            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-            let next = line_end + 2 + size + 2;
-            while bytes.len() < next {
-                fill(s, &mut bytes)?;
-            }
-            at = next;
-            if size == 0 {
-                bytes.truncate(at);
-                break;
-            }
-        }
-    } else {
-        let length: usize = header(&head, "content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        while bytes.len() < header_end + length {
-            fill(s, &mut bytes)?;
-        }
-        bytes.truncate(header_end + length);
     }
-    Some(Message { head, bytes })
+
+    fn send(&mut self, bytes: &[u8]) -> Option<()> {
+        self.stream.write_all(bytes).ok()
+    }
+
+    /// Reads more bytes; `None` at end of stream or on an error.
+    fn fill(&mut self) -> Option<()> {
+        let mut chunk = [0u8; 16384];
+        let n = self.stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Some(())
+    }
+
+    /// The index just past the next `\r\n` at or after `from`, reading as needed.
+    fn line_end(&mut self, from: usize) -> Option<usize> {
+        loop {
+            if let Some(i) = self.buf[from..].windows(2).position(|w| w == b"\r\n") {
+                return Some(from + i + 2);
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Reads one message: headers, then a `Content-Length` body, a chunked body (trailers
+    /// included), or for a response with neither, everything until the upstream closes.
+    /// Bytes after the message stay buffered for the next one.
+    fn read_message(&mut self, kind: Kind) -> Option<Message> {
+        let header_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill()?;
+        };
+        let head = String::from_utf8_lossy(&self.buf[..header_end]).into_owned();
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok());
+        let bodiless =
+            kind == Kind::Response && status.is_some_and(|c| c < 200 || c == 204 || c == 304);
+        let mut body = Vec::new();
+        let mut closes = false;
+        let end = if bodiless {
+            header_end
+        } else if header(&head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            let mut at = header_end;
+            loop {
+                let size_end = self.line_end(at)?;
+                let size_text = String::from_utf8_lossy(&self.buf[at..size_end - 2]).to_string();
+                let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+                if size == 0 {
+                    // Trailer fields, if any, then an empty line.
+                    let mut line = size_end;
+                    loop {
+                        let next = self.line_end(line)?;
+                        if next == line + 2 {
+                            break;
+                        }
+                        line = next;
+                    }
+                    break line + 2;
+                }
+                let next = size_end + size + 2;
+                while self.buf.len() < next {
+                    self.fill()?;
+                }
+                body.extend_from_slice(&self.buf[size_end..size_end + size]);
+                at = next;
+            }
+        } else if let Some(length) = header(&head, "content-length") {
+            let length: usize = length.trim().parse().ok()?;
+            while self.buf.len() < header_end + length {
+                self.fill()?;
+            }
+            body.extend_from_slice(&self.buf[header_end..header_end + length]);
+            header_end + length
+        } else if kind == Kind::Response {
+            while self.fill().is_some() {}
+            closes = true;
+            body.extend_from_slice(&self.buf[header_end..]);
+            self.buf.len()
+        } else {
+            header_end
+        };
+        let bytes: Vec<u8> = self.buf.drain(..end).collect();
+        Some(Message {
+            head,
+            bytes,
+            body,
+            closes,
+        })
+    }
 }
 
 /// Sums `calls` by (category, operation), with `category` naming each call.
@@ -273,15 +356,15 @@ mod tests {
         let up_addr = upstream.local_addr().unwrap();
         std::thread::spawn(move || {
             for s in upstream.incoming() {
-                let mut s = s.unwrap();
-                while let Some(m) = read_message(&mut s) {
+                let mut s = Conn::new(s.unwrap());
+                while let Some(m) = s.read_message(Kind::Request) {
                     let body = if m.head.contains("UpdateItem") {
                         r#"{"__type":"com.amazonaws.dynamodb.v20120810#ConditionalCheckFailedException"}"#
                     } else {
                         r#"{"Item":{}}"#
                     };
                     let _ = write!(
-                        s,
+                        s.stream,
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
                         body.len()
                     );
@@ -289,7 +372,7 @@ mod tests {
             }
         });
         let proxy = RecordingProxy::start(up_addr).unwrap();
-        let mut c = TcpStream::connect(proxy.addr).unwrap();
+        let mut c = Conn::new(TcpStream::connect(proxy.addr).unwrap());
         for (op, body) in [
             ("GetItem", r#"{"TableName": "t-leases","Key":{}}"#),
             (
@@ -298,12 +381,12 @@ mod tests {
             ),
         ] {
             write!(
-                c,
+                c.stream,
                 "POST / HTTP/1.1\r\nX-Amz-Target: DynamoDB_20120810.{op}\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             )
             .unwrap();
-            let answer = read_message(&mut c).unwrap();
+            let answer = c.read_message(Kind::Response).unwrap();
             assert!(answer.head.starts_with("HTTP/1.1 200"));
         }
         let calls = proxy.calls();
@@ -326,5 +409,61 @@ mod tests {
             t[&("coordination".to_owned(), "UpdateItem".to_owned())].write_units,
             1.0
         );
+    }
+
+    fn conn(bytes: &str) -> Conn<std::io::Cursor<Vec<u8>>> {
+        Conn::new(std::io::Cursor::new(bytes.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn messages_are_framed_by_length_chunks_with_trailers_or_the_close() {
+        // Two requests in one read: the second stays buffered.
+        let mut c = conn(
+            "POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+        );
+        assert_eq!(c.read_message(Kind::Request).unwrap().body, b"{}");
+        assert_eq!(c.read_message(Kind::Request).unwrap().body, b"abc");
+        assert!(c.read_message(Kind::Request).is_none());
+        // Chunked, with a chunk extension and a trailer; the body loses the framing.
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nX-Checksum: 1\r\n\r\n";
+        let mut c = conn(&format!("{chunked}HTTP/1.1 204 No Content\r\n\r\n"));
+        let m = c.read_message(Kind::Response).unwrap();
+        assert_eq!(m.body, b"abcde");
+        assert_eq!(m.bytes, chunked.as_bytes());
+        // A 204 has no body even without a length.
+        let m = c.read_message(Kind::Response).unwrap();
+        assert!(m.body.is_empty() && !m.closes);
+        // A response with neither length nor chunks ends when the upstream closes.
+        let mut c = conn("HTTP/1.0 200 OK\r\n\r\n{\"a\":1}");
+        let m = c.read_message(Kind::Response).unwrap();
+        assert_eq!(m.body, b"{\"a\":1}");
+        assert!(m.closes);
+    }
+
+    #[test]
+    fn an_upstream_that_closed_a_kept_alive_connection_gets_the_request_again() {
+        // One answer per connection, then a silent close (no `Connection: close`).
+        let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in upstream.incoming() {
+                let mut s = Conn::new(s.unwrap());
+                if s.read_message(Kind::Request).is_some() {
+                    let _ = write!(s.stream, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{{}}");
+                }
+            }
+        });
+        let proxy = RecordingProxy::start(up_addr).unwrap();
+        let mut c = Conn::new(TcpStream::connect(proxy.addr).unwrap());
+        for _ in 0..3 {
+            write!(
+                c.stream,
+                "POST / HTTP/1.1\r\nX-Amz-Target: DynamoDB_20120810.GetItem\r\nContent-Length: 2\r\n\r\n{{}}"
+            )
+            .unwrap();
+            let answer = c.read_message(Kind::Response).unwrap();
+            assert!(answer.head.starts_with("HTTP/1.1 200"));
+        }
+        assert_eq!(proxy.calls().len(), 3);
     }
 }

@@ -159,10 +159,17 @@ pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
     let app = "bench-app";
     let system = data.system;
     let all: Vec<&proxy::Call> = data.dynamodb_calls.iter().collect();
+    // The idle window: from the moment the consumers had caught up (older results: 5 s after
+    // production stopped) to the end.
+    let idle_from = data
+        .marks
+        .iter()
+        .find(|m| m.name == "caught_up")
+        .map_or(idle + 5.0, |m| m.at);
     let idle_calls: Vec<&proxy::Call> = data
         .dynamodb_calls
         .iter()
-        .filter(|c| c.at - data.proxy_offset >= idle + 5.0)
+        .filter(|c| c.at - data.proxy_offset >= idle_from)
         .collect();
     let conditional = data.dynamodb_calls.iter().filter(|c| c.conditional).count() as u64;
     let failed = data
@@ -212,11 +219,9 @@ pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
         lag_p50_s: lag.map(|l| l.0),
         lag_p95_s: lag.map(|l| l.1),
         dynamodb: rates(&all, data.seconds as f64, |c| system.category(c, app)),
-        dynamodb_idle: rates(
-            &idle_calls,
-            (mark(data, "end") - idle - 5.0).max(1.0),
-            |c| system.category(c, app),
-        ),
+        dynamodb_idle: rates(&idle_calls, (mark(data, "end") - idle_from).max(1.0), |c| {
+            system.category(c, app)
+        }),
         conditional_writes: conditional,
         conditional_write_failure_rate: (conditional > 0)
             .then(|| failed as f64 / conditional as f64),
@@ -484,7 +489,7 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
             opt_s(r.lag_p95_s)
         ));
     }
-    md.push_str("\n### Cost\n\nDynamoDB per second over the run (capacity units approximated from request and answer sizes), and in the idle phase; Kinesis control-plane calls per minute.\n\n| system | DynamoDB calls/s | write units/s | read units/s | idle calls/s | by category (calls/s) | conditional writes failed | Kinesis control calls/min | CPU s per process | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\n### Cost\n\nDynamoDB per second over the run (capacity units approximated from request and answer sizes), and in the idle phase (from when no record had been delivered for 3 s after production stopped, or 60 s at most, to the end); Kinesis control-plane calls per minute.\n\n| system | DynamoDB calls/s | write units/s | read units/s | idle calls/s | by category (calls/s) | conditional writes failed | Kinesis control calls/min | CPU s per process | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
         let b = base.expect("not empty");
         let all = r.dynamodb.get("all").cloned().unwrap_or_default();
