@@ -160,14 +160,15 @@ const SCAN_PAUSES: u32 = 2;
 /// durations after the last round ended: on a large table the scan dominates, and the
 /// DynamoDB it shares with every heartbeat must not be kept busy by it (a slow table is
 /// scanned at most a third of the time). Within that bound a round also starts early:
-/// - when a silent worker is due to be judged dead, so its leases wait `failover_timeout`,
-///   not up to a round more;
-/// - when a new limit is published (workers came or went, shards changed), so leases that
-///   did not fit under the old limit are planned under the new one at once.
+/// - when a silent worker is due to be judged dead, so its leases are reassigned once
+///   `failover_timeout` is up, not up to a round later (that round waits, a heartbeat at
+///   most, for the limit the new count gives, and plans under it);
+/// - when a limit is published that no round has planned under yet (the shard count
+///   changed), so leases that did not fit under the old limit are planned at once.
 async fn lease_rounds(
     ctx: Arc<Context>,
-    live_tx: watch::Sender<Option<u64>>,
-    handled: watch::Receiver<Option<u64>>,
+    live_tx: watch::Sender<Option<LiveCount>>,
+    handled: watch::Receiver<u64>,
     stop: CancellationToken,
 ) {
     let s = &ctx.state.settings;
@@ -177,26 +178,27 @@ async fn lease_rounds(
         liveness: LivenessTracker::default(),
         owners: BTreeSet::new(),
         live_tx,
+        sent: 0,
         handled,
+        limits: ctx.state.limit_versions(),
         listed: None,
         next_sync: Instant::now(),
+        synced_for: None,
         last_deficit_report: None,
     };
-    let mut limits = ctx.state.limit_versions();
     let mut next_round = Instant::now();
     let mut earliest = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = sleep_until(next_round) => {}
-            Ok(()) = limits.changed() => {
+            Ok(()) = round.limits.changed() => {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = sleep_until(earliest) => {}
                 }
             }
         }
-        limits.mark_unchanged();
         let began = Instant::now();
         let result = lease_round(&ctx, &store, &mut round, &stop).await;
         let scan_took = match &result {
@@ -227,26 +229,49 @@ struct RoundState {
     liveness: LivenessTracker,
     /// Lease owners in the last lease scan that succeeded: expected to heartbeat.
     owners: BTreeSet<String>,
-    live_tx: watch::Sender<Option<u64>>,
-    /// The last count the publication loop has handled (published a limit for, or found it
-    /// changes nothing).
-    handled: watch::Receiver<Option<u64>>,
+    live_tx: watch::Sender<Option<LiveCount>>,
+    /// The sequence number of the last count sent.
+    sent: u64,
+    /// The sequence number of the last count the publication loop has handled (published a
+    /// limit for, found it changes nothing, or failed to publish).
+    handled: watch::Receiver<u64>,
+    /// Published limits: a change no round has planned under yet starts one.
+    limits: watch::Receiver<(u64, u64)>,
     /// The stream's shard ids at the last sync.
     listed: Option<BTreeSet<String>>,
     next_sync: Instant,
+    /// The published shard count the last sync ran under: a new one (a reshard the
+    /// publication loop saw) syncs at once, not when `next_sync` comes.
+    synced_for: Option<u64>,
     last_deficit_report: Option<(u64, u64)>,
 }
 
 impl RoundState {
     /// Hands the live-worker count to the publication loop (only a change wakes it); true
     /// when it changed.
-    fn publish_live(&self, live_workers: u64) -> bool {
-        self.live_tx.send_if_modified(|v| {
-            let changed = *v != Some(live_workers);
-            *v = Some(live_workers);
-            changed
-        })
+    fn publish_live(&mut self, live_workers: u64) -> bool {
+        if self
+            .live_tx
+            .borrow()
+            .is_some_and(|c| c.workers == live_workers)
+        {
+            return false;
+        }
+        self.sent += 1;
+        self.live_tx.send_replace(Some(LiveCount {
+            seq: self.sent,
+            workers: live_workers,
+        }));
+        true
     }
+}
+
+/// The live-worker count the lease rounds hand to the publication loop, numbered so the
+/// round can wait for this very count to be handled (the same number may come back later).
+#[derive(Debug, Clone, Copy)]
+struct LiveCount {
+    seq: u64,
+    workers: u64,
 }
 
 /// A silent worker's heartbeat row as judged: worker id, counter, instance.
@@ -288,7 +313,9 @@ async fn lease_round(
     stop: &CancellationToken,
 ) -> Result<Duration, crate::aws::AwsError> {
     let s = &ctx.state.settings;
-    let me = round.me.as_str();
+    // Owned: `round` is borrowed mutably below.
+    let me = round.me.clone();
+    let me = me.as_str();
     let began = Instant::now();
     let scan = store.scan().await;
     let scanned = began.elapsed();
@@ -332,10 +359,15 @@ async fn lease_round(
     // Sent at once: neither the sync (creating every lease item of a new stream) nor the
     // writes hold a new limit back. This round then plans under the limit the new count gives
     // (a death raises it: the dead worker's leases are all assigned now, not a round later),
-    // waiting for its publication, one write, a heartbeat at most.
+    // waiting until the publication loop has handled the count — usually one write, a
+    // heartbeat at most (it may be busy with DescribeStreamSummary).
     if round.publish_live(live_workers) && ctx.state.limit().is_some() {
-        let handled = round.handled.wait_for(|h| *h == Some(live_workers));
-        let _ = tokio::time::timeout(s.heartbeat_interval, handled).await;
+        let seq = round.sent;
+        let handled = round.handled.wait_for(|h| *h >= seq);
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(scanned),
+            _ = tokio::time::timeout(s.heartbeat_interval, handled) => {}
+        }
     }
     let leases = match scan {
         Ok(leases) => leases,
@@ -344,7 +376,10 @@ async fn lease_round(
             return Err(e);
         }
     };
-    if Instant::now() >= round.next_sync {
+    let published_shards = ctx.state.limit().map(|l| l.shard_count);
+    let resharded = published_shards.is_some() && published_shards != round.synced_for;
+    if Instant::now() >= round.next_sync || resharded {
+        round.synced_for = published_shards;
         match sync_leases(ctx, store, &leases).await {
             Ok(ids) => round.listed = Some(ids),
             Err(e) => {
@@ -353,6 +388,9 @@ async fn lease_round(
         }
         round.next_sync = Instant::now() + s.shard_poll_interval;
     }
+    // Every limit published until now is planned under here: only a later one starts a
+    // round early.
+    round.limits.mark_unchanged();
     let (Some(limit), Some(listed)) = (ctx.state.limit(), round.listed.as_ref()) else {
         remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
         return Ok(scanned);
@@ -437,7 +475,8 @@ async fn lease_round(
         .collect::<()>()
         .await;
     if assigns_me {
-        // This worker's own lease loop takes them now, not at its next round.
+        // This worker's own lease loop looks now, not at its next round (the leaseOwner index
+        // it queries may lag behind the write: a lease it misses is taken a round later).
         ctx.state.leases_assigned.notify_one();
     }
     remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
@@ -473,8 +512,9 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
     // hundreds of lease items after a reshard must not delay the new limit. The lease rounds
     // are also the term's only reader of the heartbeats: they send the live-worker count
     // published here, from the same read their assignments are judged by.
-    let (live_tx, mut live_rx) = watch::channel(None::<u64>);
-    let (handled_tx, handled_rx) = watch::channel(None::<u64>);
+    let (live_tx, mut live_rx) = watch::channel(None::<LiveCount>);
+    let (handled_tx, handled_rx) = watch::channel(0u64);
+    let mut handled_seq = 0;
     let mut live_open = true;
     watchers.spawn(
         lease_rounds(ctx.clone(), live_tx, handled_rx, stop.child_token()).in_current_span(),
@@ -497,7 +537,12 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             },
             changed = live_rx.changed(), if live_open => {
                 match changed {
-                    Ok(()) => live = *live_rx.borrow_and_update(),
+                    Ok(()) => {
+                        if let Some(count) = *live_rx.borrow_and_update() {
+                            live = Some(count.workers);
+                            handled_seq = count.seq;
+                        }
+                    }
                     // The term is ending (the rounds stop with it)...
                     Err(_) if stop.is_cancelled() => break,
                     // ...and only a panic ends them sooner.
@@ -524,8 +569,8 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
             };
             publish_if_changed(&ctx, epoch, inputs, &mut published).await;
         }
-        // The lease round that sent this count plans under the limit it gives.
-        handled_tx.send_replace(live);
+        // The lease round that sent this count waits for it to be handled before it plans.
+        handled_tx.send_replace(handled_seq);
     }
 }
 

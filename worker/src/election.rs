@@ -109,7 +109,8 @@ struct Seen {
     /// The process that wrote the row: a new one (a restart) is progress even when its
     /// counter, starting again at 1, happens to equal the old one.
     instance: Option<String>,
-    /// Last change (counter moved, row appeared or vanished) on the observer's clock.
+    /// Last change (counter moved, another instance wrote the row, the row appeared or
+    /// vanished) on the observer's clock.
     since: Instant,
     /// The writer's published timeout, remembered after its row vanished.
     failover: Option<Duration>,

@@ -381,9 +381,10 @@ impl MetaStore {
         counter: u64,
         instance: Option<&str>,
     ) -> Result<(), AwsError> {
+        // A row without an instance (or an empty one, which reads as none).
         let same_instance = match instance {
             Some(_) => "#i = :i",
-            None => "attribute_not_exists(#i)",
+            None => "(attribute_not_exists(#i) OR #i = :i)",
         };
         call(
             &self.aws.metrics,
@@ -400,7 +401,7 @@ impl MetaStore {
                 .set_expression_attribute_values(Some(
                     [(":c".to_owned(), n(counter))]
                         .into_iter()
-                        .chain(instance.map(|i| (":i".to_owned(), s(i))))
+                        .chain([(":i".to_owned(), s(instance.unwrap_or_default()))])
                         .collect(),
                 ))
                 .send(),

@@ -11,6 +11,10 @@
 //! (one conditional UpdateItem per lease, on an attribute nothing else reads). Ownership still
 //! follows this worker's protocol; the mode measures what the coordinator saves.
 //!
+//! `kds-swarm --reading N`: the workers read like `kds-worker run` (records go to the
+//! processor and `record_log`); the bench runs the naive design this way as one consumer
+//! process (`--naive --reading 1`). A swarm of one keeps `worker_id` as it is.
+//!
 //! Input, one command per line: `stop I` stops worker `I` gracefully (it hands its leases off,
 //! as on SIGTERM); `quit` stops all and exits. Output, one JSON line a second:
 //! `{"held": [leases of each running worker], "limit": published max_leases_per_worker}`.
@@ -36,12 +40,16 @@ struct Member {
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let naive = args.iter().any(|a| a == "--naive");
-    let Some(count) = args
+    let reading = args.iter().any(|a| a == "--reading");
+    let unknown = args
         .iter()
-        .find(|a| *a != "--naive")
-        .and_then(|n| n.parse::<usize>().ok())
-    else {
-        eprintln!("usage: kds-swarm [--naive] WORKERS (configured like kds-worker)");
+        .find(|a| a.starts_with("--") && !["--naive", "--reading"].contains(&a.as_str()));
+    let count = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .and_then(|n| n.parse::<usize>().ok());
+    let (None, Some(count)) = (unknown, count) else {
+        eprintln!("usage: kds-swarm [--naive] [--reading] WORKERS (configured like kds-worker)");
         return ExitCode::from(2);
     };
     let (base, _) = match Settings::load(&ConfigFile::from_arg(None), &Surroundings::detect()) {
@@ -55,9 +63,16 @@ async fn main() -> ExitCode {
     let mut members: Vec<Option<Member>> = Vec::new();
     for i in 0..count {
         let mut settings = base.clone();
-        settings.worker_id = format!("{}-{i}", base.worker_id);
+        if count > 1 {
+            settings.worker_id = format!("{}-{i}", base.worker_id);
+        }
         let aws = AwsClients::from_env(Metrics::new()).await;
-        let worker = Worker::new(settings, aws, None).without_reading();
+        let worker = Worker::new(settings, aws, None);
+        let worker = if reading {
+            worker
+        } else {
+            worker.without_reading()
+        };
         let state = worker.state();
         let stop = CancellationToken::new();
         if naive {

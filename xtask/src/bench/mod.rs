@@ -36,9 +36,10 @@ pub struct Args {
     #[arg(long)]
     pub quick: bool,
     /// Systems to run, in order, from: worker, worker-lifion-timings,
-    /// worker-async-kinesis-timings, lifion, async-kinesis. Default: all five; with `--quick`,
-    /// worker, lifion and async-kinesis (to stay under 10 minutes). The two timing rows run
-    /// this worker at each peer's failure timeout, for a fair comparison.
+    /// worker-async-kinesis-timings, naive, lifion, async-kinesis. Default: all six; with
+    /// `--quick`, worker, lifion and async-kinesis (to stay under 10 minutes). The two timing
+    /// rows run this worker at each peer's failure timeout, for a fair comparison; naive is
+    /// this worker also polling the stream and renewing every lease itself.
     #[arg(long, value_delimiter = ',')]
     pub peers: Option<Vec<String>>,
     /// Where results.json, REPORT.md and the plots go.
@@ -149,6 +150,10 @@ pub struct RunData {
 
 fn worker_bin() -> PathBuf {
     crate::util::built_binary("release", "kds-worker")
+}
+
+fn swarm_bin() -> PathBuf {
+    crate::util::built_binary("release", "kds-swarm")
 }
 
 /// `kds-worker` admin commands straight to the emulators (set-up and production are not
@@ -433,7 +438,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let peers = args.peers.clone().unwrap_or_else(|| {
         System::ALL
             .into_iter()
-            .filter(|s| !(args.quick && s.worker_timings().is_some()))
+            .filter(|s| !args.quick || s.in_quick())
             .map(|s| s.name().to_owned())
             .collect()
     });

@@ -232,7 +232,7 @@ pub fn run_pair(
             .map(|(k, v)| (k.to_owned(), v.to_owned())),
         )
         .collect();
-    let bin = crate::util::built_binary("release", "kds-swarm");
+    let bin = super::swarm_bin();
     let mut swarm = Swarm::start(&bin, env, workers, naive, &dir.join(format!("{app}.log")))?;
     let pid = swarm.child.id();
     let deadline = Duration::from_secs(60 + shards / 10);

@@ -25,6 +25,10 @@ pub enum System {
     WorkerLifionTimings,
     /// This worker at async-kinesis' timings: heartbeat 15 s, session (failover) 60 s.
     WorkerAsyncKinesisTimings,
+    /// The naive design: this worker doing also what every worker does without a
+    /// coordinator — polling `DescribeStreamSummary` and renewing each of its leases every
+    /// failover/3 (`kds-swarm --naive --reading 1`, one consumer per process).
+    Naive,
     Lifion,
     AsyncKinesis,
 }
@@ -58,10 +62,11 @@ fn venv_python() -> PathBuf {
 }
 
 impl System {
-    pub const ALL: [System; 5] = [
+    pub const ALL: [System; 6] = [
         System::Worker,
         System::WorkerLifionTimings,
         System::WorkerAsyncKinesisTimings,
+        System::Naive,
         System::Lifion,
         System::AsyncKinesis,
     ];
@@ -86,11 +91,17 @@ impl System {
             })
     }
 
+    /// Run by `--quick` (under 10 minutes): this worker at its defaults and the two peers.
+    pub fn in_quick(self) -> bool {
+        matches!(self, System::Worker | System::Lifion | System::AsyncKinesis)
+    }
+
     pub fn parse(name: &str) -> anyhow::Result<System> {
         Ok(match name {
             "worker" => System::Worker,
             "worker-lifion-timings" => System::WorkerLifionTimings,
             "worker-async-kinesis-timings" => System::WorkerAsyncKinesisTimings,
+            "naive" => System::Naive,
             "lifion" => System::Lifion,
             "async-kinesis" => System::AsyncKinesis,
             other => bail!(
@@ -105,6 +116,7 @@ impl System {
             System::Worker => "worker",
             System::WorkerLifionTimings => "worker-lifion-timings",
             System::WorkerAsyncKinesisTimings => "worker-async-kinesis-timings",
+            System::Naive => "naive",
             System::Lifion => "lifion",
             System::AsyncKinesis => "async-kinesis",
         }
@@ -113,6 +125,7 @@ impl System {
     /// The version that ran.
     pub fn version(self) -> String {
         match self {
+            System::Naive => format!("kds-worker {} (naive)", env!("CARGO_PKG_VERSION")),
             System::Worker | System::WorkerLifionTimings | System::WorkerAsyncKinesisTimings => {
                 format!("kds-worker {}", env!("CARGO_PKG_VERSION"))
             }
@@ -131,7 +144,6 @@ impl System {
         let dir = bench_tools();
         std::fs::create_dir_all(&dir)?;
         match self {
-            System::Worker | System::WorkerLifionTimings | System::WorkerAsyncKinesisTimings => {}
             System::Lifion => {
                 let spec = format!("{}@{}", pins.lifion.package, pins.lifion.version);
                 let installed = dir.join("node_modules/lifion-kinesis/package.json");
@@ -167,6 +179,8 @@ impl System {
                         .with_context(|| format!("pip install {spec}"))?;
                 }
             }
+            // This worker's rows: built by the bench.
+            _ => {}
         }
         Ok(())
     }
@@ -226,8 +240,26 @@ impl System {
                 .env("BENCH_TABLE", format!("{app}-lifion-state"))
         };
         match self {
-            System::Worker | System::WorkerLifionTimings | System::WorkerAsyncKinesisTimings => {
-                let mut l = Launch::new(super::worker_bin(), Vec::<String>::new())
+            System::Lifion => peer(Launch::new(
+                "node",
+                [adapter("lifion_consumer.js").into_os_string()],
+            ))
+            .env(
+                "NODE_PATH",
+                bench_tools().join("node_modules").display().to_string(),
+            ),
+            System::AsyncKinesis => peer(Launch::new(
+                venv_python(),
+                [adapter("async_kinesis_consumer.py").into_os_string()],
+            )),
+            // This worker's rows.
+            _ => {
+                let (program, args) = if self == System::Naive {
+                    (super::swarm_bin(), vec!["--naive", "--reading", "1"])
+                } else {
+                    (super::worker_bin(), vec![])
+                };
+                let mut l = Launch::new(program, args)
                     .full_env(env)
                     .env("KDS_APP_NAME", app)
                     .env("KDS_STREAM_NAME", stream)
@@ -246,18 +278,6 @@ impl System {
                 }
                 l
             }
-            System::Lifion => peer(Launch::new(
-                "node",
-                [adapter("lifion_consumer.js").into_os_string()],
-            ))
-            .env(
-                "NODE_PATH",
-                bench_tools().join("node_modules").display().to_string(),
-            ),
-            System::AsyncKinesis => peer(Launch::new(
-                venv_python(),
-                [adapter("async_kinesis_consumer.py").into_os_string()],
-            )),
         }
     }
 
@@ -265,7 +285,9 @@ impl System {
     pub fn category(self, call: &Call, app: &str) -> &'static str {
         let body = call.body.as_str();
         match self {
-            System::Worker | System::WorkerLifionTimings | System::WorkerAsyncKinesisTimings => {
+            System::Lifion | System::AsyncKinesis => self.peer_category(call),
+            // This worker's rows (the naive one's extra lease renewals count as lease work).
+            _ => {
                 let meta = format!("{app}_meta");
                 match call.table.as_deref() {
                     Some(t) if t == meta && body.contains("worker#") => "heartbeat",
@@ -275,6 +297,12 @@ impl System {
                     _ => "lease",
                 }
             }
+        }
+    }
+
+    fn peer_category(self, call: &Call) -> &'static str {
+        let body = call.body.as_str();
+        match self {
             System::Lifion => {
                 if body.contains("checkpoint") {
                     "checkpoint"
@@ -293,6 +321,7 @@ impl System {
                     "lease"
                 }
             }
+            _ => unreachable!("peer_category is only asked for peers"),
         }
     }
 }
