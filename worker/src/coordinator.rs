@@ -163,8 +163,9 @@ const SCAN_PAUSES: u32 = 2;
 /// - when a silent worker is due to be judged dead, so its leases are reassigned once
 ///   `failover_timeout` is up, not up to a round later (that round waits, a heartbeat at
 ///   most, for the limit the new count gives, and plans under it);
-/// - when a limit is published that no round has planned under yet (the shard count
-///   changed), so leases that did not fit under the old limit are planned at once.
+/// - when a limit is published that no round has planned under yet (the shard count or the
+///   desired replicas changed, or a count's wait timed out), so leases that did not fit under
+///   the old limit are planned at once.
 async fn lease_rounds(
     ctx: Arc<Context>,
     live_tx: watch::Sender<Option<LiveCount>>,
@@ -233,7 +234,8 @@ struct RoundState {
     /// The sequence number of the last count sent.
     sent: u64,
     /// The sequence number of the last count the publication loop has handled (published a
-    /// limit for, found it changes nothing, or failed to publish).
+    /// limit for, found it changes nothing, failed to publish, or could not use yet because
+    /// the shard count is not known).
     handled: watch::Receiver<u64>,
     /// Published limits: a change no round has planned under yet starts one.
     limits: watch::Receiver<(u64, u64)>,
@@ -361,7 +363,7 @@ async fn lease_round(
     // (a death raises it: the dead worker's leases are all assigned now, not a round later),
     // waiting until the publication loop has handled the count — usually one write, a
     // heartbeat at most (it may be busy with DescribeStreamSummary).
-    if round.publish_live(live_workers) && ctx.state.limit().is_some() {
+    if round.publish_live(live_workers) && ctx.state.limit().is_some() && scan.is_ok() {
         let seq = round.sent;
         let handled = round.handled.wait_for(|h| *h >= seq);
         tokio::select! {
@@ -379,17 +381,20 @@ async fn lease_round(
     let published_shards = ctx.state.limit().map(|l| l.shard_count);
     let resharded = published_shards.is_some() && published_shards != round.synced_for;
     if Instant::now() >= round.next_sync || resharded {
-        round.synced_for = published_shards;
         match sync_leases(ctx, store, &leases).await {
-            Ok(ids) => round.listed = Some(ids),
+            Ok(ids) => {
+                round.listed = Some(ids);
+                // A failed sync leaves the reshard to be synced at the next round.
+                round.synced_for = published_shards;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot sync the lease table with the stream's shards")
             }
         }
         round.next_sync = Instant::now() + s.shard_poll_interval;
     }
-    // Every limit published until now is planned under here: only a later one starts a
-    // round early.
+    // Every limit published until now is planned under here (or, before the first sync,
+    // there is nothing to plan): only a later one starts a round early.
     round.limits.mark_unchanged();
     let (Some(limit), Some(listed)) = (ctx.state.limit(), round.listed.as_ref()) else {
         remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;

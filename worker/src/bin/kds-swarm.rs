@@ -11,13 +11,16 @@
 //! (one conditional UpdateItem per lease, on an attribute nothing else reads). Ownership still
 //! follows this worker's protocol; the mode measures what the coordinator saves.
 //!
-//! `kds-swarm --reading N`: the workers read like `kds-worker run` (records go to the
-//! processor and `record_log`); the bench runs the naive design this way as one consumer
-//! process (`--naive --reading 1`). A swarm of one keeps `worker_id` as it is.
+//! `kds-swarm --reading N`: the workers read like `kds-worker run`; with `record_log` set,
+//! every record goes to that one log (each line names its worker). The bench runs the naive
+//! design this way as one consumer process (`--naive --reading 1`). A swarm of one keeps
+//! `worker_id` as it is.
 //!
 //! Input, one command per line: `stop I` stops worker `I` gracefully (it hands its leases off,
-//! as on SIGTERM); `quit` stops all and exits. Output, one JSON line a second:
-//! `{"held": [leases of each running worker], "limit": published max_leases_per_worker}`.
+//! as on SIGTERM); `quit` stops all and exits. A closed stdin ends the commands, not the swarm:
+//! SIGTERM or SIGINT stop all workers gracefully and exit, as `quit` does. Output, one JSON
+//! line a second: `{"held": [leases of each running worker], "limit": published
+//! max_leases_per_worker}`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -60,6 +63,19 @@ async fn main() -> ExitCode {
         }
     };
     kds_worker::telemetry::init(base.log_format);
+    let record_log = match (&base.record_log, reading) {
+        (Some(path), true) => match kds_worker::audit::RecordLog::open(path) {
+            Ok(log) => Some(Arc::new(log)),
+            Err(e) => {
+                eprintln!(
+                    "kds-swarm: invalid configuration: record_log = {:?}: cannot append to it: {e}",
+                    path.display().to_string()
+                );
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let mut members: Vec<Option<Member>> = Vec::new();
     for i in 0..count {
         let mut settings = base.clone();
@@ -68,10 +84,10 @@ async fn main() -> ExitCode {
         }
         let aws = AwsClients::from_env(Metrics::new()).await;
         let worker = Worker::new(settings, aws, None);
-        let worker = if reading {
-            worker
-        } else {
-            worker.without_reading()
+        let worker = match (&record_log, reading) {
+            (Some(log), _) => worker.with_processor(log.clone()),
+            (None, true) => worker,
+            (None, false) => worker.without_reading(),
         };
         let state = worker.state();
         let stop = CancellationToken::new();
@@ -89,7 +105,7 @@ async fn main() -> ExitCode {
         });
         members.push(Some(Member { state, stop, task }));
     }
-    // Commands from stdin, read on a thread (no async stdin needed); closed stdin is `quit`.
+    // Commands from stdin, read on a thread (no async stdin needed).
     let (tx, mut input) = tokio::sync::mpsc::unbounded_channel::<String>();
     std::thread::spawn(move || {
         for line in std::io::stdin().lines().map_while(Result::ok) {
@@ -98,11 +114,22 @@ async fn main() -> ExitCode {
             }
         }
     });
+    let mut input_open = true;
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        eprintln!("kds-swarm: cannot listen for SIGTERM");
+        return ExitCode::FAILURE;
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            line = input.recv() => {
-                let line = line.unwrap_or_else(|| "quit".to_owned());
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            line = input.recv(), if input_open => {
+                let Some(line) = line else {
+                    input_open = false;
+                    continue;
+                };
                 let mut words = line.split_whitespace();
                 match (words.next(), words.next().and_then(|i| i.parse::<usize>().ok())) {
                     (Some("stop"), Some(i)) => {

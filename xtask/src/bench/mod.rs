@@ -18,6 +18,7 @@ pub mod report;
 pub mod swarm;
 pub mod systems;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ use xshell::{Shell, cmd};
 
 use crate::emulators;
 use crate::process::{self, Launch, Signal};
-use crate::util::{lab_dir, project_root, secs};
+use crate::util::{free_port, lab_dir, project_root, secs};
 use systems::System;
 
 #[derive(clap::Args)]
@@ -112,6 +113,9 @@ struct Consumer {
     name: String,
     handle: duct::Handle,
     record_log: PathBuf,
+    /// Where this worker serves `/ready` (this worker's rows only).
+    http: Option<SocketAddr>,
+    started: Instant,
     /// CPU seconds and peak RSS (KiB), sampled before it stopped.
     usage: Option<(f64, u64)>,
 }
@@ -145,6 +149,9 @@ pub struct RunData {
     /// Seconds from the DynamoDB proxy's start to the consumers' start (`Call::at` − this
     /// is the time since the consumers started).
     pub proxy_offset: f64,
+    /// Seconds from each first consumer's process start to its first `/ready` 200 (this
+    /// worker's rows; `None`: not ready within [`READY_DEADLINE`]).
+    pub ready_s: Vec<(String, Option<f64>)>,
     pub seconds: u64,
 }
 
@@ -272,27 +279,38 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
     let start = |name: &str| -> anyhow::Result<Consumer> {
         let record_log = dir.join(format!("records/{name}.log"));
         std::fs::create_dir_all(record_log.parent().expect("has a parent"))?;
-        let handle = system
-            .launch(
-                name,
-                &record_log,
-                &kinesis.url(),
-                &dynamodb.url(),
-                APP,
-                STREAM,
-            )
+        let mut launch = system.launch(
+            name,
+            &record_log,
+            &kinesis.url(),
+            &dynamodb.url(),
+            APP,
+            STREAM,
+        );
+        let http = if system.serves_ready() {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            launch = launch.env("KDS_HTTP_ADDR", addr.to_string());
+            Some(addr)
+        } else {
+            None
+        };
+        let started = Instant::now();
+        let handle = launch
             .log(dir.join(format!("logs/{name}.log")), false)
             .start()?;
         Ok(Consumer {
             name: name.to_owned(),
             handle,
             record_log,
+            http,
+            started,
             usage: None,
         })
     };
     for i in 0..3 {
         consumers.push(start(&format!("c{i}"))?);
     }
+    let ready_s = time_to_ready(&consumers);
 
     // 1. Until every shard has delivered a record (or the deadline).
     let deadline = Duration::from_secs(phases.start_deadline_s);
@@ -430,8 +448,39 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
             .collect(),
         victim,
         proxy_offset,
+        ready_s,
         seconds,
     })
+}
+
+/// The longest the bench waits for a consumer's first `/ready` 200.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls each consumer's `/ready` every 20 ms until it answers 200: seconds since its
+/// process started (`None` past [`READY_DEADLINE`]). Empty for systems without `/ready`.
+fn time_to_ready(consumers: &[Consumer]) -> Vec<(String, Option<f64>)> {
+    let mut ready: Vec<(String, Option<f64>)> = Vec::new();
+    let waiting: Vec<&Consumer> = consumers.iter().filter(|c| c.http.is_some()).collect();
+    let began = Instant::now();
+    while ready.len() < waiting.len() && began.elapsed() < READY_DEADLINE {
+        for c in &waiting {
+            if ready.iter().any(|(n, _)| *n == c.name) {
+                continue;
+            }
+            let addr = c.http.expect("filtered above");
+            if crate::util::http_status(addr, "/ready") == Some(200) {
+                ready.push((c.name.clone(), Some(c.started.elapsed().as_secs_f64())));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in waiting {
+        if !ready.iter().any(|(n, _)| *n == c.name) {
+            ready.push((c.name.clone(), None));
+        }
+    }
+    ready.sort_by(|a, b| a.0.cmp(&b.0));
+    ready
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

@@ -54,6 +54,10 @@ pub struct SystemResult {
     pub kinesis_control_by_operation: BTreeMap<String, u64>,
     /// Per consumer process: CPU seconds and peak RSS (MiB).
     pub processes: Vec<ProcessUsage>,
+    /// Seconds from process start to the first `/ready` 200, the slowest of the three
+    /// consumers started together (this worker's `kds-worker run` rows only).
+    #[serde(default)]
+    pub ready_s: Option<f64>,
     /// Coverage (shards read in the last 5 s) at every second.
     pub coverage: Vec<u64>,
     /// DynamoDB capacity units (read + write) in every second.
@@ -237,6 +241,13 @@ pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
                 peak_rss_mib: *rss as f64 / 1024.0,
             })
             .collect(),
+        // The slowest of the three; unknown if any was not ready in time.
+        ready_s: data
+            .ready_s
+            .iter()
+            .map(|(_, s)| *s)
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|v| v.into_iter().max_by(f64::total_cmp)),
         coverage,
         dynamodb_units: units_per_second(&data.dynamodb_calls, data.proxy_offset, end),
     }
@@ -489,7 +500,7 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
             opt_s(r.lag_p95_s)
         ));
     }
-    md.push_str("\n### Cost\n\nDynamoDB per second over the run (capacity units approximated from request and answer sizes), and in the idle phase (from when no record had been delivered for 3 s after production stopped, or 60 s at most, to the end); Kinesis control-plane calls per minute.\n\n| system | DynamoDB calls/s | write units/s | read units/s | idle calls/s | by category (calls/s) | conditional writes failed | Kinesis control calls/min | CPU s per process | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\n### Cost\n\nDynamoDB per second over the run (capacity units approximated from request and answer sizes), and in the idle phase (from when no record had been delivered for 3 s after production stopped, or 60 s at most, to the end); Kinesis control-plane calls per minute.\n\n| system | DynamoDB calls/s | write units/s | read units/s | idle calls/s | by category (calls/s) | conditional writes failed | Kinesis control calls/min | CPU s per process | peak RSS MiB | start to `/ready` |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
         let b = base.expect("not empty");
         let all = r.dynamodb.get("all").cloned().unwrap_or_default();
@@ -502,7 +513,7 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
             .map(|(k, v)| format!("{k} {:.2}", v.calls_per_s))
             .collect();
         md.push_str(&format!(
-            "| {} | {:.2}{} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {} | {} |\n",
+            "| {} | {:.2}{} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {} | {} | {} |\n",
             r.system,
             all.calls_per_s,
             ratio(Some(all.calls_per_s), Some(b_all.calls_per_s)),
@@ -527,6 +538,7 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
                 .map(|p| format!("{:.0}", p.peak_rss_mib))
                 .collect::<Vec<_>>()
                 .join(", "),
+            r.ready_s.map_or("-".into(), |s| format!("{s:.2} s")),
         ));
     }
     md.push_str("\n![Shards read over time](coverage.svg)\n\n![DynamoDB capacity units per second](dynamodb.svg)\n\n");

@@ -91,6 +91,14 @@ impl System {
             })
     }
 
+    /// Serves `/ready` (this worker's rows run `kds-worker run`; naive runs `kds-swarm`).
+    pub fn serves_ready(self) -> bool {
+        matches!(
+            self,
+            System::Worker | System::WorkerLifionTimings | System::WorkerAsyncKinesisTimings
+        )
+    }
+
     /// Run by `--quick` (under 10 minutes): this worker at its defaults and the two peers.
     pub fn in_quick(self) -> bool {
         matches!(self, System::Worker | System::Lifion | System::AsyncKinesis)
