@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
@@ -400,8 +401,15 @@ async fn fence_watchdog(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
+/// Until this worker has its first limit, it reads `lease_limits` again after this, doubling
+/// up to `heartbeat_interval`: a fleet starting together reads before its coordinator has
+/// published, and `/ready` should not wait a whole heartbeat for the next look.
+const FIRST_LIMIT_RETRY: Duration = Duration::from_millis(100);
+
 async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
-    let mut tick = ticker(ctx.state.settings.heartbeat_interval);
+    let heartbeat = ctx.state.settings.heartbeat_interval;
+    let mut tick = ticker(heartbeat);
+    let mut first_retry = FIRST_LIMIT_RETRY;
     let mut last_seen: Option<(u64, u64)> = None;
     let mut last_problem: Option<String> = None;
     loop {
@@ -410,7 +418,13 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         ctx.state.loop_went_round(crate::state::Loop::Limit);
-        match ctx.meta.read_limit().await {
+        let result = ctx.meta.read_limit().await;
+        if ctx.state.limit().is_none() && !matches!(result, Ok(Some(_))) && first_retry < heartbeat
+        {
+            tick.reset_after(first_retry);
+            first_retry *= 2;
+        }
+        match result {
             Ok(record) => {
                 if let Some(r) = &record
                     && last_seen != Some((r.epoch, r.version))
