@@ -293,24 +293,6 @@ impl System {
     pub fn category(self, call: &Call, app: &str) -> &'static str {
         let body = call.body.as_str();
         match self {
-            System::Lifion | System::AsyncKinesis => self.peer_category(call),
-            // This worker's rows (the naive one's extra lease renewals count as lease work).
-            _ => {
-                let meta = format!("{app}_meta");
-                match call.table.as_deref() {
-                    Some(t) if t == meta && body.contains("worker#") => "heartbeat",
-                    Some(t) if t == meta && call.operation == "Scan" => "heartbeat",
-                    Some(t) if t == meta => "coordination",
-                    _ if body.contains("checkpoint = :cp") => "checkpoint",
-                    _ => "lease",
-                }
-            }
-        }
-    }
-
-    fn peer_category(self, call: &Call) -> &'static str {
-        let body = call.body.as_str();
-        match self {
             System::Lifion => {
                 if body.contains("checkpoint") {
                     "checkpoint"
@@ -329,7 +311,17 @@ impl System {
                     "lease"
                 }
             }
-            _ => unreachable!("peer_category is only asked for peers"),
+            // This worker's rows (the naive one's extra lease renewals count as lease work).
+            _ => {
+                let meta = format!("{app}_meta");
+                match call.table.as_deref() {
+                    Some(t) if t == meta && body.contains("worker#") => "heartbeat",
+                    Some(t) if t == meta && call.operation == "Scan" => "heartbeat",
+                    Some(t) if t == meta => "coordination",
+                    _ if body.contains("checkpoint = :cp") => "checkpoint",
+                    _ => "lease",
+                }
+            }
         }
     }
 }
