@@ -168,6 +168,7 @@ const SCAN_PAUSES: u32 = 2;
 ///   the old limit are planned at once.
 async fn lease_rounds(
     ctx: Arc<Context>,
+    liveness: LivenessTracker,
     live_tx: watch::Sender<Option<LiveCount>>,
     handled: watch::Receiver<u64>,
     stop: CancellationToken,
@@ -176,7 +177,7 @@ async fn lease_rounds(
     let store = LeaseStore::new(ctx.aws.clone(), s.lease_table());
     let mut round = RoundState {
         me: s.worker_id.clone(),
-        liveness: LivenessTracker::default(),
+        liveness,
         owners: BTreeSet::new(),
         live_tx,
         sent: 0,
@@ -489,7 +490,14 @@ async fn lease_round(
 }
 
 /// Runs the coordinator's duties for `epoch` until `stop` is cancelled.
-pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
+/// `liveness`: the heartbeats as this worker judged them before the term (empty when the
+/// post was vacant or taken at start).
+pub async fn run_term(
+    ctx: Arc<Context>,
+    epoch: u64,
+    stop: CancellationToken,
+    liveness: LivenessTracker,
+) {
     let s = &ctx.state.settings;
     let mut published = ctx.state.limit();
 
@@ -522,7 +530,14 @@ pub async fn run_term(ctx: Arc<Context>, epoch: u64, stop: CancellationToken) {
     let mut handled_seq = 0;
     let mut live_open = true;
     watchers.spawn(
-        lease_rounds(ctx.clone(), live_tx, handled_rx, stop.child_token()).in_current_span(),
+        lease_rounds(
+            ctx.clone(),
+            liveness,
+            live_tx,
+            handled_rx,
+            stop.child_token(),
+        )
+        .in_current_span(),
     );
     let mut shards: Option<u64> = None;
     let mut live: Option<u64> = None;
@@ -680,6 +695,9 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
     let mut term: Option<Term> = None;
     let mut next_tick = Instant::now();
     let mut recheck_by: Option<Instant> = None;
+    // The heartbeats as judged since the coordinator post went silent, handed to the term
+    // this worker may win (see `observe_heartbeats`).
+    let mut silence: Option<LivenessTracker> = None;
 
     loop {
         let mut wake = match (&term, recheck_by) {
@@ -776,8 +794,21 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
             row.as_ref().map_or(0, |r| r.epoch),
         );
         let min_epoch = ctx.state.limit().map_or(0, |l| l.epoch);
-        match observer.judge(row, Instant::now(), s.failover_timeout, min_epoch) {
-            Verdict::Follow { recheck_by: r, .. } => recheck_by = Some(r),
+        let read_at = Instant::now();
+        match observer.judge(row, read_at, s.failover_timeout, min_epoch) {
+            Verdict::Follow {
+                recheck_by: r,
+                silent_since,
+                ..
+            } => {
+                recheck_by = Some(r);
+                if silent_since < read_at {
+                    // Unchanged since an earlier read: the coordinator missed a renewal.
+                    observe_heartbeats(&ctx, silence.get_or_insert_default()).await;
+                } else {
+                    silence = None;
+                }
+            }
             Verdict::Claim { seen, next_epoch } => {
                 recheck_by = None;
                 if ctx.state.instance_conflict().is_some() {
@@ -817,13 +848,15 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                             _ => tracing::info!(epoch = next_epoch, "became coordinator"),
                         }
                         observer.reset();
+                        let liveness = silence.take().unwrap_or_default();
                         ctx.state.metrics.coordinator_takeovers.inc();
                         ctx.state.term_renewed(sent);
                         ctx.state.set_role(Role::Coordinator, next_epoch);
                         let term_stop = CancellationToken::new();
                         let mut duties = JoinSet::new();
                         duties.spawn(
-                            run_term(ctx.clone(), next_epoch, term_stop.clone()).in_current_span(),
+                            run_term(ctx.clone(), next_epoch, term_stop.clone(), liveness)
+                                .in_current_span(),
                         );
                         term = Some(Term {
                             epoch: next_epoch,
@@ -835,6 +868,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                     Err(e) if e.is_condition_failed() => {
                         // Someone else won the race; follow them from the next read.
                         observer.reset();
+                        silence = None;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot claim the coordinator post"),
                 }
@@ -847,6 +881,34 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
         t.end(&ctx).await;
     }
     epoch
+}
+
+/// One read of the heartbeats by a follower that saw the coordinator post go silent.
+///
+/// A new coordinator judges a worker dead only after `failover_timeout` of silence on its own
+/// clock. Starting that clock when its term begins would leave a worker that died with the
+/// old coordinator (usually the same process) unread for about two timeouts: one until the
+/// post is taken over, another until the new term judges it. A follower that reads the
+/// heartbeats from the first missed renewal brings that history to the term instead, so the
+/// worker's leases move about `failover_timeout` after it went silent. The verdict rule is
+/// the term's own (the same tracker, on the same clock); a failed read only leaves a longer
+/// gap, which can make a verdict later, never sooner.
+async fn observe_heartbeats(ctx: &Context, liveness: &mut LivenessTracker) {
+    let issued = Instant::now();
+    match ctx.meta.scan_heartbeats().await {
+        Ok(rows) => {
+            liveness.observe_read(
+                &rows,
+                std::iter::empty(),
+                issued,
+                Instant::now(),
+                ctx.state.settings.failover_timeout,
+            );
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the heartbeats of a silent coordinator's fleet")
+        }
+    }
 }
 
 /// The term's deadline passed without a successful renewal (the renewal failed or still

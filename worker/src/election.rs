@@ -32,8 +32,13 @@ fn effective_timeout(timeout: Duration, published: Option<Duration>) -> Duration
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Someone holds the post and renewed recently. Read again by `recheck_by` at the latest,
-    /// the instant the current owner would become stale.
-    Follow { owner: String, recheck_by: Instant },
+    /// the instant the current owner would become stale. `silent_since`: when the row last
+    /// changed on this observer's clock (the instant of this read when it just changed).
+    Follow {
+        owner: String,
+        recheck_by: Instant,
+        silent_since: Instant,
+    },
     /// Try to claim the post with `next_epoch`, conditional on the row still being `seen`.
     /// `next_epoch` is above the row's epoch and `min_epoch`; the caller must also go above
     /// the `lease_limits` item's epoch ([`claim_epoch`]).
@@ -91,6 +96,7 @@ impl CoordinatorObserver {
             Verdict::Follow {
                 owner: row.owner,
                 recheck_by: since + timeout,
+                silent_since: since,
             }
         }
     }
@@ -374,9 +380,15 @@ mod tests {
         for i in 0..100u64 {
             let now = t0 + Duration::from_secs(i * 2);
             match o.judge(Some(row("a", 1, i)), now, T, 0) {
-                Verdict::Follow { owner, recheck_by } => {
+                Verdict::Follow {
+                    owner,
+                    recheck_by,
+                    silent_since,
+                } => {
                     assert_eq!(owner, "a");
                     assert_eq!(recheck_by, now + T);
+                    // Renewed since the last read: not silent at all.
+                    assert_eq!(silent_since, now);
                 }
                 v => panic!("claimed a live post: {v:?}"),
             }
@@ -392,9 +404,10 @@ mod tests {
             o.judge(Some(r.clone()), t0, T, 0),
             Verdict::Follow { .. }
         ));
+        // Unchanged at a later read: silent since the first read that saw it.
         assert!(matches!(
             o.judge(Some(r.clone()), t0 + T - Duration::from_millis(1), T, 0),
-            Verdict::Follow { .. }
+            Verdict::Follow { silent_since, .. } if silent_since == t0
         ));
         assert_eq!(
             o.judge(Some(r.clone()), t0 + T, T, 0),
