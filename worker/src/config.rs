@@ -135,6 +135,21 @@ impl Settings {
         self.fence_after()
     }
 
+    /// While the fleet settles (after a new limit, a join, a death, a reshard: see
+    /// [`Settings::settling_window`]), the coordinator's lease rounds and each worker's reads
+    /// of its own leases come this often instead of every heartbeat, so a lease written in
+    /// one round is read within a quarter heartbeat, not up to a whole one, at any cadence.
+    pub fn settling_interval(&self) -> Duration {
+        self.heartbeat_interval / 4
+    }
+
+    /// How long a worker keeps reading its leases every [`Settings::settling_interval`] after
+    /// a new limit arrived: long enough for the coordinator's rounds to assign, and for the
+    /// other workers (who see the limit up to a heartbeat later) to hand leases over.
+    pub fn settling_window(&self) -> Duration {
+        self.heartbeat_interval * 2
+    }
+
     /// The longest one heartbeat write may take; a slower one counts as failed. A write that
     /// succeeds late still proves liveness as of when it was *sent* (the fence counts from
     /// there), so it may take until one heartbeat before the fence: the next write then still

@@ -156,7 +156,8 @@ const SCAN_PAUSES: u32 = 2;
 /// They are the term's only reader of the heartbeats: the live-worker count goes from here to
 /// the publication loop through `live_tx`.
 ///
-/// Rounds start every `heartbeat_interval`, but never sooner than [`SCAN_PAUSES`] scan
+/// Rounds start every `heartbeat_interval` (every `settling_interval` after a round that found
+/// the fleet settling: see [`RoundOutcome::settling`]), but never sooner than [`SCAN_PAUSES`] scan
 /// durations after the last round ended: on a large table the scan dominates, and the
 /// DynamoDB it shares with every heartbeat must not be kept busy by it (a slow table is
 /// scanned at most a third of the time). Within that bound a round also starts early:
@@ -203,15 +204,20 @@ async fn lease_rounds(
         }
         let began = Instant::now();
         let result = lease_round(&ctx, &store, &mut round, &stop).await;
-        let scan_took = match &result {
-            Ok(took) => *took,
+        let (scan_took, settling) = match &result {
+            Ok(outcome) => (outcome.scanned, outcome.settling),
             Err(e) => {
                 tracing::warn!(error = %e, "lease round failed; retrying next round");
-                began.elapsed()
+                (began.elapsed(), false)
             }
         };
         earliest = Instant::now() + scan_took * SCAN_PAUSES;
-        next_round = began + s.heartbeat_interval;
+        next_round = began
+            + if settling {
+                s.settling_interval()
+            } else {
+                s.heartbeat_interval
+            };
         // A failed round retries at the usual pace (a fast-failing scan must not spin on a
         // deadline it never gets past).
         if result.is_ok()
@@ -277,6 +283,18 @@ struct LiveCount {
     workers: u64,
 }
 
+/// What one lease round found.
+struct RoundOutcome {
+    /// How long the lease scan took (the pause before the next round scales with it).
+    scanned: Duration,
+    /// The fleet is settling: the live count changed, the sync created or deleted leases,
+    /// the plan wrote something, or a hand-off or release is still pending. The next round
+    /// then comes after `settling_interval`, so the next step (a lease released, a worker that
+    /// appeared meanwhile) is planned within a quarter heartbeat. A fleet where nothing moves
+    /// (including one whose unread shards wait for capacity) is scanned once a heartbeat.
+    settling: bool,
+}
+
 /// A silent worker's heartbeat row as judged: worker id, counter, instance.
 type DeadRow = (String, u64, Option<String>);
 
@@ -314,7 +332,7 @@ async fn lease_round(
     store: &LeaseStore,
     round: &mut RoundState,
     stop: &CancellationToken,
-) -> Result<Duration, crate::aws::AwsError> {
+) -> Result<RoundOutcome, crate::aws::AwsError> {
     let s = &ctx.state.settings;
     // Owned: `round` is borrowed mutably below.
     let me = round.me.clone();
@@ -364,11 +382,12 @@ async fn lease_round(
     // (a death raises it: the dead worker's leases are all assigned now, not a round later),
     // waiting until the publication loop has handled the count — usually one write, a
     // heartbeat at most (it may be busy with DescribeStreamSummary).
-    if round.publish_live(live_workers) && ctx.state.limit().is_some() && scan.is_ok() {
+    let mut settling = round.publish_live(live_workers);
+    if settling && ctx.state.limit().is_some() && scan.is_ok() {
         let seq = round.sent;
         let handled = round.handled.wait_for(|h| *h >= seq);
         tokio::select! {
-            _ = stop.cancelled() => return Ok(scanned),
+            _ = stop.cancelled() => return Ok(RoundOutcome { scanned, settling }),
             _ = tokio::time::timeout(s.heartbeat_interval, handled) => {}
         }
     }
@@ -384,6 +403,7 @@ async fn lease_round(
     if Instant::now() >= round.next_sync || resharded {
         match sync_leases(ctx, store, &leases).await {
             Ok(ids) => {
+                settling |= round.listed.as_ref() != Some(&ids);
                 round.listed = Some(ids);
                 // A failed sync leaves the reshard to be synced at the next round.
                 round.synced_for = published_shards;
@@ -399,7 +419,7 @@ async fn lease_round(
     round.limits.mark_unchanged();
     let (Some(limit), Some(listed)) = (ctx.state.limit(), round.listed.as_ref()) else {
         remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
-        return Ok(scanned);
+        return Ok(RoundOutcome { scanned, settling });
     };
     // This worker is judged by its own row like anyone (a coordinator that cannot write its
     // heartbeat loses its leases like anyone); before its first row is read it counts while
@@ -439,6 +459,7 @@ async fn lease_round(
     let by_id: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.shard_id.as_str(), l)).collect();
     // Written a few at a time: each write is conditional on its own lease only.
     let actions = assignment::plan(&view, MAX_BALANCE_MOVES_PER_ROUND);
+    settling |= !actions.is_empty() || leases.iter().any(|l| l.pending.is_some());
     let assigns_me = actions
         .iter()
         .any(|a| matches!(a, Action::Assign { to, .. } if to == me));
@@ -486,7 +507,7 @@ async fn lease_round(
         ctx.state.leases_assigned.notify_one();
     }
     remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
-    Ok(scanned)
+    Ok(RoundOutcome { scanned, settling })
 }
 
 /// Runs the coordinator's duties for `epoch` until `stop` is cancelled.

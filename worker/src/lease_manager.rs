@@ -113,8 +113,12 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let mut unreadable: BTreeMap<String, (String, Instant)> = BTreeMap::new();
     // Since when this worker holds more than the published limit.
     let mut over_limit_since: Option<Instant> = None;
-    // One round per heartbeat; also at once when the fence changes or a new limit arrives.
+    // One round per heartbeat; also at once when the fence changes or a new limit arrives,
+    // and every `settling_interval` for a `settling_window` after a new limit (the leases it
+    // brings are assigned, or handed over, within the next rounds of the coordinator and of
+    // the other workers).
     let mut tick = ticker(s.heartbeat_interval);
+    let mut settle_until: Option<Instant> = None;
     let mut fence = ctx.state.fence();
     loop {
         tokio::select! {
@@ -124,7 +128,9 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             // outage: resume now), not at the next round.
             _ = fence.changed() => {}
             // A new limit (the first one at start, a lower one after a scale-up): obey it now.
-            _ = ctx.state.limit_changed.notified() => {}
+            _ = ctx.state.limit_changed.notified() => {
+                settle_until = Some(Instant::now() + s.settling_window());
+            }
             // This worker, as coordinator, just assigned leases to itself.
             _ = ctx.state.leases_assigned.notified() => {}
         }
@@ -193,7 +199,9 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
         // twice as long as this one took, so this worker keeps DynamoDB busy at most a third
         // of the time.
         let pause = query_began.elapsed() * QUERY_PAUSES;
-        if pause > s.heartbeat_interval {
+        if settle_until.is_some_and(|until| Instant::now() < until) {
+            tick.reset_after(pause.max(s.settling_interval()));
+        } else if pause > s.heartbeat_interval {
             tick.reset_after(pause);
         }
         let owned = match owned {
