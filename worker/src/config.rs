@@ -135,17 +135,20 @@ impl Settings {
         self.fence_after()
     }
 
-    /// While the fleet settles (after a new limit, a join, a death, a reshard: see
-    /// [`Settings::settling_window`]), the coordinator's lease rounds and each worker's reads
-    /// of its own leases come this often instead of every heartbeat, so a lease written in
-    /// one round is read within a quarter heartbeat, not up to a whole one, at any cadence.
+    /// While the fleet settles, the coordinator's lease rounds and the reads each worker makes
+    /// of its own leases come this often instead of once a heartbeat: a quarter heartbeat,
+    /// but not under 250 ms (the coordinator's lease scan is eventually consistent: a round
+    /// much sooner than that would often plan from items read before its own writes).
     pub fn settling_interval(&self) -> Duration {
-        self.heartbeat_interval / 4
+        (self.heartbeat_interval / 4)
+            .max(Duration::from_millis(250))
+            .min(self.heartbeat_interval)
     }
 
-    /// How long a worker keeps reading its leases every [`Settings::settling_interval`] after
-    /// a new limit arrived: long enough for the coordinator's rounds to assign, and for the
-    /// other workers (who see the limit up to a heartbeat later) to hand leases over.
+    /// How long the fleet counts as settling after a change: for the coordinator, a round
+    /// whose live count or listed shards changed or that wrote anything; for a worker, a new
+    /// limit. Long enough for the other workers, who see a new limit up to a heartbeat later,
+    /// to hand leases over, and for the receivers to take them.
     pub fn settling_window(&self) -> Duration {
         self.heartbeat_interval * 2
     }

@@ -156,8 +156,8 @@ const SCAN_PAUSES: u32 = 2;
 /// They are the term's only reader of the heartbeats: the live-worker count goes from here to
 /// the publication loop through `live_tx`.
 ///
-/// Rounds start every `heartbeat_interval` (every `settling_interval` after a round that found
-/// the fleet settling: see [`RoundOutcome::settling`]), but never sooner than [`SCAN_PAUSES`] scan
+/// Rounds start every `heartbeat_interval` (every `settling_interval` for a while after a
+/// round in which something moved: see [`RoundOutcome::changed`]), but never sooner than [`SCAN_PAUSES`] scan
 /// durations after the last round ended: on a large table the scan dominates, and the
 /// DynamoDB it shares with every heartbeat must not be kept busy by it (a slow table is
 /// scanned at most a third of the time). Within that bound a round also starts early:
@@ -191,6 +191,7 @@ async fn lease_rounds(
     };
     let mut next_round = Instant::now();
     let mut earliest = Instant::now();
+    let mut settle_until = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -204,16 +205,21 @@ async fn lease_rounds(
         }
         let began = Instant::now();
         let result = lease_round(&ctx, &store, &mut round, &stop).await;
-        let (scan_took, settling) = match &result {
-            Ok(outcome) => (outcome.scanned, outcome.settling),
+        let scan_took = match &result {
+            Ok(outcome) => {
+                if outcome.changed {
+                    settle_until = Instant::now() + s.settling_window();
+                }
+                outcome.scanned
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "lease round failed; retrying next round");
-                (began.elapsed(), false)
+                began.elapsed()
             }
         };
         earliest = Instant::now() + scan_took * SCAN_PAUSES;
         next_round = began
-            + if settling {
+            + if Instant::now() < settle_until {
                 s.settling_interval()
             } else {
                 s.heartbeat_interval
@@ -287,12 +293,13 @@ struct LiveCount {
 struct RoundOutcome {
     /// How long the lease scan took (the pause before the next round scales with it).
     scanned: Duration,
-    /// The fleet is settling: the live count changed, the sync created or deleted leases,
-    /// the plan wrote something, or a hand-off or release is still pending. The next round
-    /// then comes after `settling_interval`, so the next step (a lease released, a worker that
-    /// appeared meanwhile) is planned within a quarter heartbeat. A fleet where nothing moves
-    /// (including one whose unread shards wait for capacity) is scanned once a heartbeat.
-    settling: bool,
+    /// Something moved: the live count changed, the stream's listed shards changed (a
+    /// term's first sync included), or the plan wrote something. The rounds then come every
+    /// `settling_interval` for a `settling_window`, so the next step (a lease a worker
+    /// released, a worker that appeared meanwhile) is planned within a quarter heartbeat. A
+    /// fleet where nothing moves (one whose unread shards wait for capacity included) is
+    /// scanned once a heartbeat.
+    changed: bool,
 }
 
 /// A silent worker's heartbeat row as judged: worker id, counter, instance.
@@ -382,12 +389,12 @@ async fn lease_round(
     // (a death raises it: the dead worker's leases are all assigned now, not a round later),
     // waiting until the publication loop has handled the count — usually one write, a
     // heartbeat at most (it may be busy with DescribeStreamSummary).
-    let mut settling = round.publish_live(live_workers);
-    if settling && ctx.state.limit().is_some() && scan.is_ok() {
+    let mut changed = round.publish_live(live_workers);
+    if changed && ctx.state.limit().is_some() && scan.is_ok() {
         let seq = round.sent;
         let handled = round.handled.wait_for(|h| *h >= seq);
         tokio::select! {
-            _ = stop.cancelled() => return Ok(RoundOutcome { scanned, settling }),
+            _ = stop.cancelled() => return Ok(RoundOutcome { scanned, changed }),
             _ = tokio::time::timeout(s.heartbeat_interval, handled) => {}
         }
     }
@@ -403,7 +410,7 @@ async fn lease_round(
     if Instant::now() >= round.next_sync || resharded {
         match sync_leases(ctx, store, &leases).await {
             Ok(ids) => {
-                settling |= round.listed.as_ref() != Some(&ids);
+                changed |= round.listed.as_ref() != Some(&ids);
                 round.listed = Some(ids);
                 // A failed sync leaves the reshard to be synced at the next round.
                 round.synced_for = published_shards;
@@ -419,7 +426,7 @@ async fn lease_round(
     round.limits.mark_unchanged();
     let (Some(limit), Some(listed)) = (ctx.state.limit(), round.listed.as_ref()) else {
         remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
-        return Ok(RoundOutcome { scanned, settling });
+        return Ok(RoundOutcome { scanned, changed });
     };
     // This worker is judged by its own row like anyone (a coordinator that cannot write its
     // heartbeat loses its leases like anyone); before its first row is read it counts while
@@ -459,7 +466,7 @@ async fn lease_round(
     let by_id: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.shard_id.as_str(), l)).collect();
     // Written a few at a time: each write is conditional on its own lease only.
     let actions = assignment::plan(&view, MAX_BALANCE_MOVES_PER_ROUND);
-    settling |= !actions.is_empty() || leases.iter().any(|l| l.pending.is_some());
+    changed |= !actions.is_empty();
     let assigns_me = actions
         .iter()
         .any(|a| matches!(a, Action::Assign { to, .. } if to == me));
@@ -507,12 +514,12 @@ async fn lease_round(
         ctx.state.leases_assigned.notify_one();
     }
     remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
-    Ok(RoundOutcome { scanned, settling })
+    Ok(RoundOutcome { scanned, changed })
 }
 
 /// Runs the coordinator's duties for `epoch` until `stop` is cancelled.
-/// `liveness`: the heartbeats as this worker judged them before the term (empty when the
-/// post was vacant or taken at start).
+/// `liveness`: the heartbeats as this worker read them while the post was silent before
+/// this term (see `observe_heartbeats`); empty when it never saw a renewal missed.
 pub async fn run_term(
     ctx: Arc<Context>,
     epoch: u64,
@@ -716,15 +723,22 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
     let mut term: Option<Term> = None;
     let mut next_tick = Instant::now();
     let mut recheck_by: Option<Instant> = None;
-    // The heartbeats as judged since the coordinator post went silent, handed to the term
-    // this worker may win (see `observe_heartbeats`).
+    // The heartbeats as read once the coordinator post went silent, handed to the term this
+    // worker may win (see `observe_heartbeats`), and when to look at the post again to tell
+    // a missed renewal from a read that merely came just before one.
     let mut silence: Option<LivenessTracker> = None;
+    let mut suspect_at: Option<Instant> = None;
 
     loop {
         let mut wake = match (&term, recheck_by) {
             (None, Some(r)) if r < next_tick => r,
             _ => next_tick,
         };
+        if term.is_none()
+            && let Some(at) = suspect_at
+        {
+            wake = wake.min(at);
+        }
         // The watchdog: wake at the term's deadline however the renewals fare.
         if let Some(t) = &term {
             wake = wake.min(t.deadline(s));
@@ -807,6 +821,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                 // Try again at the next tick, not at a recheck instant already past (which
                 // would spin while reads fail).
                 recheck_by = None;
+                suspect_at = None;
                 continue;
             }
         };
@@ -823,11 +838,19 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                 ..
             } => {
                 recheck_by = Some(r);
-                if silent_since < read_at {
-                    // Unchanged since an earlier read: the coordinator missed a renewal.
-                    observe_heartbeats(&ctx, silence.get_or_insert_default()).await;
-                } else {
+                if silent_since == read_at {
+                    // Renewed since the last read.
                     silence = None;
+                }
+                let suspect = silent_since + s.heartbeat_interval * 5 / 4;
+                if read_at < suspect {
+                    suspect_at = Some(suspect);
+                } else {
+                    // Unchanged for more than a renewal interval: a renewal was missed.
+                    suspect_at = None;
+                    if silence.is_none() {
+                        silence = observe_heartbeats(&ctx).await;
+                    }
                 }
             }
             Verdict::Claim { seen, next_epoch } => {
@@ -869,6 +892,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                             _ => tracing::info!(epoch = next_epoch, "became coordinator"),
                         }
                         observer.reset();
+                        suspect_at = None;
                         let liveness = silence.take().unwrap_or_default();
                         ctx.state.metrics.coordinator_takeovers.inc();
                         ctx.state.term_renewed(sent);
@@ -890,6 +914,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                         // Someone else won the race; follow them from the next read.
                         observer.reset();
                         silence = None;
+                        suspect_at = None;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot claim the coordinator post"),
                 }
@@ -906,29 +931,39 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
 
 /// One read of the heartbeats by a follower that saw the coordinator post go silent.
 ///
-/// A new coordinator judges a worker dead only after `failover_timeout` of silence on its own
-/// clock. Starting that clock when its term begins would leave a worker that died with the
-/// old coordinator (usually the same process) unread for about two timeouts: one until the
-/// post is taken over, another until the new term judges it. A follower that reads the
-/// heartbeats from the first missed renewal brings that history to the term instead, so the
-/// worker's leases move about `failover_timeout` after it went silent. The verdict rule is
-/// the term's own (the same tracker, on the same clock); a failed read only leaves a longer
-/// gap, which can make a verdict later, never sooner.
-async fn observe_heartbeats(ctx: &Context, liveness: &mut LivenessTracker) {
+/// A new coordinator judges a worker dead only after `failover_timeout` without progress on
+/// its own clock. Starting that clock when its term begins would leave a worker that died
+/// with the old coordinator (usually the same process) unread for about two timeouts: one
+/// until the post is taken over, another until the new term judges it. A follower that read
+/// the heartbeats when the first renewal was missed brings that read to the term instead, so
+/// the worker's leases move about `failover_timeout` after it went silent.
+///
+/// One read is enough, however long ago: the term's first round reads the heartbeats again,
+/// and a worker that wrote anything in between shows a counter or instance never seen
+/// before (a process numbers its writes itself, so even a row deleted and written again
+/// cannot repeat one), which is progress. The verdict rule is the term's own, on the same
+/// clock. A read that fails or takes longer than a heartbeat gives `None`: the next look at
+/// the post tries again.
+async fn observe_heartbeats(ctx: &Context) -> Option<LivenessTracker> {
+    let s = &ctx.state.settings;
     let issued = Instant::now();
-    match ctx.meta.scan_heartbeats().await {
-        Ok(rows) => {
+    match tokio::time::timeout(s.heartbeat_interval, ctx.meta.scan_heartbeats()).await {
+        Ok(Ok(rows)) => {
+            let mut liveness = LivenessTracker::default();
             liveness.observe_read(
                 &rows,
                 std::iter::empty(),
                 issued,
                 Instant::now(),
-                ctx.state.settings.failover_timeout,
+                s.failover_timeout,
             );
+            Some(liveness)
         }
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot read the heartbeats of a silent coordinator's fleet")
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "cannot read the heartbeats of a silent coordinator's fleet");
+            None
         }
+        Err(_) => None,
     }
 }
 

@@ -123,7 +123,7 @@ struct Seen {
 }
 
 /// The coordinator's view of which workers are alive, from repeated heartbeat scans (one
-/// per lease round).
+/// per lease round, and the one its worker made as a follower when the post went silent).
 #[derive(Debug, Default)]
 pub struct LivenessTracker {
     seen: HashMap<String, Seen>,

@@ -284,8 +284,14 @@ impl MetaStore {
 
     // ---- heartbeats -------------------------------------------------------------------
 
-    /// Renews this worker's heartbeat: `counter + 1`, publishing the instance and the failover
-    /// timeout. Returns the new counter.
+    /// Renews this worker's heartbeat: sets `counter` to `write`, this process's number for
+    /// this write (1, 2, 3, …: one per attempt, failed ones included), and publishes the
+    /// instance and the failover timeout. Returns the counter written.
+    ///
+    /// The number comes from the process, not from the row (`counter + 1`), so a row's
+    /// `(instance, counter)` never repeats: a row deleted (a coordinator judged the worker
+    /// dead, an operator) and written again by the same process carries a counter no
+    /// observer has seen before, and an observer that saw the old row takes it as progress.
     ///
     /// The write is conditional on the row being this instance's (or having none): while
     /// another process with the same worker id holds it, this fails with `ConditionFailed`.
@@ -294,6 +300,7 @@ impl MetaStore {
     pub async fn heartbeat(
         &self,
         me: &HeartbeatOwner,
+        write: u64,
         leases_held: u64,
         ttl: Duration,
         take_over: Option<&HeartbeatRow>,
@@ -311,14 +318,13 @@ impl MetaStore {
             .table_name(&self.table)
             .key(META_KEY, s(worker_item_key(&me.worker_id)))
             .update_expression(
-                "SET #c = if_not_exists(#c, :zero) + :one, started_at = if_not_exists(started_at, :now), \
+                "SET #c = :write, started_at = if_not_exists(started_at, :now), \
                  renewed_at = :now, leases_held = :held, #ttl = :ttl, #i = :mine, failover_ms = :f",
             )
             .expression_attribute_names("#c", "counter")
             .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
             .expression_attribute_names("#i", "instance")
-            .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":write", n(write))
             .expression_attribute_values(":now", s(now))
             .expression_attribute_values(":held", n(leases_held))
             .expression_attribute_values(":ttl", n(expires))

@@ -274,6 +274,9 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let mut holder = HolderObserver::default();
     let mut take_over: Option<HeartbeatRow> = None;
     let mut warned_about: Option<String> = None;
+    // The counter each write sets: one number per attempt, so a row's (instance, counter)
+    // never repeats, even when the row is deleted and written again.
+    let mut writes: u64 = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -281,8 +284,10 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
         }
         ctx.state.loop_went_round(crate::state::Loop::Heartbeat);
         let sent = Instant::now();
+        writes += 1;
         let write = ctx.meta.heartbeat(
             &me,
+            writes,
             ctx.state.leases_held(),
             s.heartbeat_ttl(),
             take_over.as_ref(),
@@ -401,15 +406,22 @@ async fn fence_watchdog(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
-/// Until this worker has its first limit, it reads `lease_limits` again after this, doubling
-/// up to `heartbeat_interval`: a fleet starting together reads before its coordinator has
-/// published, and `/ready` should not wait a whole heartbeat for the next look.
+/// Until this worker has its first limit, it reads `lease_limits` again after this, for
+/// [`FIRST_LIMIT_QUICK_READS`] reads, then after twice as long each time up to
+/// `heartbeat_interval`: a fleet starting together reads before its coordinator has
+/// published (an election, a `DescribeStreamSummary` and a scan, well under a second), and
+/// `/ready` should not wait a whole heartbeat, nor half a second, for the next look.
 const FIRST_LIMIT_RETRY: Duration = Duration::from_millis(100);
+
+/// Reads `FIRST_LIMIT_RETRY` apart before the retries space out: at most this many extra
+/// reads per worker start.
+const FIRST_LIMIT_QUICK_READS: u32 = 10;
 
 async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let heartbeat = ctx.state.settings.heartbeat_interval;
     let mut tick = ticker(heartbeat);
     let mut first_retry = FIRST_LIMIT_RETRY;
+    let mut quick_reads = 0;
     let mut last_seen: Option<(u64, u64)> = None;
     let mut last_problem: Option<String> = None;
     loop {
@@ -422,7 +434,10 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
         if ctx.state.limit().is_none() && !matches!(result, Ok(Some(_))) && first_retry < heartbeat
         {
             tick.reset_after(first_retry);
-            first_retry *= 2;
+            quick_reads += 1;
+            if quick_reads >= FIRST_LIMIT_QUICK_READS {
+                first_retry *= 2;
+            }
         }
         match result {
             Ok(record) => {

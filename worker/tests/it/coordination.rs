@@ -598,3 +598,51 @@ async fn a_second_process_with_the_same_worker_id_waits_for_the_first() {
     );
     c.shutdown().await;
 }
+
+/// A heartbeat row deleted while its worker lives (by an operator, or by a coordinator that
+/// judged the worker dead) comes back with a counter above every one it had, so an observer
+/// that saw the old row takes the new one as progress, never as the old counter standing
+/// still (a follower's one read of the heartbeats before it coordinates relies on this).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_heartbeat_row_comes_back_with_a_counter_never_seen() {
+    let aws = aws().await;
+    let (app, stream) = (unique("hbagain"), unique("hbagain"));
+    create_stream(&aws, &stream, 1).await;
+    let w = TestWorker::start(settings(&app, &stream, "w0"), aws.clone(), None).await;
+    let store = meta(&aws, &app);
+    // Deleted as the coordinator deletes a dead worker's row: conditional on the counter
+    // read, so it is read again until no heartbeat lands in between.
+    let (deleted, _) = wait_for(
+        Duration::from_secs(20),
+        "w0's row at counter 3 or more, deleted",
+        || async {
+            let row = store.read_heartbeat("w0").await.ok().flatten()?;
+            if row.counter < 3 {
+                return None;
+            }
+            store
+                .delete_dead_heartbeat("w0", row.counter, row.instance.as_deref())
+                .await
+                .ok()
+                .map(|()| row)
+        },
+    )
+    .await;
+    let (again, _) = wait_for(
+        Duration::from_secs(20),
+        "w0's row written again",
+        || async { store.read_heartbeat("w0").await.ok().flatten() },
+    )
+    .await;
+    assert_eq!(
+        again.instance, deleted.instance,
+        "the same process wrote it"
+    );
+    assert!(
+        again.counter > deleted.counter,
+        "counter {} after the delete, {} before: an observer would see the old counter standing still",
+        again.counter,
+        deleted.counter
+    );
+    w.shutdown().await;
+}
