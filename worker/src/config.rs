@@ -137,8 +137,9 @@ impl Settings {
 
     /// While the fleet settles, the coordinator's lease rounds and the reads each worker makes
     /// of its own leases come this often instead of once a heartbeat: a quarter heartbeat,
-    /// but not under 250 ms (the coordinator's lease scan is eventually consistent: a round
-    /// much sooner than that would often plan from items read before its own writes).
+    /// but not under 250 ms unless the heartbeat itself is shorter (the coordinator's lease
+    /// scan is eventually consistent: a round much sooner than that would often plan from
+    /// items read before its own writes).
     pub fn settling_interval(&self) -> Duration {
         (self.heartbeat_interval / 4)
             .max(Duration::from_millis(250))

@@ -219,7 +219,7 @@ async fn lease_rounds(
         };
         earliest = Instant::now() + scan_took * SCAN_PAUSES;
         next_round = began
-            + if Instant::now() < settle_until {
+            + if result.is_ok() && Instant::now() < settle_until {
                 s.settling_interval()
             } else {
                 s.heartbeat_interval
@@ -294,7 +294,7 @@ struct RoundOutcome {
     /// How long the lease scan took (the pause before the next round scales with it).
     scanned: Duration,
     /// Something moved: the live count changed, the stream's listed shards changed (a
-    /// term's first sync included), or the plan wrote something. The rounds then come every
+    /// term's first sync included), or a write of the plan landed. The rounds then come every
     /// `settling_interval` for a `settling_window`, so the next step (a lease a worker
     /// released, a worker that appeared meanwhile) is planned within a quarter heartbeat. A
     /// fleet where nothing moves (one whose unread shards wait for capacity included) is
@@ -307,7 +307,7 @@ type DeadRow = (String, u64, Option<String>);
 
 /// Deletes the heartbeat rows of workers judged dead, each conditional on the counter and
 /// instance seen (a worker that came back meanwhile keeps its row). A deleted row is remembered as gone, so
-/// the same worker writing a new row (its counter starting again at 1) counts as progress.
+/// the same worker writing a new row counts as progress.
 async fn remove_dead_rows(ctx: &Context, liveness: &mut LivenessTracker, dead: &[DeadRow]) {
     let deletes = dead.iter().map(|(id, counter, instance)| async move {
         tracing::info!(worker = %id, "worker's heartbeat stopped; removing it");
@@ -466,7 +466,6 @@ async fn lease_round(
     let by_id: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.shard_id.as_str(), l)).collect();
     // Written a few at a time: each write is conditional on its own lease only.
     let actions = assignment::plan(&view, MAX_BALANCE_MOVES_PER_ROUND);
-    changed |= !actions.is_empty();
     let assigns_me = actions
         .iter()
         .any(|a| matches!(a, Action::Assign { to, .. } if to == me));
@@ -485,7 +484,7 @@ async fn lease_round(
             async move {
                 // The term may end (deposed, or its watchdog) in the middle of a plan.
                 if stop.is_cancelled() {
-                    return;
+                    return false;
                 }
                 let result = match &action {
                     Action::Assign { to, .. } => store.assign(seen, to).await,
@@ -495,19 +494,27 @@ async fn lease_round(
                     Action::Release { .. } => store.request(seen, &Pending::Release).await,
                 };
                 match result {
-                    Ok(()) => tracing::debug!(?action, "lease assignment written"),
+                    Ok(()) => {
+                        tracing::debug!(?action, "lease assignment written");
+                        return true;
+                    }
                     Err(e) if e.is_condition_failed() => tracing::debug!(
                         shard = %action.shard(),
                         "lease changed since the scan; replanned next round"
                     ),
                     Err(e) => tracing::warn!(shard = %action.shard(), error = %e, "cannot write a lease assignment"),
                 }
+                false
             }
         });
-    futures::stream::iter(writes)
+    let written = futures::stream::iter(writes)
         .buffer_unordered(ASSIGNMENT_WRITES_IN_FLIGHT)
-        .collect::<()>()
+        .filter(|written| futures::future::ready(*written))
+        .count()
         .await;
+    // Only writes that landed: a plan refused as stale (the scan is eventually consistent)
+    // or failing for good must not keep the rounds quick.
+    changed |= written > 0;
     if assigns_me {
         // This worker's own lease loop looks now, not at its next round (the leaseOwner index
         // it queries may lag behind the write: a lease it misses is taken a round later).
@@ -830,6 +837,12 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
             row.as_ref().map_or(0, |r| r.epoch),
         );
         let min_epoch = ctx.state.limit().map_or(0, |l| l.epoch);
+        // The owner renews every heartbeat of its own, at most a quarter of its published
+        // failover timeout: a fleet in the middle of a change of heartbeat interval must not
+        // take every renewal for a missed one.
+        let renewal_interval = s
+            .heartbeat_interval
+            .max(row.as_ref().and_then(|r| r.failover()).unwrap_or_default() / 4);
         let read_at = Instant::now();
         match observer.judge(row, read_at, s.failover_timeout, min_epoch) {
             Verdict::Follow {
@@ -842,7 +855,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                     // Renewed since the last read.
                     silence = None;
                 }
-                let suspect = silent_since + s.heartbeat_interval * 5 / 4;
+                let suspect = silent_since + renewal_interval * 5 / 4;
                 if read_at < suspect {
                     suspect_at = Some(suspect);
                 } else {
@@ -855,6 +868,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
             }
             Verdict::Claim { seen, next_epoch } => {
                 recheck_by = None;
+                suspect_at = None;
                 if ctx.state.instance_conflict().is_some() {
                     // A duplicate of a live worker id never coordinates.
                     continue;
@@ -940,9 +954,10 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
 ///
 /// One read is enough, however long ago: the term's first round reads the heartbeats again,
 /// and a worker that wrote anything in between shows a counter or instance never seen
-/// before (a process numbers its writes itself, so even a row deleted and written again
-/// cannot repeat one), which is progress. The verdict rule is the term's own, on the same
-/// clock. A read that fails or takes longer than a heartbeat gives `None`: the next look at
+/// before, which is progress (a process numbers its writes itself, sends each number once
+/// and never lets its row's counter go back, so even a row deleted and written again cannot
+/// repeat one; a row gone by then is silent only since this read). The verdict rule is the
+/// term's own, on the same clock. A read that fails or takes longer than a heartbeat gives `None`: the next look at
 /// the post tries again.
 async fn observe_heartbeats(ctx: &Context) -> Option<LivenessTracker> {
     let s = &ctx.state.settings;

@@ -115,9 +115,12 @@ struct Seen {
     /// The process that wrote the row: a new one (a restart) is progress even when its
     /// counter, starting again at 1, happens to equal the old one.
     instance: Option<String>,
-    /// Last change (counter moved, another instance wrote the row, the row appeared or
-    /// vanished) on the observer's clock.
+    /// Last change (counter moved, another instance wrote the row, the row appeared) on the
+    /// observer's clock; for a row that vanished unseen, when it was last seen.
     since: Instant,
+    /// When a read last showed the row as it is here (answered): a row that vanishes may have
+    /// been written after that, unseen, before it went.
+    seen_at: Instant,
     /// The writer's published timeout, remembered after its row vanished.
     failover: Option<Duration>,
 }
@@ -145,9 +148,10 @@ impl LivenessTracker {
     /// Judges `rows` (every heartbeat item) and `expected` (worker ids known from elsewhere,
     /// such as lease owners). A worker is dead only after `timeout` (or the longer timeout its
     /// row publishes) without progress on this observer's clock, row or no row: a counter
-    /// change is progress, and so are a new instance writing the row and a row appearing or
-    /// vanishing (an expected worker without
-    /// a row is live until it has been absent for the timeout).
+    /// change is progress, and so are a new instance writing the row and a row appearing. A
+    /// row that vanished is silent since it was last seen (unless this observer removed it:
+    /// [`LivenessTracker::row_removed`]), and an expected worker never seen with a row is
+    /// live until it has been absent for the timeout.
     ///
     /// Everything seen for the first time counts as live: a row was written recently enough
     /// to exist (graceful shutdown deletes rows, the coordinator removes dead ones), and
@@ -201,6 +205,7 @@ impl LivenessTracker {
                 counter: Some(row.counter),
                 instance: row.instance.clone(),
                 since,
+                seen_at: now,
                 failover: row.failover(),
             };
             judge(&row.worker_id, seen, &mut out);
@@ -215,13 +220,15 @@ impl LivenessTracker {
             let seen = match self.seen.get(id) {
                 // Still absent: the absence clock keeps running.
                 Some(prev) if prev.counter.is_none() => prev.clone(),
-                // The row vanished (the coordinator removed a silent worker's, or an operator
-                // deleted it): silent since its counter last moved. A live worker writes it
-                // again within a heartbeat, which restarts the clock.
+                // The row vanished without this observer removing it (an operator deleted it,
+                // or a coordinator before this one did): silent since it was last seen, as
+                // the worker may have written it in between. A live worker writes it again
+                // within a heartbeat, which restarts the clock.
                 Some(prev) => Seen {
                     counter: None,
                     instance: None,
-                    since: prev.since,
+                    since: prev.seen_at,
+                    seen_at: prev.seen_at,
                     failover: prev.failover,
                 },
                 // Never seen: absent from now.
@@ -229,6 +236,7 @@ impl LivenessTracker {
                     counter: None,
                     instance: None,
                     since: now,
+                    seen_at: now,
                     failover: None,
                 },
             };
@@ -254,8 +262,10 @@ impl LivenessTracker {
             .min()
     }
 
-    /// The coordinator deleted `worker_id`'s row: whatever row appears for it next (a new
-    /// instance starts its counter again at 1) is progress, not the old counter standing still.
+    /// This observer deleted `worker_id`'s row, conditional on the counter and instance it
+    /// judged, so nothing was written unseen before it went: the worker stays silent since
+    /// its counter last moved while the row is absent, and whatever row appears for it next
+    /// is progress.
     pub fn row_removed(&mut self, worker_id: &str) {
         if let Some(seen) = self.seen.get_mut(worker_id) {
             seen.counter = None;
@@ -553,32 +563,41 @@ mod tests {
     }
 
     #[test]
-    fn a_vanished_row_keeps_its_silence_clock_and_its_timeout() {
+    fn a_row_that_vanished_unseen_is_silent_since_it_was_last_seen_with_its_timeout() {
         let mut l = LivenessTracker::default();
         let t0 = Instant::now();
         let mut r = hb("w", 5);
         r.failover_ms = Some(20_000);
         l.observe(std::slice::from_ref(&r), ["w"], t0, T);
-        // Unchanged for a while, then the row vanishes (the coordinator removed it, or an
-        // operator deleted it): still silent since t0, judged with the timeout it published.
-        l.observe(
-            std::slice::from_ref(&r),
-            ["w"],
-            t0 + Duration::from_secs(5),
-            T,
-        );
+        // Unchanged at 5 s, then the row is gone at 6 s, deleted by someone else (an
+        // operator, an earlier coordinator): the worker may have written it between 5 s and
+        // the delete, so it is silent since 5 s, not since t0, judged with its own timeout.
+        let last_seen = t0 + Duration::from_secs(5);
+        l.observe(std::slice::from_ref(&r), ["w"], last_seen, T);
         let gone = t0 + Duration::from_secs(6);
         assert_eq!(l.observe(&[], ["w"], gone, T).live, vec!["w"]);
-        let out = l.observe(&[], ["w"], t0 + Duration::from_secs(19), T);
+        let out = l.observe(&[], ["w"], last_seen + Duration::from_millis(19_999), T);
         assert_eq!(out.live, vec!["w"]);
-        let out = l.observe(&[], ["w"], t0 + Duration::from_secs(20), T);
+        let out = l.observe(&[], ["w"], last_seen + Duration::from_secs(20), T);
         assert_eq!(out.dead, vec![("w".to_owned(), None)]);
         // A live worker writes its row again: alive from then on.
-        let out = l.observe(&[hb("w", 1)], ["w"], t0 + Duration::from_secs(21), T);
+        let out = l.observe(&[hb("w", 6)], ["w"], t0 + Duration::from_secs(26), T);
         assert_eq!(out.live, vec!["w"]);
         // Not expected any more and no row: forgotten.
-        let out = l.observe(&[], none(), t0 + Duration::from_secs(22), T);
+        let out = l.observe(&[], none(), t0 + Duration::from_secs(27), T);
         assert_eq!(out, Liveness::default());
+    }
+
+    #[test]
+    fn a_row_this_observer_removed_stays_silent_since_its_counter_last_moved() {
+        let mut l = LivenessTracker::default();
+        let t0 = Instant::now();
+        l.observe(&[hb("w", 5)], ["w"], t0, T);
+        l.observe(&[hb("w", 5)], ["w"], t0 + T, T);
+        // Deleted by this observer, conditional on counter 5: nothing written in between.
+        l.row_removed("w");
+        let out = l.observe(&[], ["w"], t0 + T + Duration::from_millis(1), T);
+        assert_eq!(out.dead, vec![("w".to_owned(), None)]);
     }
 
     #[test]

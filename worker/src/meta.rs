@@ -250,6 +250,9 @@ fn heartbeat_row(worker_id: &str, item: &Item) -> HeartbeatRow {
     }
 }
 
+/// A heartbeat write's condition over this instance's own row: it holds an older counter.
+const OWN_OLDER_ROW: &str = "(#i = :mine AND (attribute_not_exists(#c) OR #c < :write))";
+
 /// Handle on one application's metadata table.
 #[derive(Clone)]
 pub struct MetaStore {
@@ -292,6 +295,9 @@ impl MetaStore {
     /// `(instance, counter)` never repeats: a row deleted (a coordinator judged the worker
     /// dead, an operator) and written again by the same process carries a counter no
     /// observer has seen before, and an observer that saw the old row takes it as progress.
+    /// Each number is sent once (no SDK retry), and over this instance's own row the write
+    /// needs a lower counter there: an earlier write that timed out here but reaches DynamoDB
+    /// late is refused, so the counter never goes back to a value an observer may have seen.
     ///
     /// The write is conditional on the row being this instance's (or having none): while
     /// another process with the same worker id holds it, this fails with `ConditionFailed`.
@@ -333,14 +339,25 @@ impl MetaStore {
             .return_values(ReturnValue::UpdatedNew);
         req = match take_over.and_then(|row| row.instance.as_ref().map(|i| (i, row.counter))) {
             Some((seen, counter)) => req
-                .condition_expression(
-                    "attribute_not_exists(#i) OR #i = :mine OR (#i = :seen AND #c = :seen_counter)",
-                )
+                .condition_expression(format!(
+                    "attribute_not_exists(#i) OR {OWN_OLDER_ROW} OR (#i = :seen AND #c = :seen_counter)"
+                ))
                 .expression_attribute_values(":seen", s(seen.clone()))
                 .expression_attribute_values(":seen_counter", n(counter)),
-            None => req.condition_expression("attribute_not_exists(#i) OR #i = :mine"),
+            None => req.condition_expression(format!("attribute_not_exists(#i) OR {OWN_OLDER_ROW}")),
         };
-        let out = call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
+        // One attempt per number: the SDK's own retry would send the same number again, and
+        // a first attempt that is applied but unanswered, then a second applied after a later
+        // write, would show an observer a counter it already saw.
+        let once = aws_sdk_dynamodb::config::Builder::default()
+            .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled());
+        let out = call(
+            &self.aws.metrics,
+            "dynamodb",
+            "UpdateItem",
+            req.customize().config_override(once).send(),
+        )
+        .await?;
         Ok(out
             .attributes
             .as_ref()

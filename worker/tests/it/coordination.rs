@@ -646,3 +646,35 @@ async fn a_deleted_heartbeat_row_comes_back_with_a_counter_never_seen() {
     );
     w.shutdown().await;
 }
+
+/// A heartbeat write that reaches DynamoDB after a later one (it timed out here, but was
+/// applied late) is refused: the row's counter never goes back to a value an observer may
+/// have seen, which would look like the worker standing still since then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_heartbeat_write_never_takes_the_counter_back() {
+    let aws = aws().await;
+    let app = unique("hblate");
+    kds_worker::schema::ensure_tables(&aws, &app, &format!("{app}_meta"))
+        .await
+        .unwrap();
+    let store = meta(&aws, &app);
+    let me = kds_worker::meta::HeartbeatOwner {
+        worker_id: "w0".into(),
+        instance: "instance-a".into(),
+        failover: FAILOVER,
+    };
+    let ttl = Duration::from_secs(3600);
+    assert_eq!(store.heartbeat(&me, 4, 0, ttl, None).await.unwrap(), 4);
+    assert_eq!(store.heartbeat(&me, 5, 0, ttl, None).await.unwrap(), 5);
+    let late = store.heartbeat(&me, 3, 0, ttl, None).await.unwrap_err();
+    assert!(late.is_condition_failed(), "{late}");
+    let row = store.read_heartbeat("w0").await.unwrap().unwrap();
+    assert_eq!(row.counter, 5);
+    // Another process's row is still refused whatever the number (it is not this one's).
+    let other = kds_worker::meta::HeartbeatOwner {
+        instance: "instance-b".into(),
+        ..me
+    };
+    let refused = store.heartbeat(&other, 99, 0, ttl, None).await.unwrap_err();
+    assert!(refused.is_condition_failed(), "{refused}");
+}
