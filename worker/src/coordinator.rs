@@ -735,6 +735,9 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
     // a missed renewal from a read that merely came just before one.
     let mut silence: Option<LivenessTracker> = None;
     let mut suspect_at: Option<Instant> = None;
+    // One try per silence: followers of a post that looks silent because DynamoDB is
+    // struggling must not all scan the heartbeats again at every look.
+    let mut silence_read_tried = false;
 
     loop {
         let mut wake = match (&term, recheck_by) {
@@ -854,14 +857,18 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                 if silent_since == read_at {
                     // Renewed since the last read.
                     silence = None;
+                    silence_read_tried = false;
                 }
-                let suspect = silent_since + renewal_interval * 5 / 4;
+                let suspect = silent_since
+                    + renewal_interval
+                    + (renewal_interval / 4).max(Duration::from_millis(250));
                 if read_at < suspect {
                     suspect_at = Some(suspect);
                 } else {
                     // Unchanged for more than a renewal interval: a renewal was missed.
                     suspect_at = None;
-                    if silence.is_none() {
+                    if !silence_read_tried {
+                        silence_read_tried = true;
                         silence = observe_heartbeats(&ctx).await;
                     }
                 }
@@ -907,6 +914,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                         }
                         observer.reset();
                         suspect_at = None;
+                        silence_read_tried = false;
                         let liveness = silence.take().unwrap_or_default();
                         ctx.state.metrics.coordinator_takeovers.inc();
                         ctx.state.term_renewed(sent);
@@ -928,6 +936,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                         // Someone else won the race; follow them from the next read.
                         observer.reset();
                         silence = None;
+                        silence_read_tried = false;
                         suspect_at = None;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot claim the coordinator post"),
@@ -954,11 +963,11 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
 ///
 /// One read is enough, however long ago: the term's first round reads the heartbeats again,
 /// and a worker that wrote anything in between shows a counter or instance never seen
-/// before, which is progress (a process numbers its writes itself, sends each number once
-/// and never lets its row's counter go back, so even a row deleted and written again cannot
-/// repeat one; a row gone by then is silent only since this read). The verdict rule is the
-/// term's own, on the same clock. A read that fails or takes longer than a heartbeat gives `None`: the next look at
-/// the post tries again.
+/// before, which is progress (a process numbers its writes itself and sends each number
+/// once, so even a row deleted and written again cannot show one twice; a row gone by then
+/// counts as a change too). The verdict rule is the term's own, on the same clock. A read
+/// that fails or takes longer than a heartbeat gives `None` (one try per silence: the term
+/// then starts its own clock, as it would without this read).
 async fn observe_heartbeats(ctx: &Context) -> Option<LivenessTracker> {
     let s = &ctx.state.settings;
     let issued = Instant::now();

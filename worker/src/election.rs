@@ -115,12 +115,9 @@ struct Seen {
     /// The process that wrote the row: a new one (a restart) is progress even when its
     /// counter, starting again at 1, happens to equal the old one.
     instance: Option<String>,
-    /// Last change (counter moved, another instance wrote the row, the row appeared) on the
-    /// observer's clock; for a row that vanished unseen, when it was last seen.
+    /// Last change (counter moved, another instance wrote the row, the row appeared or
+    /// vanished without this observer removing it) on the observer's clock.
     since: Instant,
-    /// When a read last showed the row as it is here (answered): a row that vanishes may have
-    /// been written after that, unseen, before it went.
-    seen_at: Instant,
     /// The writer's published timeout, remembered after its row vanished.
     failover: Option<Duration>,
 }
@@ -148,10 +145,9 @@ impl LivenessTracker {
     /// Judges `rows` (every heartbeat item) and `expected` (worker ids known from elsewhere,
     /// such as lease owners). A worker is dead only after `timeout` (or the longer timeout its
     /// row publishes) without progress on this observer's clock, row or no row: a counter
-    /// change is progress, and so are a new instance writing the row and a row appearing. A
-    /// row that vanished is silent since it was last seen (unless this observer removed it:
-    /// [`LivenessTracker::row_removed`]), and an expected worker never seen with a row is
-    /// live until it has been absent for the timeout.
+    /// change is progress, and so are a new instance writing the row, a row appearing, and a
+    /// row vanishing unless this observer removed it ([`LivenessTracker::row_removed`]); an
+    /// expected worker without a row is live until it has been absent for the timeout.
     ///
     /// Everything seen for the first time counts as live: a row was written recently enough
     /// to exist (graceful shutdown deletes rows, the coordinator removes dead ones), and
@@ -205,7 +201,6 @@ impl LivenessTracker {
                 counter: Some(row.counter),
                 instance: row.instance.clone(),
                 since,
-                seen_at: now,
                 failover: row.failover(),
             };
             judge(&row.worker_id, seen, &mut out);
@@ -221,14 +216,12 @@ impl LivenessTracker {
                 // Still absent: the absence clock keeps running.
                 Some(prev) if prev.counter.is_none() => prev.clone(),
                 // The row vanished without this observer removing it (an operator deleted it,
-                // or a coordinator before this one did): silent since it was last seen, as
-                // the worker may have written it in between. A live worker writes it again
-                // within a heartbeat, which restarts the clock.
+                // or a coordinator before this one did): the worker may have written it until
+                // the delete, unseen, so its absence counts from now, like a row appearing.
                 Some(prev) => Seen {
                     counter: None,
                     instance: None,
-                    since: prev.seen_at,
-                    seen_at: prev.seen_at,
+                    since: now,
                     failover: prev.failover,
                 },
                 // Never seen: absent from now.
@@ -236,7 +229,6 @@ impl LivenessTracker {
                     counter: None,
                     instance: None,
                     since: now,
-                    seen_at: now,
                     failover: None,
                 },
             };
@@ -563,28 +555,32 @@ mod tests {
     }
 
     #[test]
-    fn a_row_that_vanished_unseen_is_silent_since_it_was_last_seen_with_its_timeout() {
+    fn a_row_that_vanished_unseen_is_absent_from_then_with_its_timeout() {
         let mut l = LivenessTracker::default();
         let t0 = Instant::now();
         let mut r = hb("w", 5);
         r.failover_ms = Some(20_000);
         l.observe(std::slice::from_ref(&r), ["w"], t0, T);
-        // Unchanged at 5 s, then the row is gone at 6 s, deleted by someone else (an
-        // operator, an earlier coordinator): the worker may have written it between 5 s and
-        // the delete, so it is silent since 5 s, not since t0, judged with its own timeout.
-        let last_seen = t0 + Duration::from_secs(5);
-        l.observe(std::slice::from_ref(&r), ["w"], last_seen, T);
+        l.observe(
+            std::slice::from_ref(&r),
+            ["w"],
+            t0 + Duration::from_secs(5),
+            T,
+        );
+        // Gone at 6 s, deleted by someone else (an operator, an earlier coordinator): the
+        // worker may have written it until the delete, unseen, so its absence counts from the
+        // read that found it gone, judged with the timeout it published.
         let gone = t0 + Duration::from_secs(6);
         assert_eq!(l.observe(&[], ["w"], gone, T).live, vec!["w"]);
-        let out = l.observe(&[], ["w"], last_seen + Duration::from_millis(19_999), T);
+        let out = l.observe(&[], ["w"], gone + Duration::from_millis(19_999), T);
         assert_eq!(out.live, vec!["w"]);
-        let out = l.observe(&[], ["w"], last_seen + Duration::from_secs(20), T);
+        let out = l.observe(&[], ["w"], gone + Duration::from_secs(20), T);
         assert_eq!(out.dead, vec![("w".to_owned(), None)]);
         // A live worker writes its row again: alive from then on.
-        let out = l.observe(&[hb("w", 6)], ["w"], t0 + Duration::from_secs(26), T);
+        let out = l.observe(&[hb("w", 6)], ["w"], t0 + Duration::from_secs(27), T);
         assert_eq!(out.live, vec!["w"]);
         // Not expected any more and no row: forgotten.
-        let out = l.observe(&[], none(), t0 + Duration::from_secs(27), T);
+        let out = l.observe(&[], none(), t0 + Duration::from_secs(28), T);
         assert_eq!(out, Liveness::default());
     }
 

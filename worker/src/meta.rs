@@ -250,6 +250,12 @@ fn heartbeat_row(worker_id: &str, item: &Item) -> HeartbeatRow {
     }
 }
 
+/// A call sent once: the SDK's retries off, for writes whose effect must be known exactly.
+fn one_attempt() -> aws_sdk_dynamodb::config::Builder {
+    aws_sdk_dynamodb::config::Builder::default()
+        .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled())
+}
+
 /// A heartbeat write's condition over this instance's own row: it holds an older counter.
 const OWN_OLDER_ROW: &str = "(#i = :mine AND (attribute_not_exists(#c) OR #c < :write))";
 
@@ -295,9 +301,11 @@ impl MetaStore {
     /// `(instance, counter)` never repeats: a row deleted (a coordinator judged the worker
     /// dead, an operator) and written again by the same process carries a counter no
     /// observer has seen before, and an observer that saw the old row takes it as progress.
-    /// Each number is sent once (no SDK retry), and over this instance's own row the write
-    /// needs a lower counter there: an earlier write that timed out here but reaches DynamoDB
-    /// late is refused, so the counter never goes back to a value an observer may have seen.
+    /// Each number is sent once (no SDK retry), so each is applied at most once; over this
+    /// instance's own row the write also needs a lower counter there, so an earlier write that
+    /// timed out here but reaches DynamoDB after a later one is refused. Two reads showing the
+    /// same `(instance, counter)` therefore mean no write of it landed in between, even when
+    /// the row was deleted and written again meanwhile.
     ///
     /// The write is conditional on the row being this instance's (or having none): while
     /// another process with the same worker id holds it, this fails with `ConditionFailed`.
@@ -349,13 +357,11 @@ impl MetaStore {
         // One attempt per number: the SDK's own retry would send the same number again, and
         // a first attempt that is applied but unanswered, then a second applied after a later
         // write, would show an observer a counter it already saw.
-        let once = aws_sdk_dynamodb::config::Builder::default()
-            .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled());
         let out = call(
             &self.aws.metrics,
             "dynamodb",
             "UpdateItem",
-            req.customize().config_override(once).send(),
+            req.customize().config_override(one_attempt()).send(),
         )
         .await?;
         Ok(out
@@ -396,8 +402,9 @@ impl MetaStore {
     }
 
     /// Deletes a dead worker's heartbeat only if it has not been renewed since it was judged:
-    /// the same counter written by the same process (a restarted one may have reached the
-    /// same counter in a new row).
+    /// the same counter written by the same process. Sent once (no SDK retry): a delete
+    /// applied but unanswered, retried, would come back as `ConditionFailed`, and the caller
+    /// would not know the row it judged is gone.
     pub async fn delete_dead_heartbeat(
         &self,
         worker_id: &str,
@@ -427,6 +434,8 @@ impl MetaStore {
                         .chain([(":i".to_owned(), s(instance.unwrap_or_default()))])
                         .collect(),
                 ))
+                .customize()
+                .config_override(one_attempt())
                 .send(),
         )
         .await?;

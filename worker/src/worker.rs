@@ -278,6 +278,9 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
     // The counter each write sets: one number per attempt, so a row's (instance, counter)
     // never repeats, even when the row is deleted and written again.
     let mut writes: u64 = 0;
+    // Failed writes in a row: the next attempt (with a new number) comes sooner than the next
+    // interval, as the SDK's own retries would have (they are off for this write).
+    let mut failed_in_a_row: u32 = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -305,6 +308,7 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
         };
         match result {
             Ok(_) => {
+                failed_in_a_row = 0;
                 if let Some(row) = take_over.take() {
                     tracing::warn!(
                         previous = row.instance.as_deref().unwrap_or(""),
@@ -328,6 +332,13 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
                 ctx.state.heartbeat_result(sent, Err(e.to_string()));
+                // A quarter interval, then a half, then every interval: a brief fault costs
+                // no heartbeat, and a table that stays throttled is not pressed harder.
+                let retry = s.heartbeat_interval / 4 * 2u32.pow(failed_in_a_row.min(2));
+                failed_in_a_row += 1;
+                if retry < s.heartbeat_interval {
+                    tick.reset_after(retry);
+                }
             }
         }
         if let Some(ok) = ctx.state.last_heartbeat_ok() {
