@@ -516,8 +516,9 @@ async fn lease_round(
     // or failing for good must not keep the rounds quick.
     changed |= written > 0;
     if assigns_me {
-        // This worker's own lease loop looks now, not at its next round (the leaseOwner index
-        // it queries may lag behind the write: a lease it misses is taken a round later).
+        // This worker's own lease loop looks now, not at its next round, and again every
+        // settling interval for a while (the leaseOwner index it queries may lag behind the
+        // write).
         ctx.state.leases_assigned.notify_one();
     }
     remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;

@@ -255,9 +255,10 @@ impl LivenessTracker {
     }
 
     /// This observer deleted `worker_id`'s row, conditional on the counter and instance it
-    /// judged, so nothing was written unseen before it went: the worker stays silent since
-    /// its counter last moved while the row is absent, and whatever row appears for it next
-    /// is progress.
+    /// judged, so nothing was written unseen before it went: while the row is absent the
+    /// worker stays silent since its counter last moved, and whatever row appears for it next
+    /// is progress. (A row that reappears and is deleted again by hand before the next scan
+    /// is never seen: heartbeat rows of running workers must not be deleted by hand.)
     pub fn row_removed(&mut self, worker_id: &str) {
         if let Some(seen) = self.seen.get_mut(worker_id) {
             seen.counter = None;

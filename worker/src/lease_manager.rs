@@ -116,7 +116,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     // One round per heartbeat; also at once when the fence changes or a new limit arrives,
     // and every `settling_interval` for a `settling_window` after a new limit (the leases it
     // brings are assigned, or handed over, within the next rounds of the coordinator and of
-    // the other workers).
+    // the other workers) or after this worker's coordinator assigned leases to it.
     let mut tick = ticker(s.heartbeat_interval);
     let mut settle_until: Option<Instant> = None;
     let mut fence = ctx.state.fence();
@@ -131,8 +131,11 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             _ = ctx.state.limit_changed.notified() => {
                 settle_until = Some(Instant::now() + s.settling_window());
             }
-            // This worker, as coordinator, just assigned leases to itself.
-            _ = ctx.state.leases_assigned.notified() => {}
+            // This worker, as coordinator, just assigned leases to itself (the index it
+            // queries may not show them yet: the settling reads look again soon).
+            _ = ctx.state.leases_assigned.notified() => {
+                settle_until = Some(Instant::now() + s.settling_window());
+            }
         }
         ctx.state.loop_went_round(crate::state::Loop::Lease);
         draining.retain(|_, h| !h.is_finished());

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::aws::{AwsClients, AwsError};
-use crate::backoff::{StartRetry, jitter};
+use crate::backoff::{Backoff, StartRetry, jitter};
 use crate::config::Settings;
 use crate::context::{Context, ticker};
 use crate::coordinator;
@@ -263,10 +263,9 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Renews the heartbeat every interval, each write bounded by `heartbeat_write_timeout` (one
-/// interval before the fence: a slower write counts as failed, so the fence cannot be outrun
-/// by one hung call). While another live
-/// process holds this worker id's row, this one stays fenced and watches it; once it has been
+/// Renews the heartbeat every interval (sooner after a failed write), each write bounded by
+/// `heartbeat_write_timeout` (one interval before the fence: a slower write counts as failed,
+/// so the fence cannot be outrun by one hung call). While another live process holds this worker id's row, this one stays fenced and watches it; once it has been
 /// silent for the failover timeout on this process's clock, the row is taken over.
 async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let s = &ctx.state.settings;
@@ -278,9 +277,11 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
     // The counter each write sets: one number per attempt, so a row's (instance, counter)
     // never repeats, even when the row is deleted and written again.
     let mut writes: u64 = 0;
-    // Failed writes in a row: the next attempt (with a new number) comes sooner than the next
-    // interval, as the SDK's own retries would have (they are off for this write).
-    let mut failed_in_a_row: u32 = 0;
+    // After a failed write the next attempt (with a new number) comes sooner than the next
+    // interval, as the SDK's own retries would have (they are off for this write): within a
+    // quarter interval, then a half, then at the interval, with jitter, so a brief fault
+    // costs no heartbeat and a table that stays throttled is not pressed harder.
+    let mut retry = Backoff::new(s.heartbeat_interval / 4, s.heartbeat_interval);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -308,7 +309,7 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
         };
         match result {
             Ok(_) => {
-                failed_in_a_row = 0;
+                retry.reset();
                 if let Some(row) = take_over.take() {
                     tracing::warn!(
                         previous = row.instance.as_deref().unwrap_or(""),
@@ -332,12 +333,9 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
                 ctx.state.heartbeat_result(sent, Err(e.to_string()));
-                // A quarter interval, then a half, then every interval: a brief fault costs
-                // no heartbeat, and a table that stays throttled is not pressed harder.
-                let retry = s.heartbeat_interval / 4 * 2u32.pow(failed_in_a_row.min(2));
-                failed_in_a_row += 1;
-                if retry < s.heartbeat_interval {
-                    tick.reset_after(retry);
+                let at = Instant::now() + retry.next_wait();
+                if at < sent + s.heartbeat_interval {
+                    tick.reset_at(at);
                 }
             }
         }

@@ -529,23 +529,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         s.install(&sh)?;
     }
     let began = Instant::now();
-    let mut results = Vec::new();
     for s in systems {
         let dir = lab_dir().join("bench").join(s.name());
         let data = run_system(&sh, s, phases, &dir)
             .with_context(|| format!("benchmarking {}", s.name()))?;
         let result = report::figures(&data, phases);
         eprintln!("  {}", result.summary());
-        results.push(result);
+        // Written after each system: a later one that fails keeps the rows already measured.
+        report::write(
+            &out,
+            report::Update::Systems {
+                results: vec![result],
+                phases,
+                took: began.elapsed(),
+            },
+        )?;
     }
-    report::write(
-        &out,
-        report::Update::Systems {
-            results,
-            phases,
-            took: began.elapsed(),
-        },
-    )?;
     eprintln!(
         "bench done in {}: {} and {}",
         secs(began.elapsed()),
