@@ -146,6 +146,8 @@ pub struct RunData {
     pub dynamodb_calls: Vec<proxy::Call>,
     pub usage: Vec<(String, f64, u64)>,
     pub victim: String,
+    /// The victim's role when it was killed, from its `/status` (this worker's rows).
+    pub victim_role: Option<String>,
     /// Seconds from the DynamoDB proxy's start to the consumers' start (`Call::at` − this
     /// is the time since the consumers started).
     pub proxy_offset: f64,
@@ -360,7 +362,20 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
         name: "kill".into(),
         at: at(),
     });
-    eprintln!("  {}: SIGKILL {victim}", secs(t0.elapsed()));
+    let victim_role = consumers
+        .iter()
+        .find(|c| c.name == victim)
+        .and_then(|c| c.http)
+        .and_then(|addr| crate::util::http_get(addr, "/status"))
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .and_then(|status| status["role"].as_str().map(str::to_owned));
+    eprintln!(
+        "  {}: SIGKILL {victim}{}",
+        secs(t0.elapsed()),
+        victim_role
+            .as_deref()
+            .map_or(String::new(), |r| format!(" (the {r})"))
+    );
     if let Some(c) = consumers.iter_mut().find(|c| c.name == victim) {
         let pid = c.handle.pids()[0];
         c.usage = usage(pid);
@@ -447,6 +462,7 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
             })
             .collect(),
         victim,
+        victim_role,
         proxy_offset,
         ready_s,
         seconds,

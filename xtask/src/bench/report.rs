@@ -38,6 +38,9 @@ pub struct SystemResult {
     pub unread_shard_seconds_reshard: u64,
     /// Seconds after the SIGKILL until every shard the victim read was read by another.
     pub failover_s: Option<f64>,
+    /// The victim's role when killed (`coordinator` or `follower`; this worker's rows).
+    #[serde(default)]
+    pub victim_role: Option<String>,
     /// Seconds after the reshard finished until all 60 shards were read.
     pub reshard_full_coverage_s: Option<u64>,
     pub exactness: Exactness,
@@ -218,6 +221,7 @@ pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
             s(idle),
         ),
         failover_s: analysis::failover(&d, &data.victim, kill, COVERAGE_WINDOW_S),
+        victim_role: data.victim_role.clone(),
         reshard_full_coverage_s: analysis::time_to_cover(&children, RESHARD_TO, s(reshard_done)),
         exactness,
         lag_p50_s: lag.map(|l| l.0),
@@ -460,7 +464,7 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
     for r in results {
         let b = base.expect("not empty");
         md.push_str(&format!(
-            "| {} | {}{} | {}{} | {} | {} / {} / {} | {}{} | {} |\n",
+            "| {} | {}{} | {}{} | {} | {} / {} / {} | {}{}{} | {} |\n",
             r.system,
             opt_s(r.time_to_full_coverage_s.map(|x| x as f64)),
             ratio(
@@ -475,6 +479,9 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
             r.unread_shard_seconds_reshard,
             opt_s(r.failover_s),
             ratio(r.failover_s, b.failover_s),
+            r.victim_role
+                .as_deref()
+                .map_or(String::new(), |role| format!(" (the {role} was killed)")),
             opt_s(r.reshard_full_coverage_s.map(|x| x as f64)),
         ));
     }
