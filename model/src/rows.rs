@@ -35,6 +35,10 @@ pub struct CoordinatorRow {
     /// The claimant's `failover_timeout` in milliseconds (`None` in items written before it
     /// was published): followers wait at least this long before taking over.
     pub failover_ms: Option<u64>,
+    /// The claimant's `heartbeat_interval` in milliseconds, how often it renews (`None` in
+    /// items written before it was published): followers take a renewal as missed from it.
+    #[serde(default)]
+    pub heartbeat_ms: Option<u64>,
 }
 
 impl CoordinatorRow {
@@ -45,6 +49,11 @@ impl CoordinatorRow {
     /// The owner's published `failover_timeout`.
     pub fn failover(&self) -> Option<Duration> {
         self.failover_ms.map(Duration::from_millis)
+    }
+
+    /// The owner's published `heartbeat_interval`: how often it renews the post.
+    pub fn heartbeat(&self) -> Option<Duration> {
+        self.heartbeat_ms.map(Duration::from_millis)
     }
 }
 

@@ -157,6 +157,7 @@ mod tests {
                 counter: 9,
                 renewed_at: "2026-11-28T12:00:01Z".into(),
                 failover_ms: Some(10_000),
+                heartbeat_ms: Some(2_000),
             }),
             heartbeats: vec![HeartbeatRow {
                 worker_id: "w-1".into(),

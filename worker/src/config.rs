@@ -113,8 +113,13 @@ pub const MIN_SHARD_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const MIN_IDLE_POLL_MAX: Duration = Duration::from_secs(1);
 /// `failover_timeout` must be at least this many heartbeat intervals: the fence rises
 /// `failover_timeout - heartbeat_interval` after the last good heartbeat, and that must leave
-/// room for two missed heartbeats plus one more attempt (each bounded by one interval).
+/// room for two missed heartbeats plus one more attempt (each write bounded by
+/// [`Settings::heartbeat_write_timeout`], at least two intervals).
 pub const MIN_FAILOVER_HEARTBEATS: u32 = 4;
+/// The shortest [`Settings::settling_interval`] (unless the heartbeat is shorter still): the
+/// coordinator's lease scan is eventually consistent, and a round much sooner than this
+/// after its own writes would often plan from items read before them.
+pub const SETTLING_INTERVAL_MIN: Duration = Duration::from_millis(250);
 /// Heartbeat items outlive their last renewal by at least this much before DynamoDB's TTL may
 /// remove them. TTL is a backstop only: nothing decides from it.
 pub const MIN_HEARTBEAT_TTL: Duration = Duration::from_secs(3600);
@@ -137,19 +142,18 @@ impl Settings {
 
     /// While the fleet settles, the coordinator's lease rounds and the reads each worker makes
     /// of its own leases come this often instead of once a heartbeat: a quarter heartbeat,
-    /// but not under 250 ms unless the heartbeat itself is shorter (the coordinator's lease
-    /// scan is eventually consistent: a round much sooner than that would often plan from
-    /// items read before its own writes).
+    /// but not under [`SETTLING_INTERVAL_MIN`] unless the heartbeat itself is shorter.
     pub fn settling_interval(&self) -> Duration {
         (self.heartbeat_interval / 4)
-            .max(Duration::from_millis(250))
+            .max(SETTLING_INTERVAL_MIN)
             .min(self.heartbeat_interval)
     }
 
     /// How long the fleet counts as settling after a change: for the coordinator, a round
-    /// whose live count or listed shards changed or that wrote anything; for a worker, a new
-    /// limit. Long enough for the other workers, who see a new limit up to a heartbeat later,
-    /// to hand leases over, and for the receivers to take them.
+    /// whose live count or listed shards changed or one of whose writes landed; for a worker,
+    /// a new limit, or (as coordinator) leases it assigned to itself. Long enough for the
+    /// other workers, who see a new limit up to a heartbeat later, to hand leases over, and
+    /// for the receivers to take them.
     pub fn settling_window(&self) -> Duration {
         self.heartbeat_interval * 2
     }

@@ -19,7 +19,9 @@ use tracing::Instrument;
 use crate::assignment::{self, Action, FleetView};
 use crate::config::{Settings, WorkerCountSource};
 use crate::context::{Context, ticker};
-use crate::election::{CoordinatorObserver, LivenessTracker, Verdict, claim_epoch};
+use crate::election::{
+    CoordinatorObserver, LivenessTracker, Verdict, claim_epoch, renewal_missed_after,
+};
 use crate::inputs::{ShardInfo, list_shards, open_shard_count, watch_desired_replicas};
 use crate::leases::{Lease, LeaseStore, Pending};
 use crate::meta::{LimitReadError, PublishedLimit, now_iso8601};
@@ -734,11 +736,11 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
     // The heartbeats as read once the coordinator post went silent, handed to the term this
     // worker may win (see `observe_heartbeats`), and when to look at the post again to tell
     // a missed renewal from a read that merely came just before one.
-    let mut silence: Option<LivenessTracker> = None;
+    let mut pre_term_liveness: Option<LivenessTracker> = None;
     let mut suspect_at: Option<Instant> = None;
     // One try per silence: followers of a post that looks silent because DynamoDB is
     // struggling must not all scan the heartbeats again at every look.
-    let mut silence_read_tried = false;
+    let mut pre_term_read_tried = false;
 
     loop {
         let mut wake = match (&term, recheck_by) {
@@ -841,12 +843,9 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
             row.as_ref().map_or(0, |r| r.epoch),
         );
         let min_epoch = ctx.state.limit().map_or(0, |l| l.epoch);
-        // The owner renews every heartbeat of its own, at most a quarter of its published
-        // failover timeout: a fleet in the middle of a change of heartbeat interval must not
-        // take every renewal for a missed one.
-        let renewal_interval = s
-            .heartbeat_interval
-            .max(row.as_ref().and_then(|r| r.failover()).unwrap_or_default() / 4);
+        let missed_after = row.as_ref().map_or(s.heartbeat_interval, |r| {
+            renewal_missed_after(s.heartbeat_interval, r)
+        });
         let read_at = Instant::now();
         match observer.judge(row, read_at, s.failover_timeout, min_epoch) {
             Verdict::Follow {
@@ -857,20 +856,18 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                 recheck_by = Some(r);
                 if silent_since == read_at {
                     // Renewed since the last read.
-                    silence = None;
-                    silence_read_tried = false;
+                    pre_term_liveness = None;
+                    pre_term_read_tried = false;
                 }
-                let suspect = silent_since
-                    + renewal_interval
-                    + (renewal_interval / 4).max(Duration::from_millis(250));
+                let suspect = silent_since + missed_after;
                 if read_at < suspect {
                     suspect_at = Some(suspect);
                 } else {
                     // Unchanged for more than a renewal interval: a renewal was missed.
                     suspect_at = None;
-                    if !silence_read_tried {
-                        silence_read_tried = true;
-                        silence = observe_heartbeats(&ctx).await;
+                    if !pre_term_read_tried {
+                        pre_term_read_tried = true;
+                        pre_term_liveness = observe_heartbeats(&ctx).await;
                     }
                 }
             }
@@ -902,7 +899,13 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                 let sent = Instant::now();
                 match ctx
                     .meta
-                    .claim_coordinator(&me, seen.as_ref(), next_epoch, s.failover_timeout)
+                    .claim_coordinator(
+                        &me,
+                        seen.as_ref(),
+                        next_epoch,
+                        s.failover_timeout,
+                        s.heartbeat_interval,
+                    )
                     .await
                 {
                     Ok(_) => {
@@ -915,8 +918,8 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                         }
                         observer.reset();
                         suspect_at = None;
-                        silence_read_tried = false;
-                        let liveness = silence.take().unwrap_or_default();
+                        pre_term_read_tried = false;
+                        let liveness = pre_term_liveness.take().unwrap_or_default();
                         ctx.state.metrics.coordinator_takeovers.inc();
                         ctx.state.term_renewed(sent);
                         ctx.state.set_role(Role::Coordinator, next_epoch);
@@ -936,8 +939,8 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                     Err(e) if e.is_condition_failed() => {
                         // Someone else won the race; follow them from the next read.
                         observer.reset();
-                        silence = None;
-                        silence_read_tried = false;
+                        pre_term_liveness = None;
+                        pre_term_read_tried = false;
                         suspect_at = None;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot claim the coordinator post"),

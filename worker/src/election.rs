@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::config::MIN_FAILOVER_HEARTBEATS;
 use crate::meta::{CoordinatorRow, HeartbeatRow};
 
 /// The epoch a claimant takes: above both the coordinator item's epoch and the epoch of the
@@ -21,6 +22,25 @@ pub fn claim_epoch(coordinator_epoch: Option<u64>, limits_epoch: Option<u64>) ->
         .unwrap_or(0)
         .max(limits_epoch.unwrap_or(0))
         .saturating_add(1)
+}
+
+/// The least slack a follower allows past the owner's renewal interval before it takes a
+/// renewal as missed (a renewal's own latency varies by a few milliseconds to tens).
+pub const RENEWAL_SLACK_MIN: Duration = Duration::from_millis(250);
+
+/// How long after the coordinator row last changed (on this follower's clock) a follower takes
+/// a renewal as missed: the owner's renewal interval — its published heartbeat or, in a row
+/// without one, the longest it can be (a quarter of its published timeout) — never shorter
+/// than this follower's own heartbeat, plus a quarter of that, at least
+/// [`RENEWAL_SLACK_MIN`]. A fleet in the middle of a change of heartbeat interval must not
+/// take every renewal for a missed one.
+pub fn renewal_missed_after(own_heartbeat: Duration, row: &CoordinatorRow) -> Duration {
+    let owner = row
+        .heartbeat()
+        .or_else(|| row.failover().map(|f| f / MIN_FAILOVER_HEARTBEATS))
+        .unwrap_or_default();
+    let interval = owner.max(own_heartbeat);
+    interval + (interval / 4).max(RENEWAL_SLACK_MIN)
 }
 
 /// How long an observer with `timeout` waits on a row whose writer published `published`.
@@ -325,7 +345,33 @@ mod tests {
             counter,
             renewed_at: String::new(),
             failover_ms: None,
+            heartbeat_ms: None,
         }
+    }
+
+    #[test]
+    fn a_renewal_is_missed_after_the_owners_interval_and_some_slack() {
+        let ms = Duration::from_millis;
+        let mut r = row("a", 1, 1);
+        // Published heartbeat: a quarter of it as slack, at least 250 ms.
+        r.heartbeat_ms = Some(2_000);
+        assert_eq!(renewal_missed_after(ms(2_000), &r), ms(2_500));
+        r.heartbeat_ms = Some(500);
+        assert_eq!(renewal_missed_after(ms(500), &r), ms(750));
+        // An owner renewing more slowly than this follower's heartbeat is waited for...
+        r.heartbeat_ms = Some(10_000);
+        assert_eq!(renewal_missed_after(ms(2_000), &r), ms(12_500));
+        // ...and one renewing faster is judged at this follower's own pace.
+        r.heartbeat_ms = Some(1_000);
+        assert_eq!(renewal_missed_after(ms(2_000), &r), ms(2_500));
+        // A row without a published heartbeat: the longest it can be, a quarter of the
+        // published timeout.
+        r.heartbeat_ms = None;
+        r.failover_ms = Some(40_000);
+        assert_eq!(renewal_missed_after(ms(2_000), &r), ms(12_500));
+        // Neither published: this follower's own heartbeat.
+        r.failover_ms = None;
+        assert_eq!(renewal_missed_after(ms(2_000), &r), ms(2_500));
     }
 
     fn hb(id: &str, counter: u64) -> HeartbeatRow {

@@ -251,13 +251,14 @@ fn heartbeat_row(worker_id: &str, item: &Item) -> HeartbeatRow {
 }
 
 /// A call sent once: the SDK's retries off, for writes whose effect must be known exactly.
-fn one_attempt() -> aws_sdk_dynamodb::config::Builder {
+fn without_sdk_retries() -> aws_sdk_dynamodb::config::Builder {
     aws_sdk_dynamodb::config::Builder::default()
         .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled())
 }
 
 /// A heartbeat write's condition over this instance's own row: it holds an older counter.
-const OWN_OLDER_ROW: &str = "(#i = :mine AND (attribute_not_exists(#c) OR #c < :write))";
+const OWN_ROW_WITH_LOWER_COUNTER: &str =
+    "(#i = :mine AND (attribute_not_exists(#c) OR #c < :write))";
 
 /// Handle on one application's metadata table.
 #[derive(Clone)]
@@ -348,11 +349,11 @@ impl MetaStore {
         req = match take_over.and_then(|row| row.instance.as_ref().map(|i| (i, row.counter))) {
             Some((seen, counter)) => req
                 .condition_expression(format!(
-                    "attribute_not_exists(#i) OR {OWN_OLDER_ROW} OR (#i = :seen AND #c = :seen_counter)"
+                    "attribute_not_exists(#i) OR {OWN_ROW_WITH_LOWER_COUNTER} OR (#i = :seen AND #c = :seen_counter)"
                 ))
                 .expression_attribute_values(":seen", s(seen.clone()))
                 .expression_attribute_values(":seen_counter", n(counter)),
-            None => req.condition_expression(format!("attribute_not_exists(#i) OR {OWN_OLDER_ROW}")),
+            None => req.condition_expression(format!("attribute_not_exists(#i) OR {OWN_ROW_WITH_LOWER_COUNTER}")),
         };
         // One attempt per number: the SDK's own retry would send the same number again, and
         // a first attempt that is applied but unanswered, then a second applied after a later
@@ -361,7 +362,9 @@ impl MetaStore {
             &self.aws.metrics,
             "dynamodb",
             "UpdateItem",
-            req.customize().config_override(one_attempt()).send(),
+            req.customize()
+                .config_override(without_sdk_retries())
+                .send(),
         )
         .await?;
         Ok(out
@@ -435,7 +438,7 @@ impl MetaStore {
                         .collect(),
                 ))
                 .customize()
-                .config_override(one_attempt())
+                .config_override(without_sdk_retries())
                 .send(),
         )
         .await?;
@@ -473,22 +476,26 @@ impl MetaStore {
                 counter: get_n(&item, "counter").unwrap_or(0),
                 renewed_at: get_s(&item, "renewed_at"),
                 failover_ms: get_n(&item, "failover_ms"),
+                heartbeat_ms: get_n(&item, "heartbeat_ms"),
             }))
     }
 
     /// Claims the coordinator post with epoch `next_epoch`. `seen` is the row the caller judged
     /// vacant or dead (`None`: no row existed); the write succeeds only if the row is still
-    /// exactly that, so of many simultaneous claimants exactly one wins. `failover` is the
-    /// claimant's `failover_timeout`, published so that followers wait at least that long.
+    /// exactly that, so of many simultaneous claimants exactly one wins. `failover` and
+    /// `heartbeat` are the claimant's `failover_timeout` (followers wait at least that long)
+    /// and `heartbeat_interval` (how often it renews), published with the claim.
     pub async fn claim_coordinator(
         &self,
         me: &str,
         seen: Option<&CoordinatorRow>,
         next_epoch: u64,
         failover: Duration,
+        heartbeat: Duration,
     ) -> Result<CoordinatorRow, AwsError> {
         let now = now_iso8601();
         let failover_ms = u64::try_from(failover.as_millis()).unwrap_or(u64::MAX);
+        let heartbeat_ms = u64::try_from(heartbeat.as_millis()).unwrap_or(u64::MAX);
         let mut req = self
             .aws
             .dynamodb
@@ -496,7 +503,8 @@ impl MetaStore {
             .table_name(&self.table)
             .key(META_KEY, s(COORDINATOR_ITEM))
             .update_expression(
-                "SET #o = :me, epoch = :next, #c = :zero, renewed_at = :now, failover_ms = :f",
+                "SET #o = :me, epoch = :next, #c = :zero, renewed_at = :now, failover_ms = :f, \
+                 heartbeat_ms = :h",
             )
             .expression_attribute_names("#o", "owner")
             .expression_attribute_names("#c", "counter")
@@ -504,7 +512,8 @@ impl MetaStore {
             .expression_attribute_values(":next", n(next_epoch))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":now", s(now.clone()))
-            .expression_attribute_values(":f", n(failover_ms));
+            .expression_attribute_values(":f", n(failover_ms))
+            .expression_attribute_values(":h", n(heartbeat_ms));
         req = match seen {
             None => req
                 .condition_expression("attribute_not_exists(#k)")
@@ -524,6 +533,7 @@ impl MetaStore {
             counter: 0,
             renewed_at: now,
             failover_ms: Some(failover_ms),
+            heartbeat_ms: Some(heartbeat_ms),
         })
     }
 

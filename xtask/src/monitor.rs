@@ -267,6 +267,7 @@ mod tests {
                     counter: 10,
                     renewed_at: "t".into(),
                     failover_ms: None,
+                    heartbeat_ms: None,
                 }),
                 heartbeats: vec![],
                 leases: LeaseSummary {

@@ -54,10 +54,24 @@ pub struct Args {
     /// Only write REPORT.md again from results.json (nothing is run).
     #[arg(long)]
     pub report_only: bool,
+    /// Which consumer the SIGKILL hits: the one named `c1` (the default), or this worker's
+    /// coordinator as its `/status` says (c1 where no consumer serves `/status` or none says
+    /// it is the coordinator: the peers and the naive design).
+    #[arg(long, value_enum, default_value = "c1")]
+    pub kill: Victim,
+}
+
+/// The consumer the kill phase stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Victim {
+    /// The consumer named c1.
+    C1,
+    /// This worker's coordinator at that moment, as its `/status` says.
+    Coordinator,
 }
 
 /// How long each phase of the script lasts.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Phases {
     /// Longest wait for the first full coverage.
     pub start_deadline_s: u64,
@@ -157,6 +171,13 @@ pub struct RunData {
     pub seconds: u64,
 }
 
+/// A consumer's role as its `/status` says (this worker's rows; `None` for the peers).
+fn role(c: &Consumer) -> Option<String> {
+    let (_, body) = crate::util::http_get(c.http?, "/status")?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status["role"].as_str().map(str::to_owned)
+}
+
 fn worker_bin() -> PathBuf {
     crate::util::built_binary("release", "kds-worker")
 }
@@ -232,7 +253,13 @@ fn micros_now() -> u128 {
 }
 
 /// Runs the script for one system.
-fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow::Result<RunData> {
+fn run_system(
+    sh: &Shell,
+    system: System,
+    phases: Phases,
+    kill: Victim,
+    dir: &Path,
+) -> anyhow::Result<RunData> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     eprintln!("==> {}: fresh emulators", system.name());
@@ -357,18 +384,30 @@ fn run_system(sh: &Shell, system: System, phases: Phases, dir: &Path) -> anyhow:
     std::thread::sleep(Duration::from_secs(phases.join_s));
 
     // 3. One is killed.
-    let victim = "c1".to_owned();
+    // Every role asked before the kill's instant is marked (a `/status` may take a moment).
+    let roles: Vec<(String, Option<String>)> = consumers
+        .iter()
+        .map(|c| (c.name.clone(), role(c)))
+        .collect();
+    let role_of = |name: &str| {
+        roles
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, r)| r.clone())
+    };
+    let victim = match kill {
+        Victim::C1 => None,
+        Victim::Coordinator => roles
+            .iter()
+            .find(|(_, r)| r.as_deref() == Some("coordinator"))
+            .map(|(n, _)| n.clone()),
+    }
+    .unwrap_or_else(|| "c1".to_owned());
+    let victim_role = role_of(&victim);
     marks.push(Mark {
         name: "kill".into(),
         at: at(),
     });
-    let victim_role = consumers
-        .iter()
-        .find(|c| c.name == victim)
-        .and_then(|c| c.http)
-        .and_then(|addr| crate::util::http_get(addr, "/status"))
-        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
-        .and_then(|status| status["role"].as_str().map(str::to_owned));
     eprintln!(
         "  {}: SIGKILL {victim}{}",
         secs(t0.elapsed()),
@@ -547,7 +586,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let began = Instant::now();
     for s in systems {
         let dir = lab_dir().join("bench").join(s.name());
-        let data = run_system(&sh, s, phases, &dir)
+        let data = run_system(&sh, s, phases, args.kill, &dir)
             .with_context(|| format!("benchmarking {}", s.name()))?;
         let result = report::figures(&data, phases);
         eprintln!("  {}", result.summary());

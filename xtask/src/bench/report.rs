@@ -38,9 +38,16 @@ pub struct SystemResult {
     pub unread_shard_seconds_reshard: u64,
     /// Seconds after the SIGKILL until every shard the victim read was read by another.
     pub failover_s: Option<f64>,
-    /// The victim's role when killed (`coordinator` or `follower`; this worker's rows).
+    /// The consumer killed, and its role then (`coordinator` or `follower`; this worker's
+    /// rows).
+    #[serde(default)]
+    pub victim: String,
     #[serde(default)]
     pub victim_role: Option<String>,
+    /// The phases this row ran with (a row kept from an earlier run may differ from the
+    /// last run's).
+    #[serde(default)]
+    pub phases: Option<Phases>,
     /// Seconds after the reshard finished until all 60 shards were read.
     pub reshard_full_coverage_s: Option<u64>,
     pub exactness: Exactness,
@@ -124,7 +131,7 @@ fn mark(data: &RunData, name: &str) -> f64 {
 }
 
 /// Computes every figure of one run.
-pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
+pub fn figures(data: &RunData, phases: Phases) -> SystemResult {
     let text: String = data
         .record_logs
         .iter()
@@ -221,7 +228,9 @@ pub fn figures(data: &RunData, _phases: Phases) -> SystemResult {
             s(idle),
         ),
         failover_s: analysis::failover(&d, &data.victim, kill, COVERAGE_WINDOW_S),
+        victim: data.victim.clone(),
         victim_role: data.victim_role.clone(),
+        phases: Some(phases),
         reshard_full_coverage_s: analysis::time_to_cover(&children, RESHARD_TO, s(reshard_done)),
         exactness,
         lag_p50_s: lag.map(|l| l.0),
@@ -460,6 +469,18 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
         phases.idle_s,
         COVERAGE_WINDOW_S
     );
+    let other_phases: Vec<&str> = results
+        .iter()
+        .filter(|r| r.phases.is_some_and(|p| p != phases))
+        .map(|r| r.system.as_str())
+        .collect();
+    if !other_phases.is_empty() {
+        md.push_str(&format!(
+            "Rows kept from an earlier run with other phases: {} (their figures and ratios \
+             compare unlike runs).\n\n",
+            other_phases.join(", ")
+        ));
+    }
     md.push_str("### Start, join, kill, reshard\n\n| system | every shard read after | joiner's first record | max − min shards per worker after join | unread shard-seconds: join / kill / reshard | failover after SIGKILL | 60 shards read after reshard |\n|---|---|---|---|---|---|---|\n");
     for r in results {
         let b = base.expect("not empty");
@@ -481,7 +502,10 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
             ratio(r.failover_s, b.failover_s),
             r.victim_role
                 .as_deref()
-                .map_or(String::new(), |role| format!(" (the {role} was killed)")),
+                .map_or(String::new(), |role| match role {
+                    "coordinator" => " (the coordinator was killed)".to_owned(),
+                    other => format!(" (a {other} was killed)"),
+                }),
             opt_s(r.reshard_full_coverage_s.map(|x| x as f64)),
         ));
     }
