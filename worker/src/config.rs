@@ -113,8 +113,8 @@ pub const MIN_SHARD_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const MIN_IDLE_POLL_MAX: Duration = Duration::from_secs(1);
 /// `failover_timeout` must be at least this many heartbeat intervals: the fence rises
 /// `failover_timeout - heartbeat_interval` after the last good heartbeat, and that must leave
-/// room for two missed heartbeats plus one more attempt (each write bounded by
-/// [`Settings::heartbeat_write_timeout`], at least two intervals).
+/// room for two missed heartbeats plus one more attempt, sent an interval apart (each write
+/// bounded by [`Settings::heartbeat_write_timeout`]).
 pub const MIN_FAILOVER_HEARTBEATS: u32 = 4;
 /// The shortest [`Settings::settling_interval`] (unless the heartbeat is shorter still): the
 /// coordinator's lease scan is eventually consistent, and a round much sooner than this
