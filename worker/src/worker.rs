@@ -265,8 +265,9 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// Renews the heartbeat every interval (sooner after a failed write), each write bounded by
 /// `heartbeat_write_timeout` (one interval before the fence: a slower write counts as failed,
-/// so the fence cannot be outrun by one hung call). While another live process holds this worker id's row, this one stays fenced and watches it; once it has been
-/// silent for the failover timeout on this process's clock, the row is taken over.
+/// so the fence cannot be outrun by one hung call). While another live process holds this
+/// worker id's row, this one stays fenced and watches it; once it has been silent for the
+/// failover timeout on this process's clock, the row is taken over.
 async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let s = &ctx.state.settings;
     let me = ctx.heartbeat_owner();
