@@ -79,6 +79,28 @@ pub fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
+/// Today's UTC date, `YYYY-MM-DD`, to say when a measurement was made.
+pub fn utc_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    date_of_day(secs / 86_400)
+}
+
+/// The civil date `days` after 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn date_of_day(days: u64) -> String {
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
 /// `nix (Nix) 2.8.0` → (2, 8).
 pub fn parse_nix_version(text: &str) -> Option<(u32, u32)> {
     let v = text.split_whitespace().last()?;
@@ -107,6 +129,14 @@ pub fn nix_builds_images(version: Option<(u32, u32)>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn days_since_the_epoch_are_civil_dates() {
+        assert_eq!(date_of_day(0), "1970-01-01");
+        assert_eq!(date_of_day(59), "1970-03-01");
+        assert_eq!(date_of_day(11_016), "2000-02-29");
+        assert_eq!(date_of_day(20_786), "2026-11-29");
+    }
 
     #[test]
     fn nix_versions_parse() {

@@ -51,6 +51,10 @@ pub struct Args {
     /// the naive design at 10 × 300).
     #[arg(long)]
     pub swarm: bool,
+    /// With `--swarm`, only these fleets from the full grid (`100x2000,10x300-naive`); the
+    /// others in results.json are kept.
+    #[arg(long, value_delimiter = ',', requires = "swarm")]
+    pub pairs: Option<Vec<String>>,
     /// Only write REPORT.md again from results.json (nothing is run).
     #[arg(long)]
     pub report_only: bool,
@@ -558,6 +562,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.report_only {
         return report::rewrite_markdown(&out);
     }
+    // Bad names fail before the build.
+    let pairs = match &args.pairs {
+        Some(names) => swarm::pick(names)?,
+        None => swarm::grid(args.quick),
+    };
     let phases = Phases::new(args.quick);
     let sh = Shell::new()?;
     sh.change_dir(project_root());
@@ -565,7 +574,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cmd!(sh, "cargo build --release --quiet -p kds-worker --bins").run()?;
     if args.swarm {
         let began = Instant::now();
-        let results = swarm::run(&sh, args.quick, &lab_dir().join("bench/swarm"))?;
+        let results = swarm::run(&sh, &pairs, args.quick, &lab_dir().join("bench/swarm"))?;
         report::write(
             &out,
             report::Update::Swarm {

@@ -35,8 +35,8 @@ pub struct Tally {
     pub calls: u64,
     /// Approximate write capacity units: 1 per KiB of request, at least 1 per write.
     pub write_units: f64,
-    /// Approximate read capacity units: 1 per 4 KiB of answer, at least 0.5 per read
-    /// (eventually consistent) — an upper bound for strongly consistent ones is twice that.
+    /// Approximate read capacity units: per 4 KiB of answer (at least one), 1 for a strongly
+    /// consistent read (`ConsistentRead`), 0.5 for an eventually consistent one.
     pub read_units: f64,
     pub conditional: u64,
     pub condition_failed: u64,
@@ -66,7 +66,12 @@ impl Tally {
             self.write_units += (call.request_bytes as f64 / 1024.0).ceil().max(1.0);
         }
         if DYNAMODB_READS.contains(&call.operation.as_str()) {
-            self.read_units += (call.response_bytes as f64 / 4096.0).ceil().max(1.0) / 2.0;
+            let per_4k = if call.body.contains("\"ConsistentRead\":true") {
+                1.0
+            } else {
+                0.5
+            };
+            self.read_units += (call.response_bytes as f64 / 4096.0).ceil().max(1.0) * per_4k;
         }
         self.conditional += u64::from(call.conditional);
         self.condition_failed += u64::from(call.condition_failed);
@@ -413,6 +418,28 @@ mod tests {
 
     fn conn(bytes: &str) -> Conn<std::io::Cursor<Vec<u8>>> {
         Conn::new(std::io::Cursor::new(bytes.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn a_strongly_consistent_read_costs_twice_an_eventually_consistent_one() {
+        let read = |body: &str, response_bytes: usize| Call {
+            at: 0.0,
+            operation: "GetItem".into(),
+            table: None,
+            body: body.into(),
+            request_bytes: body.len(),
+            response_bytes,
+            conditional: false,
+            condition_failed: false,
+        };
+        let mut t = Tally::default();
+        t.add(&read(r#"{"Key":{},"ConsistentRead":true}"#, 100));
+        assert_eq!(t.read_units, 1.0);
+        t.add(&read(r#"{"Key":{}}"#, 100));
+        assert_eq!(t.read_units, 1.5);
+        // 9 KiB answered: three 4 KiB units.
+        t.add(&read(r#"{"ConsistentRead":true}"#, 9 * 1024));
+        assert_eq!(t.read_units, 4.5);
     }
 
     #[test]

@@ -326,7 +326,7 @@ fn machine() -> serde_json::Value {
 }
 
 /// Everything results.json holds. `cargo xtask bench` replaces the rows of the systems it
-/// ran, `--swarm` replaces `swarm`; each keeps the rest of an earlier run.
+/// ran, `--swarm` the fleets it ran; each keeps the rest of an earlier run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Results {
@@ -416,7 +416,19 @@ pub fn write(out: &Path, update: Update) -> anyhow::Result<()> {
             plot_dynamodb(&out.join("dynamodb.svg"), &all.systems)?;
         }
         Update::Swarm { results, took } => {
-            all.swarm = results;
+            // Each run replaces the fleets it ran (`--pairs` runs some) and keeps the others.
+            for r in results {
+                let same = |x: &SwarmResult| {
+                    (x.mode.as_str(), x.workers, x.shards) == (r.mode.as_str(), r.workers, r.shards)
+                };
+                match all.swarm.iter_mut().find(|x| same(x)) {
+                    Some(row) => *row = r,
+                    None => all.swarm.push(r),
+                }
+            }
+            all.swarm.sort_by(|a, b| {
+                (a.shards, a.workers, &a.mode).cmp(&(b.shards, b.workers, &b.mode))
+            });
             all.swarm_took_s = Some(took.as_secs());
             plot_scale(&out.join("scale.svg"), &all.swarm)?;
         }
@@ -579,30 +591,36 @@ fn systems_markdown(results: &[SystemResult], phases: Phases, took: Duration) ->
 fn swarm_markdown(results: &[SwarmResult], took: Duration) -> String {
     let mut md = format!(
         "## Scale: the control plane alone (`--swarm`)\n\n\
-         Many workers in one process (`kds-swarm`), none reading, at the default timings \
-         (heartbeat 2 s, failover 10 s); {} in all. Mode `naive`: every worker also polls \
+         Many workers in one process (`kds-swarm`), none reading, at the timings each row \
+         names (heartbeat / failover; the 2,000-shard fleets at 10 s / 40 s, as moto's \
+         DynamoDB, serving one request at a time, cannot serve 100 workers at 2 s); the last \
+         run took {}. Mode `naive`: every worker also polls \
          the stream itself and renews each of its leases every failover/3, as the original \
          scripts' design would (the coordinator's effect, measured). DynamoDB figures are the fleet's, per second, \
          over a steady-state window. The KCL columns are a **model** from KCL 2.x's documented \
-         defaults (each lease renewed every failover/3, each worker's lease taker scanning every \
-         lease every 2 × failover), not a measurement.\n\n\
-         | mode | workers × shards | every shard leased, balanced | rebalance after one leaves | DynamoDB calls/s | write units/s | read units/s | KCL model write / read units/s | ratio to the model | conditional writes failed | Kinesis calls/min | CPU s/min per worker | RSS MiB per worker |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         defaults at the row's failover timeout (each lease renewed every failover/3, each \
+         worker's lease taker scanning every lease every 2 × failover), not a measurement; \
+         both scale with 1/failover, so the ratio holds at either timing.\n\n\
+         | mode | workers × shards | timings | every shard leased, balanced | rebalance after one leaves | DynamoDB calls/s | write units/s | read units/s | per shard | KCL model write / read units/s | ratio to the model | conditional writes failed | Kinesis calls/min | CPU s/min per worker | RSS MiB per worker | measured |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         secs(took)
     );
     for r in results {
         let ours = r.write_units_per_s + r.read_units_per_s;
         let model = r.kcl_model.write_units_per_s + r.kcl_model.read_units_per_s;
         md.push_str(&format!(
-            "| {} | {} × {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} / {:.1} | {:.3} | {} | {:.1} | {:.2} | {:.1} |\n",
+            "| {} | {} × {} | {} s / {} s | {} | {} | {:.1} | {:.2} | {:.2} | {:.4} | {:.1} / {:.1} | {:.3} | {} | {:.1} | {:.2} | {:.1} | {} |\n",
             r.mode,
             r.workers,
             r.shards,
+            r.timings.heartbeat_s,
+            r.timings.failover_s,
             opt_s(r.time_to_coverage_s),
             opt_s(r.rebalance_s),
             r.dynamodb_calls_per_s,
             r.write_units_per_s,
             r.read_units_per_s,
+            ours / r.shards.max(1) as f64,
             r.kcl_model.write_units_per_s,
             r.kcl_model.read_units_per_s,
             ours / model.max(f64::MIN_POSITIVE),
@@ -611,7 +629,31 @@ fn swarm_markdown(results: &[SwarmResult], took: Duration) -> String {
             r.kinesis_calls_per_min,
             r.cpu_s_per_worker_per_min,
             r.rss_mib_per_worker,
+            if r.measured.is_empty() { "2026-11-28" } else { r.measured.as_str() },
         ));
+    }
+    let split: Vec<&SwarmResult> = results
+        .iter()
+        .filter(|r| !r.units_by_operation.is_empty())
+        .collect();
+    if !split.is_empty() {
+        md.push_str(
+            "\nWhere the steady-state units go (units per second by table and operation):\n\n",
+        );
+        for r in split {
+            let parts: Vec<String> = r
+                .units_by_operation
+                .iter()
+                .map(|(what, u)| format!("{what} {u:.2}"))
+                .collect();
+            md.push_str(&format!(
+                "- {} {} × {}: {}\n",
+                r.mode,
+                r.workers,
+                r.shards,
+                parts.join(", ")
+            ));
+        }
     }
     md.push_str("\n![Fleet DynamoDB units per second against shards](scale.svg)\n");
     md
