@@ -39,6 +39,29 @@ pub struct CoordinatorRow {
     /// items written before it was published): followers take a renewal as missed from it.
     #[serde(default)]
     pub heartbeat_ms: Option<u64>,
+    /// The (epoch, version) of the latest `lease_limits` publication, written in the same
+    /// transaction as the item: the previous owner's until this one publishes (at the start
+    /// of its term), `None` if no binary that writes it ever published. Followers, who read
+    /// this row every heartbeat anyway, read `lease_limits` itself only when a stamp of this
+    /// row's epoch is newer than the limit they hold (or there is none of this epoch).
+    #[serde(default)]
+    pub limit_stamp: Option<LimitStamp>,
+}
+
+/// A published limit's (epoch, version): which `lease_limits` item a reader holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LimitStamp {
+    pub epoch: u64,
+    pub version: u64,
+}
+
+impl PublishedLimit {
+    pub fn stamp(&self) -> LimitStamp {
+        LimitStamp {
+            epoch: self.epoch,
+            version: self.version,
+        }
+    }
 }
 
 impl CoordinatorRow {

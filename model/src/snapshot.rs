@@ -158,6 +158,7 @@ mod tests {
                 renewed_at: "2026-11-28T12:00:01Z".into(),
                 failover_ms: Some(10_000),
                 heartbeat_ms: Some(2_000),
+                limit_stamp: None,
             }),
             heartbeats: vec![HeartbeatRow {
                 worker_id: "w-1".into(),

@@ -158,6 +158,14 @@ impl Settings {
         self.heartbeat_interval * 2
     }
 
+    /// The longest a follower goes without reading `lease_limits` itself, however the
+    /// coordinator item's stamp looks (see `meta::limit_read_due`): five failover timeouts.
+    /// Only an item written by hand needs it; a coordinator that does not stamp shows its
+    /// own epoch without a stamp of it, which is read every heartbeat.
+    pub fn limit_refresh_interval(&self) -> Duration {
+        self.failover_timeout * 5
+    }
+
     /// The longest one heartbeat write may take; a slower one counts as failed. A write that
     /// succeeds late still proves liveness as of when it was *sent* (the fence counts from
     /// there), so it may take until one heartbeat before the fence: the next write then still

@@ -79,6 +79,15 @@ pub fn describe_change(old: Option<&PublishedLimit>, new: &PublishedLimit) -> St
             new.capacity_deficit, new.cap, new.workers_needed
         ));
     }
+    if let Some(old) = old
+        && old.epoch < new.epoch
+        && same_decision(old, new)
+    {
+        line.push_str(&format!(
+            " (unchanged; published again for epoch {})",
+            new.epoch
+        ));
+    }
     line
 }
 
@@ -655,9 +664,12 @@ async fn publish_if_changed(
         computed_by: s.worker_id.clone(),
         updated_at: now_iso8601(),
     };
+    // A new term publishes its first decision even when it is the one in force: the
+    // publication stamps the coordinator item with this epoch, and until then followers read
+    // `lease_limits` every heartbeat (see `meta::limit_read_due`).
     if published
         .as_ref()
-        .is_some_and(|p| same_decision(p, &record))
+        .is_some_and(|p| p.epoch == epoch && same_decision(p, &record))
     {
         return;
     }
@@ -830,6 +842,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
         let row = match row {
             Ok(row) => row,
             Err(e) => {
+                ctx.state.coordinator_read(None);
                 tracing::warn!(error = %e, "cannot read the coordinator item");
                 // Try again at the next tick, not at a recheck instant already past (which
                 // would spin while reads fail).
@@ -842,6 +855,11 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
             row.as_ref().map(|r| r.owner.clone()),
             row.as_ref().map_or(0, |r| r.epoch),
         );
+        ctx.state
+            .coordinator_read(row.as_ref().map(|r| crate::meta::SeenCoordinator {
+                epoch: r.epoch,
+                limit_stamp: r.limit_stamp,
+            }));
         let min_epoch = ctx.state.limit().map_or(0, |l| l.epoch);
         let missed_after = row.as_ref().map_or(s.heartbeat_interval, |r| {
             renewal_missed_after(s.heartbeat_interval, r)
@@ -1028,6 +1046,20 @@ mod tests {
             computed_by: "w".into(),
             updated_at: String::new(),
         }
+    }
+
+    #[test]
+    fn a_new_terms_unchanged_decision_says_so() {
+        let old = rec(10, 30, 3, 0);
+        let mut new = rec(10, 30, 3, 0);
+        new.epoch = old.epoch + 1;
+        assert_eq!(
+            describe_change(Some(&old), &new),
+            format!(
+                "max_leases_per_worker 10: shards 30, workers 3 (unchanged; published again for epoch {})",
+                new.epoch
+            )
+        );
     }
 
     #[test]

@@ -102,8 +102,12 @@ impl CoordinatorObserver {
             };
         }
         let timeout = effective_timeout(timeout, row.failover());
+        // Only a claim or a renewal is progress: the owner's publications also write the row
+        // (their stamp), and a coordinator that publishes but cannot renew must still be
+        // taken over on time.
+        let renewal = |r: &CoordinatorRow| (r.owner.clone(), r.epoch, r.counter);
         let since = match &self.last {
-            Some((last, since)) if *last == row => *since,
+            Some((last, since)) if renewal(last) == renewal(&row) => *since,
             _ => now,
         };
         self.last = Some((row.clone(), since));
@@ -346,6 +350,7 @@ mod tests {
             renewed_at: String::new(),
             failover_ms: None,
             heartbeat_ms: None,
+            limit_stamp: None,
         }
     }
 
@@ -478,6 +483,27 @@ mod tests {
             matches!(v, Verdict::Follow { ref owner, .. } if owner == "b"),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn a_new_limit_stamp_is_not_a_renewal() {
+        let t0 = Instant::now();
+        let mut o = CoordinatorObserver::default();
+        o.judge(Some(row("a", 1, 5)), t0, T, 0);
+        let mut stamped = row("a", 1, 5);
+        stamped.limit_stamp = Some(crate::meta::LimitStamp {
+            epoch: 1,
+            version: 9,
+        });
+        // Published, never renewed: taken over one timeout after the counter last moved.
+        assert!(matches!(
+            o.judge(Some(stamped.clone()), t0 + T / 2, T, 0),
+            Verdict::Follow { silent_since, .. } if silent_since == t0
+        ));
+        assert!(matches!(
+            o.judge(Some(stamped), t0 + T, T, 0),
+            Verdict::Claim { .. }
+        ));
     }
 
     #[test]

@@ -6,13 +6,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_dynamodb::types::{
-    AttributeValue, ConditionCheck, ReturnValue, TransactWriteItem, Update,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, TransactWriteItem, Update};
 use serde::Serialize;
 
 use crate::aws::{AwsClients, AwsError, Consistency, ScanFilter, call, scan_all};
-pub use crate::model::{CoordinatorRow, HeartbeatRow, PublishedLimit};
+pub use crate::model::{CoordinatorRow, HeartbeatRow, LimitStamp, PublishedLimit};
 use crate::schema::{
     COORDINATOR_ITEM, LEASE_LIMITS_ITEM, META_KEY, TTL_ATTRIBUTE, WORKER_ITEM_PREFIX,
     worker_item_key,
@@ -67,6 +65,44 @@ impl LimitReadError {
             LimitReadError::Malformed(m) => Some(m.epoch.unwrap_or(0)),
             LimitReadError::Aws(_) => None,
         }
+    }
+}
+
+/// The coordinator row as a follower last read it, as far as the limit loop cares: the post's
+/// epoch and the stamp of the limit its owner last published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenCoordinator {
+    pub epoch: u64,
+    pub limit_stamp: Option<LimitStamp>,
+}
+
+/// Whether a follower reads `lease_limits` now. `held`: the limit it obeys; `seen`: the
+/// coordinator row as it last read it (`None`: not read, or the last read failed);
+/// `since_read`: how long ago it last read `lease_limits` successfully; `refresh`: the longest
+/// it goes without reading it (`Settings::limit_refresh_interval`).
+///
+/// The row's stamp is written in the same transaction as `lease_limits`, so a stamp of the
+/// row's own epoch (its owner published in this term) that is not above the held limit means
+/// the item is still the one held: no read. Anything else reads: no limit held yet, no row, a
+/// row without a stamp or with one from an earlier term (an owner that has not published yet,
+/// or a binary that does not stamp), a newer stamp. And at least every `refresh` whatever the
+/// stamps say, so a `lease_limits` item written by hand is seen within that interval (an
+/// older binary's coordinator shows its own epoch without a stamp of it: read every time).
+pub fn limit_read_due(
+    held: Option<LimitStamp>,
+    seen: Option<SeenCoordinator>,
+    since_read: Option<Duration>,
+    refresh: Duration,
+) -> bool {
+    let (Some(held), Some(seen), Some(since_read)) = (held, seen, since_read) else {
+        return true;
+    };
+    if since_read >= refresh {
+        return true;
+    }
+    match seen.limit_stamp {
+        Some(stamp) if stamp.epoch == seen.epoch => stamp > held,
+        _ => true,
     }
 }
 
@@ -477,6 +513,10 @@ impl MetaStore {
                 renewed_at: get_s(&item, "renewed_at"),
                 failover_ms: get_n(&item, "failover_ms"),
                 heartbeat_ms: get_n(&item, "heartbeat_ms"),
+                limit_stamp: match (get_n(&item, "limit_epoch"), get_n(&item, "limit_version")) {
+                    (Some(epoch), Some(version)) => Some(LimitStamp { epoch, version }),
+                    _ => None,
+                },
             }))
     }
 
@@ -534,6 +574,8 @@ impl MetaStore {
             renewed_at: now,
             failover_ms: Some(failover_ms),
             heartbeat_ms: Some(heartbeat_ms),
+            // Left as the previous owner stamped it: this owner stamps its first publication.
+            limit_stamp: None,
         })
     }
 
@@ -607,8 +649,10 @@ impl MetaStore {
     }
 
     /// Writes `lease_limits` as coordinator of `record.epoch`, atomically with a check that the
-    /// caller still owns the coordinator item at that epoch. A deposed coordinator's write
-    /// fails with `ConditionFailed`, even before its successor has published anything.
+    /// caller still owns the coordinator item at that epoch, and stamps that item with the
+    /// record's (epoch, version) in the same transaction (followers read `lease_limits` when
+    /// the stamp shows a limit they do not hold: [`limit_read_due`]). A deposed coordinator's
+    /// write fails with `ConditionFailed`, even before its successor has published anything.
     /// `record.version` should be [`next_version`] of the last record the caller knows.
     ///
     /// The item itself must not be newer: a missing item, one without a numeric epoch or
@@ -657,18 +701,21 @@ impl MetaStore {
         self.transact_limit(record, false).await
     }
 
-    /// The publication transaction: the coordinator check plus the update, `guarded` by the
-    /// condition that the item is not newer than `record`.
+    /// The publication transaction: the coordinator check with its stamp, plus the update,
+    /// `guarded` by the condition that the item is not newer than `record`.
     async fn transact_limit(&self, record: &PublishedLimit, guarded: bool) -> Result<(), AwsError> {
-        let check = ConditionCheck::builder()
+        // The stamp leaves the owner's counter alone: a publication is not a renewal.
+        let check = Update::builder()
             .table_name(&self.table)
             .key(META_KEY, s(COORDINATOR_ITEM))
+            .update_expression("SET limit_epoch = :e, limit_version = :v")
             .condition_expression("#o = :me AND epoch = :e")
             .expression_attribute_names("#o", "owner")
             .expression_attribute_values(":me", s(record.computed_by.clone()))
             .expression_attribute_values(":e", n(record.epoch))
+            .expression_attribute_values(":v", n(record.version))
             .build()
-            .expect("table, key and condition are set");
+            .expect("table, key and expression are set");
         let mut set = vec![
             "max_leases_per_worker = :limit",
             "shard_count = :shards",
@@ -726,7 +773,7 @@ impl MetaStore {
             self.aws
                 .dynamodb
                 .transact_write_items()
-                .transact_items(TransactWriteItem::builder().condition_check(check).build())
+                .transact_items(TransactWriteItem::builder().update(check).build())
                 .transact_items(TransactWriteItem::builder().update(update).build())
                 .send(),
         )
@@ -821,6 +868,73 @@ mod tests {
         let mut item = good_item();
         item.insert("computed_by".into(), n(3));
         assert!(parse_limit(&item).is_err());
+    }
+
+    #[test]
+    fn a_follower_reads_lease_limits_only_when_the_stamp_or_the_clock_says_so() {
+        let stamp = |epoch, version| LimitStamp { epoch, version };
+        let seen = |epoch, limit_stamp| Some(SeenCoordinator { epoch, limit_stamp });
+        let refresh = Duration::from_secs(10);
+        let recent = Some(Duration::from_secs(3));
+        let held = Some(stamp(4, 7));
+        // The row's owner stamped this term with the held limit, or an older one: no read.
+        assert!(!limit_read_due(
+            held,
+            seen(4, Some(stamp(4, 7))),
+            recent,
+            refresh
+        ));
+        assert!(!limit_read_due(
+            held,
+            seen(4, Some(stamp(4, 6))),
+            recent,
+            refresh
+        ));
+        // A newer stamp reads.
+        assert!(limit_read_due(
+            held,
+            seen(4, Some(stamp(4, 8))),
+            recent,
+            refresh
+        ));
+        // A stamp from before this term (the new owner has not published, or an older
+        // binary's coordinator publishes without stamping) reads every time.
+        assert!(limit_read_due(
+            held,
+            seen(5, Some(stamp(4, 7))),
+            recent,
+            refresh
+        ));
+        // No stamp, no row read, no limit held, never read: reads.
+        assert!(limit_read_due(held, seen(4, None), recent, refresh));
+        assert!(limit_read_due(held, None, recent, refresh));
+        assert!(limit_read_due(
+            None,
+            seen(4, Some(stamp(4, 7))),
+            recent,
+            refresh
+        ));
+        assert!(limit_read_due(
+            held,
+            seen(4, Some(stamp(4, 7))),
+            None,
+            refresh
+        ));
+        // However the stamps look, once a refresh interval has passed since the last read.
+        assert!(limit_read_due(
+            held,
+            seen(4, Some(stamp(4, 7))),
+            Some(refresh),
+            refresh
+        ));
+        assert!(!limit_read_due(
+            held,
+            seen(4, Some(stamp(4, 7))),
+            Some(refresh - Duration::from_millis(1)),
+            refresh
+        ));
+        // Stamps order by epoch, then version.
+        assert!(stamp(5, 1) > stamp(4, 9));
     }
 
     #[test]

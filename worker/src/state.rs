@@ -134,6 +134,10 @@ pub struct WorkerState {
     /// The `(epoch, version)` of the limit in force, for any loop that waits for a new one
     /// (the coordinator's lease rounds).
     limit_version: tokio::sync::watch::Sender<(u64, u64)>,
+    /// The coordinator row as this worker last read it as a follower (`None`: not read yet,
+    /// or the last read failed); a change wakes the limit loop, which reads `lease_limits`
+    /// when the row shows a limit this worker does not hold.
+    coordinator_seen: tokio::sync::watch::Sender<Option<(crate::meta::SeenCoordinator, Instant)>>,
 }
 
 /// `GET /status` body.
@@ -175,6 +179,7 @@ impl WorkerState {
             limit_changed: tokio::sync::Notify::new(),
             leases_assigned: tokio::sync::Notify::new(),
             limit_version: tokio::sync::watch::Sender::new((0, 0)),
+            coordinator_seen: tokio::sync::watch::Sender::new(None),
             inner: Mutex::new(Inner {
                 role: Role::Follower,
                 epoch: 0,
@@ -421,6 +426,24 @@ impl WorkerState {
             self.limit_changed.notify_one();
             self.limit_version.send_replace(version);
         }
+    }
+
+    /// The election loop read the coordinator row (`None`: the read failed). Wakes the limit
+    /// loop only when what it shows changed.
+    pub fn coordinator_read(&self, seen: Option<crate::meta::SeenCoordinator>) {
+        self.coordinator_seen.send_if_modified(|old| {
+            let changed = old.map(|(o, _)| o) != seen;
+            *old = seen.map(|s| (s, Instant::now()));
+            changed
+        });
+    }
+
+    /// Wakes whenever a read of the coordinator row shows something new; see
+    /// [`WorkerState::coordinator_seen_within`].
+    pub fn coordinator_reads(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Option<(crate::meta::SeenCoordinator, Instant)>> {
+        self.coordinator_seen.subscribe()
     }
 
     /// Changes whenever a newer limit is installed.

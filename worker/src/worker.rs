@@ -428,20 +428,45 @@ const FIRST_LIMIT_RETRY: Duration = Duration::from_millis(100);
 /// reads per worker start.
 const FIRST_LIMIT_QUICK_READS: u32 = 10;
 
+/// Reads `lease_limits` into the worker's state. The coordinator reads it every heartbeat; a
+/// follower when the coordinator row it read shows a limit it does not hold, and at least
+/// once a `limit_refresh_interval` ([`crate::meta::limit_read_due`]): the row, which followers read
+/// every heartbeat anyway, carries the stamp of the latest publication.
 async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let heartbeat = ctx.state.settings.heartbeat_interval;
+    let refresh = ctx.state.settings.limit_refresh_interval();
     let mut tick = ticker(heartbeat);
+    let mut coordinator_reads = ctx.state.coordinator_reads();
     let mut first_retry = FIRST_LIMIT_RETRY;
     let mut quick_reads = 0;
+    let mut last_read: Option<Instant> = None;
     let mut last_seen: Option<(u64, u64)> = None;
     let mut last_problem: Option<String> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+            // A row read that shows something new: a newer limit is read now, not a tick later.
+            Ok(()) = coordinator_reads.changed() => {}
         }
         ctx.state.loop_went_round(crate::state::Loop::Limit);
+        // A row read more than two heartbeats ago (the election loop is stuck in a slow call,
+        // or this worker coordinated meanwhile) tells nothing: read.
+        let seen = coordinator_reads
+            .borrow_and_update()
+            .filter(|(_, read_at)| read_at.elapsed() <= heartbeat * 2)
+            .map(|(seen, _)| seen);
+        let held = ctx.state.limit().map(|l| l.stamp());
+        if ctx.state.role().0 == Role::Follower
+            && !crate::meta::limit_read_due(held, seen, last_read.map(|t| t.elapsed()), refresh)
+        {
+            continue;
+        }
+        let sent = Instant::now();
         let result = ctx.meta.read_limit().await;
+        if result.is_ok() {
+            last_read = Some(sent);
+        }
         if ctx.state.limit().is_none() && !matches!(result, Ok(Some(_))) && first_retry < heartbeat
         {
             tick.reset_after(first_retry);

@@ -268,6 +268,7 @@ mod tests {
                     renewed_at: "t".into(),
                     failover_ms: None,
                     heartbeat_ms: None,
+                    limit_stamp: None,
                 }),
                 heartbeats: vec![],
                 leases: LeaseSummary {

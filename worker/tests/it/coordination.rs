@@ -392,11 +392,14 @@ async fn a_follower_keeps_its_last_good_limit_when_the_item_is_malformed() {
     wait_limit(std::slice::from_ref(&w), 4, Duration::from_secs(5)).await;
     assert!(w.state.limit_problem().is_none());
 
-    // Broken again: the last good limit stays in force, and /ready says why.
+    // Broken again, by hand (the coordinator item's stamp still shows version 2, so the
+    // follower reads the item at its next refresh): the last good limit stays in force, and
+    // /ready says why.
     broken.insert("version".into(), n(3));
     put_meta_item(&aws, &app, broken).await;
+    let refresh = settings(&app, &stream, "w0").limit_refresh_interval();
     let (reasons, _) = wait_for(
-        Duration::from_secs(5),
+        refresh + HEARTBEAT + MARGIN,
         "the malformed item reported again",
         || async {
             let reasons = w.state.not_ready_reasons();

@@ -62,7 +62,19 @@ async fn doubling_the_workers_raises_item_reads_by_at_most_1_4x() {
     let mut workers = start_workers_custom(&app, &stream, ids(0..4), &proxied, None, relaxed).await;
     let took = wait_even(&workers).await;
     eprintln!("4 workers: spread in {took:?}");
+    let gets_before = proxy.seen("GetItem");
+    let began = Instant::now();
     let (four, four_detail) = measure(&proxy).await;
+    // Each follower reads the coordinator item every heartbeat and `lease_limits` only after
+    // a publication (the item's stamp): about W + 1 GetItems a heartbeat, not 2 W.
+    let heartbeat = relaxed(settings(&app, &stream, "w0")).heartbeat_interval;
+    let heartbeats = began.elapsed().as_secs_f64() / heartbeat.as_secs_f64();
+    let gets = (proxy.seen("GetItem") - gets_before) as f64 / heartbeats;
+    eprintln!("4 workers: {gets:.1} GetItems a heartbeat");
+    assert!(
+        gets <= 4.0 * 1.5,
+        "{gets:.1} GetItems a heartbeat from 4 workers: followers still read lease_limits every heartbeat?"
+    );
     let more = start_workers_custom(&app, &stream, ids(4..8), &proxied, None, relaxed).await;
     workers.extend(more);
     let took = wait_even(&workers).await;
