@@ -834,10 +834,10 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
         // at once so a takeover waits for no extra round trip.
         let claim_plausible = recheck_by.is_none_or(|r| Instant::now() >= r);
         let (row, limits) = if claim_plausible {
-            let (row, limits) = tokio::join!(ctx.meta.read_coordinator(), ctx.meta.read_limit());
+            let (row, limits) = tokio::join!(ctx.meta.follow_coordinator(), ctx.meta.read_limit());
             (row, Some(limits))
         } else {
-            (ctx.meta.read_coordinator().await, None)
+            (ctx.meta.follow_coordinator().await, None)
         };
         let row = match row {
             Ok(row) => row,
@@ -895,6 +895,20 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                 if ctx.state.instance_conflict().is_some() {
                     // A duplicate of a live worker id never coordinates.
                     continue;
+                }
+                // The look was eventually consistent: a strong read confirms it first, so a
+                // stale answer costs no failed claim (which would start the silence clock
+                // again). A row that moved on is judged at the next look.
+                let renewal = |r: &Option<crate::meta::CoordinatorRow>| {
+                    r.as_ref().map(|r| (r.owner.clone(), r.epoch, r.counter))
+                };
+                match ctx.meta.read_coordinator().await {
+                    Ok(fresh) if renewal(&fresh) == renewal(&seen) => {}
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the coordinator item before claiming it");
+                        continue;
+                    }
                 }
                 // The new epoch must be above lease_limits' too, read now: this worker may
                 // not have read any limit yet, and a lower epoch would be refused for ever.

@@ -1,7 +1,8 @@
 //! The metadata table `<app_name>_meta`: coordinator lease, published limit, heartbeats.
 //!
 //! Every write that decides something is conditional; the conditions are the safety rules of
-//! README's "How it works". All reads are strongly consistent.
+//! README's "How it works". Reads are strongly consistent, except a follower's heartbeat
+//! look at the coordinator item ([`MetaStore::follow_coordinator`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -312,6 +313,14 @@ impl MetaStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Item>, AwsError> {
+        self.get_with(key, Consistency::Strong).await
+    }
+
+    async fn get_with(
+        &self,
+        key: &str,
+        consistency: Consistency,
+    ) -> Result<Option<Item>, AwsError> {
         let out = call(
             &self.aws.metrics,
             "dynamodb",
@@ -321,7 +330,7 @@ impl MetaStore {
                 .get_item()
                 .table_name(&self.table)
                 .key(META_KEY, s(key))
-                .consistent_read(true)
+                .consistent_read(consistency == Consistency::Strong)
                 .send(),
         )
         .await?;
@@ -503,8 +512,25 @@ impl MetaStore {
     // ---- coordinator ------------------------------------------------------------------
 
     pub async fn read_coordinator(&self) -> Result<Option<CoordinatorRow>, AwsError> {
+        self.coordinator_with(Consistency::Strong).await
+    }
+
+    /// A follower's look at the coordinator item every heartbeat: eventually consistent, at
+    /// half the price. A stale answer never hastens anything: an older counter counts as a
+    /// change (restarting the silence clock), a claim is confirmed by a strong read and is
+    /// conditional on the exact row seen, and a stale stamp leaves a new limit for the next
+    /// look. It can cost a little: a needless heartbeat scan when a renewal looks missed, a
+    /// limit obeyed a look later.
+    pub async fn follow_coordinator(&self) -> Result<Option<CoordinatorRow>, AwsError> {
+        self.coordinator_with(Consistency::Eventual).await
+    }
+
+    async fn coordinator_with(
+        &self,
+        consistency: Consistency,
+    ) -> Result<Option<CoordinatorRow>, AwsError> {
         Ok(self
-            .get(COORDINATOR_ITEM)
+            .get_with(COORDINATOR_ITEM, consistency)
             .await?
             .map(|item| CoordinatorRow {
                 owner: get_s(&item, "owner"),

@@ -378,6 +378,15 @@ impl WorkerState {
         }
     }
 
+    /// A look at the coordinator item at `read_at` showed that the limit this worker holds is
+    /// still the one published (its stamp): as good as a read of `lease_limits` for `/ready`.
+    pub fn limit_confirmed(&self, read_at: Instant) {
+        let mut g = self.lock();
+        if g.last_limit_read_ok.is_none_or(|t| t < read_at) {
+            g.last_limit_read_ok = Some(read_at);
+        }
+    }
+
     /// The `lease_limits` item was read but cannot be obeyed: keep the last good limit and
     /// report why in `/ready`.
     pub fn limit_malformed(&self, problem: String) {
@@ -438,8 +447,8 @@ impl WorkerState {
         });
     }
 
-    /// Wakes whenever a read of the coordinator row shows something new; see
-    /// [`WorkerState::coordinator_seen_within`].
+    /// Wakes whenever a read of the coordinator row shows something new (see
+    /// [`WorkerState::coordinator_read`]); the value also says when it was last read.
     pub fn coordinator_reads(
         &self,
     ) -> tokio::sync::watch::Receiver<Option<(crate::meta::SeenCoordinator, Instant)>> {

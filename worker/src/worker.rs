@@ -452,14 +452,18 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
         ctx.state.loop_went_round(crate::state::Loop::Limit);
         // A row read more than two heartbeats ago (the election loop is stuck in a slow call,
         // or this worker coordinated meanwhile) tells nothing: read.
-        let seen = coordinator_reads
+        let fresh = coordinator_reads
             .borrow_and_update()
-            .filter(|(_, read_at)| read_at.elapsed() <= heartbeat * 2)
-            .map(|(seen, _)| seen);
+            .filter(|(_, read_at)| read_at.elapsed() <= heartbeat * 2);
+        let seen = fresh.map(|(seen, _)| seen);
         let held = ctx.state.limit().map(|l| l.stamp());
         if ctx.state.role().0 == Role::Follower
             && !crate::meta::limit_read_due(held, seen, last_read.map(|t| t.elapsed()), refresh)
         {
+            // The stamp just read says the held limit is current: /ready counts that as a read.
+            if let Some((_, read_at)) = fresh {
+                ctx.state.limit_confirmed(read_at);
+            }
             continue;
         }
         let sent = Instant::now();

@@ -335,6 +335,52 @@ async fn a_new_coordinator_goes_above_lease_limits_and_replaces_malformed_items(
     }
 }
 
+/// Followers read `lease_limits` only after a publication (the coordinator item's stamp says
+/// when); in between, that stamp confirms the limit they hold, so `/ready` stays green on
+/// every worker, not only on the coordinator that reads the item itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_stay_ready_between_publications() {
+    let aws = aws().await;
+    let (app, stream) = (unique("ready"), unique("ready"));
+    create_stream(&aws, &stream, 6).await;
+    let workers = start_workers(&app, &stream, (0..3).map(|i| format!("w{i}")), &aws).await;
+    wait_limit(&workers, 2, Duration::from_secs(20)).await;
+    let limit_reasons = |w: &TestWorker| -> Vec<String> {
+        w.state
+            .not_ready_reasons()
+            .into_iter()
+            .filter(|r| r.contains("lease_limits"))
+            .collect()
+    };
+    let stamp = || workers[0].state.limit().map(|l| (l.epoch, l.version));
+    let before = stamp();
+    // Several times the staleness bound /ready applies, and still under the refresh interval
+    // that would read the item anyway.
+    let s = settings(&app, &stream, "w0");
+    let window = s.stale_after() * 5;
+    assert!(window < s.limit_refresh_interval());
+    let until = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < until {
+        for w in &workers {
+            let reasons = limit_reasons(w);
+            assert!(
+                reasons.is_empty(),
+                "{} not ready between publications: {reasons:?}",
+                w.state.settings.worker_id
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        stamp(),
+        before,
+        "a publication came in the window: nothing was shown"
+    );
+    for w in workers {
+        w.shutdown().await;
+    }
+}
+
 /// A follower that reads a malformed `lease_limits` item keeps its last good limit and says
 /// why in `/ready` (a live coordinator that does not fix it is simulated).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

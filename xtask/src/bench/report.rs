@@ -592,8 +592,8 @@ fn swarm_markdown(results: &[SwarmResult], took: Duration) -> String {
     let mut md = format!(
         "## Scale: the control plane alone (`--swarm`)\n\n\
          Many workers in one process (`kds-swarm`), none reading, at the timings each row \
-         names (heartbeat / failover; the 2,000-shard fleets at 10 s / 40 s, as moto's \
-         DynamoDB, serving one request at a time, cannot serve 100 workers at 2 s); the last \
+         names (heartbeat / failover; the 2,000-shard fleets at {} s / {} s, as moto's \
+         DynamoDB, serving one request at a time, cannot serve 100 workers faster); the last \
          run took {}. Mode `naive`: every worker also polls \
          the stream itself and renews each of its leases every failover/3, as the original \
          scripts' design would (the coordinator's effect, measured). DynamoDB figures are the fleet's, per second, \
@@ -603,6 +603,8 @@ fn swarm_markdown(results: &[SwarmResult], took: Duration) -> String {
          both scale with 1/failover, so the ratio holds at either timing.\n\n\
          | mode | workers × shards | timings | every shard leased, balanced | rebalance after one leaves | DynamoDB calls/s | write units/s | read units/s | per shard | KCL model write / read units/s | ratio to the model | conditional writes failed | Kinesis calls/min | CPU s/min per worker | RSS MiB per worker | measured |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        super::swarm::LARGE_TIMINGS.heartbeat_s,
+        super::swarm::LARGE_TIMINGS.failover_s,
         secs(took)
     );
     for r in results {
