@@ -831,10 +831,12 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
 
         // A claim needs lease_limits' epoch, read directly. Where a claim is plausible this
         // round (no live owner followed, or it is due to be judged silent), read both items
-        // at once so a takeover waits for no extra round trip.
+        // at once so a takeover waits for no extra round trip. That look is strongly
+        // consistent (a claim goes by it); the others, one a heartbeat, are eventually
+        // consistent at half the price.
         let claim_plausible = recheck_by.is_none_or(|r| Instant::now() >= r);
         let (row, limits) = if claim_plausible {
-            let (row, limits) = tokio::join!(ctx.meta.follow_coordinator(), ctx.meta.read_limit());
+            let (row, limits) = tokio::join!(ctx.meta.read_coordinator(), ctx.meta.read_limit());
             (row, Some(limits))
         } else {
             (ctx.meta.follow_coordinator().await, None)
@@ -896,18 +898,27 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                     // A duplicate of a live worker id never coordinates.
                     continue;
                 }
-                // The look was eventually consistent: a strong read confirms it first, so a
-                // stale answer costs no failed claim (which would start the silence clock
-                // again). A row that moved on is judged at the next look.
-                let renewal = |r: &Option<crate::meta::CoordinatorRow>| {
-                    r.as_ref().map(|r| (r.owner.clone(), r.epoch, r.counter))
-                };
-                match ctx.meta.read_coordinator().await {
-                    Ok(fresh) if renewal(&fresh) == renewal(&seen) => {}
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read the coordinator item before claiming it");
-                        continue;
+                // A verdict from an eventually consistent look is confirmed by a strong read
+                // first, so a stale answer costs no failed claim (which would start the
+                // silence clock again). A row that moved on is judged at the next look.
+                if limits.is_none() {
+                    let renewal = |r: &Option<crate::meta::CoordinatorRow>| {
+                        r.as_ref().map(|r| (r.owner.clone(), r.epoch, r.counter))
+                    };
+                    match ctx.meta.read_coordinator().await {
+                        Ok(fresh) if renewal(&fresh) == renewal(&seen) => {}
+                        Ok(fresh) => {
+                            tracing::debug!(
+                                ?seen,
+                                ?fresh,
+                                "the coordinator item moved on since the look; not claiming"
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the coordinator item before claiming it");
+                            continue;
+                        }
                     }
                 }
                 // The new epoch must be above lease_limits' too, read now: this worker may

@@ -98,13 +98,14 @@ pub fn limit_read_due(
     let (Some(held), Some(seen), Some(since_read)) = (held, seen, since_read) else {
         return true;
     };
-    if since_read >= refresh {
-        return true;
-    }
-    match seen.limit_stamp {
-        Some(stamp) if stamp.epoch == seen.epoch => stamp > held,
-        _ => true,
-    }
+    since_read >= refresh || !stamp_confirms(held, seen)
+}
+
+/// Whether the coordinator row `seen` shows that `held` is still the latest publication: it
+/// carries a stamp of its own epoch (its owner published in this term, in the transaction
+/// that wrote `lease_limits`) and that stamp is not above `held`.
+pub fn stamp_confirms(held: LimitStamp, seen: SeenCoordinator) -> bool {
+    matches!(seen.limit_stamp, Some(stamp) if stamp.epoch == seen.epoch && stamp <= held)
 }
 
 /// Publications are ordered by `(epoch, version)`. A new epoch continues the previous version
@@ -517,10 +518,11 @@ impl MetaStore {
 
     /// A follower's look at the coordinator item every heartbeat: eventually consistent, at
     /// half the price. A stale answer never hastens anything: an older counter counts as a
-    /// change (restarting the silence clock), a claim is confirmed by a strong read and is
-    /// conditional on the exact row seen, and a stale stamp leaves a new limit for the next
-    /// look. It can cost a little: a needless heartbeat scan when a renewal looks missed, a
-    /// limit obeyed a look later.
+    /// change (restarting the silence clock), a claim goes by a strong read and is conditional
+    /// on the exact row seen, and a stale stamp leaves a new limit for the next look. It can
+    /// cost a little, within the replicas' lag after a write: a takeover up to a look later,
+    /// a needless heartbeat scan when a renewal looks missed, an extra strong read before a
+    /// claim, a limit obeyed a look later, `/status` showing the previous coordinator.
     pub async fn follow_coordinator(&self) -> Result<Option<CoordinatorRow>, AwsError> {
         self.coordinator_with(Consistency::Eventual).await
     }
@@ -961,6 +963,18 @@ mod tests {
         ));
         // Stamps order by epoch, then version.
         assert!(stamp(5, 1) > stamp(4, 9));
+        // What confirms a held limit for /ready is exactly what spares the read.
+        let confirms = |s| {
+            stamp_confirms(
+                stamp(4, 7),
+                SeenCoordinator {
+                    epoch: 4,
+                    limit_stamp: s,
+                },
+            )
+        };
+        assert!(confirms(Some(stamp(4, 7))) && confirms(Some(stamp(4, 6))));
+        assert!(!confirms(Some(stamp(4, 8))) && !confirms(Some(stamp(3, 7))) && !confirms(None));
     }
 
     #[test]

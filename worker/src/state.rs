@@ -378,15 +378,6 @@ impl WorkerState {
         }
     }
 
-    /// A look at the coordinator item at `read_at` showed that the limit this worker holds is
-    /// still the one published (its stamp): as good as a read of `lease_limits` for `/ready`.
-    pub fn limit_confirmed(&self, read_at: Instant) {
-        let mut g = self.lock();
-        if g.last_limit_read_ok.is_none_or(|t| t < read_at) {
-            g.last_limit_read_ok = Some(read_at);
-        }
-    }
-
     /// The `lease_limits` item was read but cannot be obeyed: keep the last good limit and
     /// report why in `/ready`.
     pub fn limit_malformed(&self, problem: String) {
@@ -438,8 +429,21 @@ impl WorkerState {
     }
 
     /// The election loop read the coordinator row (`None`: the read failed). Wakes the limit
-    /// loop only when what it shows changed.
+    /// loop only when what it shows changed. A row whose stamp shows the held limit is still
+    /// the latest confirms it for `/ready` at once, as a read of `lease_limits` would.
     pub fn coordinator_read(&self, seen: Option<crate::meta::SeenCoordinator>) {
+        let now = Instant::now();
+        {
+            let mut g = self.lock();
+            let held = g.limit.as_ref().map(PublishedLimit::stamp);
+            if let (Some(held), Some(seen)) = (held, seen)
+                && crate::meta::stamp_confirms(held, seen)
+                && g.last_limit_read_ok.is_none_or(|t| t < now)
+            {
+                g.last_limit_read_ok = Some(now);
+                g.last_limit_read_error = None;
+            }
+        }
         self.coordinator_seen.send_if_modified(|old| {
             let changed = old.map(|(o, _)| o) != seen;
             *old = seen.map(|s| (s, Instant::now()));

@@ -460,10 +460,7 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
         if ctx.state.role().0 == Role::Follower
             && !crate::meta::limit_read_due(held, seen, last_read.map(|t| t.elapsed()), refresh)
         {
-            // The stamp just read says the held limit is current: /ready counts that as a read.
-            if let Some((_, read_at)) = fresh {
-                ctx.state.limit_confirmed(read_at);
-            }
+            // The look that showed the stamp already counted as a read for /ready.
             continue;
         }
         let sent = Instant::now();

@@ -352,30 +352,38 @@ async fn followers_stay_ready_between_publications() {
             .filter(|r| r.contains("lease_limits"))
             .collect()
     };
-    let stamp = || workers[0].state.limit().map(|l| (l.epoch, l.version));
-    let before = stamp();
+    let store = meta(&aws, &app);
+    let published = || async {
+        let l = store.read_limit().await.unwrap().unwrap();
+        (l.epoch, l.version)
+    };
     // Several times the staleness bound /ready applies, and still under the refresh interval
-    // that would read the item anyway.
+    // that would read the item anyway. A window in which something was published (a worker
+    // judged dead on a loaded machine) shows nothing: it is tried again, three times at most.
     let s = settings(&app, &stream, "w0");
     let window = s.stale_after() * 5;
     assert!(window < s.limit_refresh_interval());
-    let until = tokio::time::Instant::now() + window;
-    while tokio::time::Instant::now() < until {
-        for w in &workers {
-            let reasons = limit_reasons(w);
-            assert!(
-                reasons.is_empty(),
-                "{} not ready between publications: {reasons:?}",
-                w.state.settings.worker_id
-            );
+    let mut quiet_windows = 0;
+    for _ in 0..3 {
+        let before = published().await;
+        let until = tokio::time::Instant::now() + window;
+        while tokio::time::Instant::now() < until {
+            for w in &workers {
+                let reasons = limit_reasons(w);
+                assert!(
+                    reasons.is_empty(),
+                    "{} not ready between publications: {reasons:?}",
+                    w.state.settings.worker_id
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if published().await == before {
+            quiet_windows += 1;
+            break;
+        }
     }
-    assert_eq!(
-        stamp(),
-        before,
-        "a publication came in the window: nothing was shown"
-    );
+    assert_eq!(quiet_windows, 1, "every window had a publication in it");
     for w in workers {
         w.shutdown().await;
     }
