@@ -905,61 +905,27 @@ mod tests {
         let refresh = Duration::from_secs(10);
         let recent = Some(Duration::from_secs(3));
         let held = Some(stamp(4, 7));
+        let due = |held, seen, since| limit_read_due(held, seen, since, refresh);
+        let current = seen(4, Some(stamp(4, 7)));
         // The row's owner stamped this term with the held limit, or an older one: no read.
-        assert!(!limit_read_due(
-            held,
-            seen(4, Some(stamp(4, 7))),
-            recent,
-            refresh
-        ));
-        assert!(!limit_read_due(
-            held,
-            seen(4, Some(stamp(4, 6))),
-            recent,
-            refresh
-        ));
+        assert!(!due(held, current, recent));
+        assert!(!due(held, seen(4, Some(stamp(4, 6))), recent));
         // A newer stamp reads.
-        assert!(limit_read_due(
-            held,
-            seen(4, Some(stamp(4, 8))),
-            recent,
-            refresh
-        ));
+        assert!(due(held, seen(4, Some(stamp(4, 8))), recent));
         // A stamp from before this term (the new owner has not published, or an older
         // binary's coordinator publishes without stamping) reads every time.
-        assert!(limit_read_due(
-            held,
-            seen(5, Some(stamp(4, 7))),
-            recent,
-            refresh
-        ));
+        assert!(due(held, seen(5, Some(stamp(4, 7))), recent));
         // No stamp, no row read, no limit held, never read: reads.
-        assert!(limit_read_due(held, seen(4, None), recent, refresh));
-        assert!(limit_read_due(held, None, recent, refresh));
-        assert!(limit_read_due(
-            None,
-            seen(4, Some(stamp(4, 7))),
-            recent,
-            refresh
-        ));
-        assert!(limit_read_due(
-            held,
-            seen(4, Some(stamp(4, 7))),
-            None,
-            refresh
-        ));
+        assert!(due(held, seen(4, None), recent));
+        assert!(due(held, None, recent));
+        assert!(due(None, current, recent));
+        assert!(due(held, current, None));
         // However the stamps look, once a refresh interval has passed since the last read.
-        assert!(limit_read_due(
+        assert!(due(held, current, Some(refresh)));
+        assert!(!due(
             held,
-            seen(4, Some(stamp(4, 7))),
-            Some(refresh),
-            refresh
-        ));
-        assert!(!limit_read_due(
-            held,
-            seen(4, Some(stamp(4, 7))),
-            Some(refresh - Duration::from_millis(1)),
-            refresh
+            current,
+            Some(refresh - Duration::from_millis(1))
         ));
         // Stamps order by epoch, then version.
         assert!(stamp(5, 1) > stamp(4, 9));
