@@ -27,5 +27,5 @@ pub mod rows;
 pub mod snapshot;
 
 pub use policy::{FleetInputs, LeaseLimit, compute};
-pub use rows::{CoordinatorRow, HeartbeatRow, LimitStamp, PublishedLimit};
+pub use rows::{CoordinatorRow, HeartbeatRow, LeaseStamp, LimitStamp, PublishedLimit};
 pub use snapshot::{LeaseSummary, Snapshot};

@@ -46,6 +46,20 @@ pub struct CoordinatorRow {
     /// row's epoch is newer than the limit they hold (or there is none of this epoch).
     #[serde(default)]
     pub limit_stamp: Option<LimitStamp>,
+    /// The (epoch, generation) of the lease table as the owner last saw and changed it: the
+    /// generation moves whenever a lease changed owner or was asked to move (by its own writes
+    /// or anyone's). Followers, who read this row every heartbeat anyway, query their own
+    /// leases only when it moved since their last query (or it is not of this row's epoch).
+    /// `None` if no binary that writes it ever coordinated.
+    #[serde(default)]
+    pub lease_stamp: Option<LeaseStamp>,
+}
+
+/// The lease table's (epoch, generation) as stamped on the coordinator item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStamp {
+    pub epoch: u64,
+    pub generation: u64,
 }
 
 /// A published limit's (epoch, version): which `lease_limits` item a reader holds.

@@ -159,6 +159,7 @@ mod tests {
                 failover_ms: Some(10_000),
                 heartbeat_ms: Some(2_000),
                 limit_stamp: None,
+                lease_stamp: None,
             }),
             heartbeats: vec![HeartbeatRow {
                 worker_id: "w-1".into(),

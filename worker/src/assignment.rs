@@ -344,11 +344,143 @@ pub fn excess(owned: &[Lease], limit: u64) -> Vec<String> {
     ids.into_iter().take(over).map(str::to_owned).collect()
 }
 
+/// A digest of who owns each lease and what its owner was asked to do, once `landed` (this
+/// round's writes that succeeded) are applied to the scanned `leases`: everything a worker's
+/// query of its own leases can show it that is new. Counters and checkpoints are left out
+/// (they move on every acquire and checkpoint, which tell nobody else anything), and so are
+/// leases nobody owns or was asked about.
+///
+/// The coordinator moves the lease generation it stamps when the digest of a scan differs from
+/// the digest it expected after its previous round: its own writes do not move it twice.
+pub fn ownership_digest(leases: &[Lease], landed: &[Action]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut view: BTreeMap<&str, (Option<&str>, Option<Pending>)> = leases
+        .iter()
+        .map(|l| (l.shard_id.as_str(), (l.owner.as_deref(), l.pending.clone())))
+        .collect();
+    for action in landed {
+        let Some(entry) = view.get_mut(action.shard()) else {
+            continue;
+        };
+        match action {
+            Action::Assign { to, .. } => *entry = (Some(to.as_str()), None),
+            Action::HandOff { to, .. } => entry.1 = Some(Pending::HandOff(to.clone())),
+            Action::Release { .. } => entry.1 = Some(Pending::Release),
+        }
+    }
+    // `DefaultHasher::new()` hashes alike for the life of the process: digests are only ever
+    // compared within one coordinator's term.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for entry in view
+        .iter()
+        .filter(|(_, (owner, pending))| owner.is_some() || pending.is_some())
+    {
+        entry.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::leases::{SHARD_END, TRIM_HORIZON};
     use proptest::prelude::*;
+
+    #[test]
+    fn the_ownership_digest_moves_only_with_owners_and_requests() {
+        let base = vec![
+            lease("a", Some("w1")),
+            lease("b", Some("w2")),
+            lease("c", None),
+        ];
+        let d = ownership_digest(&base, &[]);
+        let changed = |f: &dyn Fn(&mut Vec<Lease>)| {
+            let mut v = base.clone();
+            f(&mut v);
+            ownership_digest(&v, &[]) != d
+        };
+        // What a worker's query would show it differently: an owner, a request.
+        assert!(changed(&|v| v[0].owner = Some("w2".into())));
+        assert!(changed(&|v| v[1].owner = None));
+        assert!(changed(&|v| v[2].owner = Some("w1".into())));
+        assert!(changed(&|v| v[0].pending = Some(Pending::Release)));
+        assert!(changed(
+            &|v| v[0].pending = Some(Pending::HandOff("w2".into()))
+        ));
+        assert!(changed(&|v| {
+            v.remove(0);
+        }));
+        // What it would not: counters, checkpoints, a new lease nobody owns yet.
+        assert!(!changed(&|v| v[0].counter = Some(9)));
+        assert!(!changed(&|v| v[1].checkpoint = SHARD_END.into()));
+        assert!(!changed(&|v| v.push(lease("d", None))));
+    }
+
+    #[test]
+    fn a_rounds_landed_writes_are_in_the_digest_it_expects() {
+        let scanned = vec![
+            lease("a", None),
+            lease("b", Some("dead")),
+            lease("c", Some("w1")),
+        ];
+        let landed = vec![
+            Action::Assign {
+                shard: "a".into(),
+                to: "w1".into(),
+            },
+            Action::Assign {
+                shard: "b".into(),
+                to: "w2".into(),
+            },
+            Action::HandOff {
+                shard: "c".into(),
+                from: "w1".into(),
+                to: "w2".into(),
+            },
+        ];
+        // The next scan, if nothing else happened, shows exactly these writes.
+        let mut next = vec![
+            lease("a", Some("w1")),
+            lease("b", Some("w2")),
+            lease("c", Some("w1")),
+        ];
+        next[2].pending = Some(Pending::HandOff("w2".into()));
+        next[0].counter = Some(1);
+        assert_eq!(
+            ownership_digest(&scanned, &landed),
+            ownership_digest(&next, &[])
+        );
+        assert_ne!(
+            ownership_digest(&scanned, &[]),
+            ownership_digest(&next, &[])
+        );
+        // The hand-off done: the owner moved and the request is gone.
+        let done = vec![
+            lease("a", Some("w1")),
+            lease("b", Some("w2")),
+            lease("c", Some("w2")),
+        ];
+        assert_ne!(ownership_digest(&done, &[]), ownership_digest(&next, &[]));
+        // A release lands as a request; a write for a lease not scanned is ignored.
+        let release = [Action::Release {
+            shard: "c".into(),
+            from: "w1".into(),
+        }];
+        let mut released = scanned.clone();
+        released[2].pending = Some(Pending::Release);
+        assert_eq!(
+            ownership_digest(&scanned, &release),
+            ownership_digest(&released, &[])
+        );
+        let stray = [Action::Assign {
+            shard: "zz".into(),
+            to: "w1".into(),
+        }];
+        assert_eq!(
+            ownership_digest(&scanned, &stray),
+            ownership_digest(&scanned, &[])
+        );
+    }
 
     fn lease(id: &str, owner: Option<&str>) -> Lease {
         Lease {

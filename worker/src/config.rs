@@ -158,11 +158,13 @@ impl Settings {
         self.heartbeat_interval * 2
     }
 
-    /// The longest a follower goes without reading `lease_limits` itself, however the
-    /// coordinator item's stamp looks (see `meta::limit_read_due`): five failover timeouts.
-    /// Only an item written by hand needs it; a coordinator that does not stamp shows its
-    /// own epoch without a stamp of it, which is read every heartbeat.
-    pub fn limit_refresh_interval(&self) -> Duration {
+    /// The longest a follower trusts the coordinator item's stamps without reading what they
+    /// stand for: `lease_limits` (see `meta::limit_read_due`) and its own leases (see
+    /// `lease_manager::lease_query_due`) are read at least this often however the stamps
+    /// look: five failover timeouts. Only an item written by hand (or a change no coordinator
+    /// saw) needs it; a coordinator that does not stamp shows its own epoch without a stamp
+    /// of it, and then both are read every heartbeat.
+    pub fn stamp_refresh_interval(&self) -> Duration {
         self.failover_timeout * 5
     }
 

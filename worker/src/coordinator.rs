@@ -180,6 +180,7 @@ const SCAN_PAUSES: u32 = 2;
 ///   the old limit are planned at once.
 async fn lease_rounds(
     ctx: Arc<Context>,
+    epoch: u64,
     liveness: LivenessTracker,
     live_tx: watch::Sender<Option<LiveCount>>,
     handled: watch::Receiver<u64>,
@@ -189,6 +190,7 @@ async fn lease_rounds(
     let store = LeaseStore::new(ctx.aws.clone(), s.lease_table());
     let mut round = RoundState {
         me: s.worker_id.clone(),
+        epoch,
         liveness,
         owners: BTreeSet::new(),
         live_tx,
@@ -199,6 +201,9 @@ async fn lease_rounds(
         next_sync: Instant::now(),
         synced_for: None,
         last_deficit_report: None,
+        expected_digest: None,
+        generation: 0,
+        stamped: None,
     };
     let mut next_round = Instant::now();
     let mut earliest = Instant::now();
@@ -225,6 +230,7 @@ async fn lease_rounds(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lease round failed; retrying next round");
+                round.clear_lease_stamp(&ctx).await;
                 began.elapsed()
             }
         };
@@ -270,9 +276,63 @@ struct RoundState {
     /// publication loop saw) syncs at once, not when `next_sync` comes.
     synced_for: Option<u64>,
     last_deficit_report: Option<(u64, u64)>,
+    /// This term's epoch, which the lease stamp carries.
+    epoch: u64,
+    /// The ownership digest the next scan shows if nobody else changes anything (see
+    /// [`assignment::ownership_digest`]); `None` before the first full round.
+    expected_digest: Option<u64>,
+    /// This term's lease generation: moves when a scan shows ownership the previous round did
+    /// not expect (a hand-off done, a release, an edit) or when a round's writes land.
+    generation: u64,
+    /// The generation last stamped on the coordinator item.
+    stamped: Option<u64>,
 }
 
 impl RoundState {
+    /// Moves the lease generation if this round's scan or writes changed who owns what, and
+    /// stamps it on the coordinator item (after the writes: a follower that sees the stamp
+    /// finds them when it queries). A stamp that could not be written is tried again next
+    /// round.
+    async fn stamp_lease_generation(&mut self, ctx: &Context, leases: &[Lease], landed: &[Action]) {
+        let scanned = assignment::ownership_digest(leases, &[]);
+        if self.expected_digest != Some(scanned) || !landed.is_empty() {
+            self.generation += 1;
+        }
+        self.expected_digest = Some(if landed.is_empty() {
+            scanned
+        } else {
+            assignment::ownership_digest(leases, landed)
+        });
+        if self.stamped == Some(self.generation) {
+            return;
+        }
+        let stamp = crate::meta::LeaseStamp {
+            epoch: self.epoch,
+            generation: self.generation,
+        };
+        match ctx.meta.stamp_leases(&self.me, stamp).await {
+            Ok(()) => self.stamped = Some(self.generation),
+            // Deposed: the term is ending, and the next owner stamps its own epoch.
+            Err(e) if e.is_condition_failed() => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot stamp the lease generation; retrying next round")
+            }
+        }
+    }
+
+    /// A round failed: the stamp no longer vouches that followers have nothing new to read
+    /// (a hand-off may complete unseen), so it comes off until a round succeeds.
+    async fn clear_lease_stamp(&mut self, ctx: &Context) {
+        if self.stamped.is_none() {
+            return;
+        }
+        match ctx.meta.clear_lease_stamp(&self.me, self.epoch).await {
+            Ok(()) => self.stamped = None,
+            Err(e) if e.is_condition_failed() => {}
+            Err(e) => tracing::debug!(error = %e, "cannot clear the lease stamp"),
+        }
+    }
+
     /// Hands the live-worker count to the publication loop (only a change wakes it); true
     /// when it changed.
     fn publish_live(&mut self, live_workers: u64) -> bool {
@@ -495,7 +555,7 @@ async fn lease_round(
             async move {
                 // The term may end (deposed, or its watchdog) in the middle of a plan.
                 if stop.is_cancelled() {
-                    return false;
+                    return None;
                 }
                 let result = match &action {
                     Action::Assign { to, .. } => store.assign(seen, to).await,
@@ -507,7 +567,7 @@ async fn lease_round(
                 match result {
                     Ok(()) => {
                         tracing::debug!(?action, "lease assignment written");
-                        return true;
+                        return Some(action);
                     }
                     Err(e) if e.is_condition_failed() => tracing::debug!(
                         shard = %action.shard(),
@@ -515,17 +575,18 @@ async fn lease_round(
                     ),
                     Err(e) => tracing::warn!(shard = %action.shard(), error = %e, "cannot write a lease assignment"),
                 }
-                false
+                None
             }
         });
-    let written = futures::stream::iter(writes)
+    let landed: Vec<Action> = futures::stream::iter(writes)
         .buffer_unordered(ASSIGNMENT_WRITES_IN_FLIGHT)
-        .filter(|written| futures::future::ready(*written))
-        .count()
+        .filter_map(futures::future::ready)
+        .collect()
         .await;
     // Only writes that landed: a plan refused as stale (the scan is eventually consistent)
     // or failing for good must not keep the rounds quick.
-    changed |= written > 0;
+    changed |= !landed.is_empty();
+    round.stamp_lease_generation(ctx, &leases, &landed).await;
     if assigns_me {
         // This worker's own lease loop looks now, not at its next round, and again every
         // settling interval for a while (the leaseOwner index it queries may lag behind the
@@ -579,6 +640,7 @@ pub async fn run_term(
     watchers.spawn(
         lease_rounds(
             ctx.clone(),
+            epoch,
             liveness,
             live_tx,
             handled_rx,
@@ -616,6 +678,9 @@ pub async fn run_term(
                     Err(_) => {
                         tracing::error!("the lease rounds stopped: no lease is assigned and the worker count stays as it is until this term ends");
                         live_open = false;
+                        // Nothing will move the lease stamp now: followers query every
+                        // heartbeat again (a failed write leaves it to the next owner).
+                        let _ = ctx.meta.clear_lease_stamp(&s.worker_id, epoch).await;
                     }
                 }
             }
@@ -861,6 +926,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
             .coordinator_read(row.as_ref().map(|r| crate::meta::SeenCoordinator {
                 epoch: r.epoch,
                 limit_stamp: r.limit_stamp,
+                lease_stamp: r.lease_stamp,
             }));
         let min_epoch = ctx.state.limit().map_or(0, |l| l.epoch);
         let missed_after = row.as_ref().map_or(s.heartbeat_interval, |r| {

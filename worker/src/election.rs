@@ -351,6 +351,7 @@ mod tests {
             failover_ms: None,
             heartbeat_ms: None,
             limit_stamp: None,
+            lease_stamp: None,
         }
     }
 

@@ -1,10 +1,14 @@
-//! The lease loop: each worker's side of the lease protocol. Every round it reads only its own
+//! The lease loop: each worker's side of the lease protocol. A round reads only its own
 //! leases (the `leaseOwner` index), acts on what the coordinator asked (hand a lease over, give
 //! it up), gives up what lies above the published limit, and acquires (a conditional write)
 //! each lease it owns but does not read yet before starting its consumer.
 //!
 //! Who gets which lease is decided by the coordinator alone ([`crate::assignment`]), so a
-//! round costs this worker one Query of its own leases, not a scan of the table.
+//! round costs this worker one Query of its own leases, not a scan of the table; and a
+//! follower queries only when something may have changed for it ([`lease_query_due`]): the
+//! coordinator stamps a lease generation on its item, which followers read every heartbeat
+//! anyway, whenever an owner changed or was asked to move. In steady state a follower's
+//! rounds cost nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -19,7 +23,9 @@ use crate::assignment;
 use crate::consumer::{ConsumerExit, consume};
 use crate::context::{Context, ticker};
 use crate::leases::{Held, Lease, LeaseStore, Pending};
+use crate::meta::LeaseStamp;
 use crate::metrics::{OperationLabels, ReasonLabels};
+use crate::state::Role;
 
 /// How long a lease that could not be read waits before this worker tries it again (an
 /// operator may have repaired its checkpoint meanwhile).
@@ -101,6 +107,49 @@ fn reason_label(reason: &str) -> &'static str {
 /// before its next scheduled round.
 const QUERY_PAUSES: u32 = 2;
 
+/// What decides whether a round reads this worker's leases (see [`lease_query_due`]).
+#[derive(Debug, Clone, Copy)]
+pub struct QueryInputs {
+    /// This worker coordinates: it learns of changes from its own scans, not from a stamp.
+    pub coordinating: bool,
+    /// How long ago the last successful query was sent, and the lease stamp seen then
+    /// (`None`: no query succeeded yet).
+    pub last_query: Option<(Duration, Option<LeaseStamp>)>,
+    /// The coordinator item's lease stamp as last looked at (`None`: no fresh look, or no
+    /// stamp of the item's own epoch).
+    pub stamp: Option<LeaseStamp>,
+    /// Within the settling window after a change: a new limit, a new stamp, leases it
+    /// assigned to itself as coordinator.
+    pub settling: bool,
+    /// Work of its own the next round finishes: a consumer ended, a checkpoint parked or
+    /// draining, leases above the limit, leases it owns but has not acquired yet, an
+    /// unreadable lease due to be tried again, the fence just moved.
+    pub unfinished: bool,
+    /// `Settings::stamp_refresh_interval`.
+    pub refresh: Duration,
+}
+
+/// Whether this round reads the worker's own leases. Everything a follower's query can show
+/// that is new was written or seen by the coordinator, which moves the stamp after such a
+/// round (after its writes): a stamp equal to the one seen before the last query means
+/// nothing changed for anyone since. Anything else reads: no query yet, no stamp of this
+/// term (no coordinator, one that has not stamped yet, or a binary that does not), a new
+/// stamp, settling, work of its own, and at least every `refresh` whatever the stamp says.
+///
+/// Reading less never makes a shard read twice: what keeps one reader per shard is the
+/// fence and the conditional checkpoints, not this query.
+pub fn lease_query_due(i: QueryInputs) -> bool {
+    let Some((since, stamp_then)) = i.last_query else {
+        return true;
+    };
+    i.coordinating
+        || i.settling
+        || i.unfinished
+        || since >= i.refresh
+        || i.stamp.is_none()
+        || i.stamp != stamp_then
+}
+
 pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let s = &ctx.state.settings;
     let me = s.worker_id.clone();
@@ -120,13 +169,34 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let mut tick = ticker(s.heartbeat_interval);
     let mut settle_until: Option<Instant> = None;
     let mut fence = ctx.state.fence();
+    let mut fence_moved = false;
+    // Looks at the coordinator item: a new lease stamp wakes a round.
+    let mut looks = ctx.state.coordinator_reads();
+    let mut last_stamp: Option<LeaseStamp> = None;
+    let mut last_query: Option<(Instant, Option<LeaseStamp>)> = None;
+    // Work of its own left for the next query: leases owned but not acquired (over the
+    // per-round bound, or a write that failed), a hand-off or release that could not be
+    // written, a drain that ended, a query that failed.
+    let mut retry = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
             // Fence raised (stop now) or lowered (the first heartbeat, or the end of an
             // outage: resume now), not at the next round.
-            _ = fence.changed() => {}
+            _ = fence.changed() => fence_moved = true,
+            // A new lease stamp: the coordinator changed (or saw a change of) who owns what.
+            // Read now, and every settling interval for a while (the index may lag behind the
+            // writes; a hand-off asked for lands when its giver acts).
+            Ok(()) = looks.changed() => {
+                // A failed look (or a stamp of an earlier term) is no news: only a stamp
+                // different from the last one seen starts the settling reads.
+                let stamp = looks.borrow_and_update().and_then(|(seen, _)| seen.lease_generation());
+                if stamp.is_some() && stamp != last_stamp {
+                    settle_until = Some(Instant::now() + s.settling_window());
+                    last_stamp = stamp;
+                }
+            }
             // A new limit (the first one at start, a lower one after a scale-up): obey it now.
             _ = ctx.state.limit_changed.notified() => {
                 settle_until = Some(Instant::now() + s.settling_window());
@@ -138,7 +208,11 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             }
         }
         ctx.state.loop_went_round(crate::state::Loop::Lease);
+        // A drain that ended leaves a lease this worker may read again (its fence has dropped
+        // since, or it is handed on): the next query finds it.
+        let drains = draining.len();
         draining.retain(|_, h| !h.is_finished());
+        retry |= draining.len() < drains;
 
         // Consumers that ended by themselves (shard end, lost lease, fenced, unreadable).
         let ended: Vec<String> = consumers
@@ -146,6 +220,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             .filter(|(_, r)| r.is_finished())
             .map(|(k, _)| k.clone())
             .collect();
+        let any_ended = !ended.is_empty();
         for id in ended {
             if let Some(r) = consumers.remove(&id) {
                 let (held, exit) = r.stop().await;
@@ -196,6 +271,30 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             continue;
         }
 
+        let now = Instant::now();
+        let fresh_look = looks
+            .borrow()
+            .filter(|(_, read_at)| now.duration_since(*read_at) <= s.heartbeat_interval * 2);
+        let stamp = fresh_look.and_then(|(seen, _)| seen.lease_generation());
+        let due = lease_query_due(QueryInputs {
+            coordinating: ctx.state.role().0 == Role::Coordinator,
+            last_query: last_query.map(|(at, stamp)| (now.duration_since(at), stamp)),
+            stamp,
+            settling: settle_until.is_some_and(|until| now < until),
+            unfinished: std::mem::take(&mut fence_moved)
+                || std::mem::take(&mut retry)
+                || !parked.is_empty()
+                || !draining.is_empty()
+                || over_limit_since.is_some()
+                || unreadable.values().any(|(_, retry_at)| *retry_at <= now)
+                || any_ended,
+            refresh: s.stamp_refresh_interval(),
+        });
+        if !due {
+            report_round(&ctx, &consumers, &unreadable);
+            continue;
+        }
+
         let query_began = Instant::now();
         let owned = store.owned_by(&me).await;
         // A slow Query (a loaded table) spaces the rounds out: the next one waits at least
@@ -208,9 +307,13 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             tick.reset_after(pause);
         }
         let owned = match owned {
-            Ok(v) => v,
+            Ok(v) => {
+                last_query = Some((query_began, stamp));
+                v
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read this worker's leases this round");
+                retry = true;
                 continue;
             }
         };
@@ -285,7 +388,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
                 Pending::HandOff(to) => (Some(to.as_str()), "transfer"),
                 Pending::Release => (None, "release"),
             };
-            give_up(
+            retry |= give_up(
                 &ctx,
                 &store,
                 &me,
@@ -331,7 +434,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
                     continue;
                 }
                 tracing::info!(shard = %id, limit, "above the published limit: giving a lease up");
-                give_up(
+                retry |= give_up(
                     &ctx,
                     &store,
                     &me,
@@ -367,7 +470,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             }
             if l.is_finished() {
                 // Read to its end but still marked as ours: done, let it go.
-                give_up(
+                retry |= give_up(
                     &ctx,
                     &store,
                     &me,
@@ -384,7 +487,10 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             to_acquire.push(l);
         }
         let room = (limit as usize).saturating_sub(consumers.len());
+        let wanted = to_acquire.len();
         to_acquire.truncate(room.min(MAX_ACQUIRES_PER_ROUND));
+        // Held back by the per-round bound (not by the limit: a lower limit is its own work).
+        retry |= wanted > to_acquire.len() && room > MAX_ACQUIRES_PER_ROUND;
         // A few at a time (each is its own conditional write): a worker given 80 leases must
         // not queue 80 writes ahead of every other worker's heartbeat.
         let mut acquired = Vec::with_capacity(to_acquire.len());
@@ -416,34 +522,18 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
                     }
                     start(&ctx, &store, held, &mut consumers);
                 }
+                // The index may have listed an older counter of a lease still ours: look again.
                 Err(e) if e.is_condition_failed() => {
+                    retry = true;
                     tracing::debug!(shard = %id, "lease moved on before it was acquired");
                 }
-                Err(e) => tracing::warn!(shard = %id, error = %e, "cannot acquire lease"),
+                Err(e) => {
+                    retry = true;
+                    tracing::warn!(shard = %id, error = %e, "cannot acquire lease");
+                }
             }
         }
-
-        ctx.state.metrics.unreadable_leases.clear();
-        for (reason, _) in unreadable.values() {
-            ctx.state
-                .metrics
-                .unreadable_leases
-                .get_or_create(&ReasonLabels {
-                    reason: reason_label(reason),
-                })
-                .inc();
-        }
-        ctx.state.lease_round_done(
-            consumers
-                .iter()
-                .filter(|(_, r)| !r.is_finished() && ctx.state.may_process())
-                .map(|(k, _)| k.clone())
-                .collect(),
-            unreadable
-                .iter()
-                .map(|(k, (reason, _))| (k.clone(), reason.clone()))
-                .collect(),
-        );
+        report_round(&ctx, &consumers, &unreadable);
     }
 
     // Graceful shutdown: stop every consumer at once, then checkpoint and give every lease
@@ -477,6 +567,35 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
         }
     }
     ctx.state.set_leases(Vec::new());
+}
+
+/// Publishes what this worker reads after a round (and the unreadable-lease metric).
+fn report_round(
+    ctx: &Context,
+    consumers: &BTreeMap<String, Running>,
+    unreadable: &BTreeMap<String, (String, Instant)>,
+) {
+    ctx.state.metrics.unreadable_leases.clear();
+    for (reason, _) in unreadable.values() {
+        ctx.state
+            .metrics
+            .unreadable_leases
+            .get_or_create(&ReasonLabels {
+                reason: reason_label(reason),
+            })
+            .inc();
+    }
+    ctx.state.lease_round_done(
+        consumers
+            .iter()
+            .filter(|(_, r)| !r.is_finished() && ctx.state.may_process())
+            .map(|(k, _)| k.clone())
+            .collect(),
+        unreadable
+            .iter()
+            .map(|(k, (reason, _))| (k.clone(), reason.clone()))
+            .collect(),
+    );
 }
 
 /// A consumer that stopped at the fence keeps what it processed: its checkpoint is written
@@ -526,8 +645,10 @@ fn note_exit(
 
 /// Stops the consumer of `l` (if any) and, in one conditional write with its last checkpoint,
 /// gives the lease to `to` (or to nobody). Nothing is written when the consumer ended because
-/// the lease was lost or the worker fenced.
+/// the lease was lost or the worker fenced. True when the write failed for a reason other
+/// than its condition: the lease is still this worker's, and the next round tries again.
 #[allow(clippy::too_many_arguments)]
+#[must_use]
 async fn give_up(
     ctx: &Context,
     store: &LeaseStore,
@@ -538,7 +659,7 @@ async fn give_up(
     l: &Lease,
     to: Option<&str>,
     kind: &'static str,
-) {
+) -> bool {
     let plan = match consumers.remove(&l.shard_id) {
         Some(r) => {
             let (held, exit) = r.stop().await;
@@ -562,9 +683,9 @@ async fn give_up(
                 // again; lost, or finished (SHARD_END already gave it up): nothing to write.
                 exit @ ConsumerExit::Fenced { .. } => {
                     park_fenced(parked, &held, &exit);
-                    return;
+                    return false;
                 }
-                ConsumerExit::Lost | ConsumerExit::ShardEnd => return,
+                ConsumerExit::Lost | ConsumerExit::ShardEnd => return false,
             }
         }
         None => GiveUp {
@@ -576,7 +697,7 @@ async fn give_up(
         },
     };
     if !ctx.state.may_process() {
-        return;
+        return false;
     }
     let result = store
         .give_up(
@@ -602,9 +723,11 @@ async fn give_up(
                     tracing::info!(shard = %plan.shard_id, reason = plan.kind, "released lease")
                 }
             }
+            false
         }
         Err(e) => {
-            if !e.is_condition_failed() {
+            let unwritten = !e.is_condition_failed();
+            if unwritten {
                 tracing::warn!(shard = %plan.shard_id, error = %e, "cannot hand the lease on; keeping its checkpoint for the next round");
             }
             // Keep what was read: written before the lease is touched again (a refused
@@ -618,6 +741,7 @@ async fn give_up(
                     },
                 );
             }
+            unwritten
         }
     }
 }
@@ -643,4 +767,74 @@ fn start(
             handle: Some(handle),
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFRESH: Duration = Duration::from_secs(50);
+
+    fn stamp(epoch: u64, generation: u64) -> Option<LeaseStamp> {
+        Some(LeaseStamp { epoch, generation })
+    }
+
+    fn quiet() -> QueryInputs {
+        QueryInputs {
+            coordinating: false,
+            last_query: Some((Duration::from_secs(3), stamp(4, 7))),
+            stamp: stamp(4, 7),
+            settling: false,
+            unfinished: false,
+            refresh: REFRESH,
+        }
+    }
+
+    #[test]
+    fn a_follower_queries_only_when_something_may_have_changed() {
+        // Steady state: the stamp seen before the last query is still the stamp.
+        assert!(!lease_query_due(quiet()));
+        // Each reason alone reads.
+        type Reason = (&'static str, fn(&mut QueryInputs));
+        let reasons: [Reason; 9] = [
+            ("first round", |i| i.last_query = None),
+            ("coordinating", |i| i.coordinating = true),
+            ("settling", |i| i.settling = true),
+            ("work of its own", |i| i.unfinished = true),
+            ("refresh", |i| i.last_query = Some((REFRESH, stamp(4, 7)))),
+            ("no stamp of this term", |i| i.stamp = None),
+            ("a new generation", |i| i.stamp = stamp(4, 8)),
+            ("a new term", |i| i.stamp = stamp(5, 1)),
+            ("no stamp at the last query", |i| {
+                i.last_query = Some((Duration::ZERO, None))
+            }),
+        ];
+        for (what, set) in reasons {
+            let mut i = quiet();
+            set(&mut i);
+            assert!(lease_query_due(i), "{what} must read");
+        }
+        // Every combination of the flags: quiet only when none is set.
+        for bits in 0u8..16 {
+            let i = QueryInputs {
+                coordinating: bits & 1 != 0,
+                settling: bits & 2 != 0,
+                unfinished: bits & 4 != 0,
+                last_query: Some((
+                    if bits & 8 != 0 {
+                        REFRESH
+                    } else {
+                        Duration::ZERO
+                    },
+                    stamp(4, 7),
+                )),
+                ..quiet()
+            };
+            assert_eq!(lease_query_due(i), bits != 0, "flags {bits:04b}");
+        }
+        // Just under the refresh: still quiet.
+        let mut i = quiet();
+        i.last_query = Some((REFRESH - Duration::from_millis(1), stamp(4, 7)));
+        assert!(!lease_query_due(i));
+    }
 }

@@ -31,7 +31,7 @@ pub const SHARD_END: &str = "SHARD_END";
 /// What the coordinator asked the owner of a lease to do (attribute `pendingOwner`): hand it
 /// to another worker, or (empty string) give it up. The owner acts on it after checkpointing,
 /// so the shard is read by one worker at a time and from where the last one stopped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pending {
     HandOff(String),

@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, TransactWriteItem, Up
 use serde::Serialize;
 
 use crate::aws::{AwsClients, AwsError, Consistency, ScanFilter, call, scan_all};
-pub use crate::model::{CoordinatorRow, HeartbeatRow, LimitStamp, PublishedLimit};
+pub use crate::model::{CoordinatorRow, HeartbeatRow, LeaseStamp, LimitStamp, PublishedLimit};
 use crate::schema::{
     COORDINATOR_ITEM, LEASE_LIMITS_ITEM, META_KEY, TTL_ATTRIBUTE, WORKER_ITEM_PREFIX,
     worker_item_key,
@@ -69,18 +69,29 @@ impl LimitReadError {
     }
 }
 
-/// The coordinator row as a follower last read it, as far as the limit loop cares: the post's
-/// epoch and the stamp of the limit its owner last published.
+/// The coordinator row as a follower last read it, as far as the limit and lease loops care:
+/// the post's epoch, the stamp of the limit its owner last published and the lease table's
+/// generation as its owner last stamped it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeenCoordinator {
     pub epoch: u64,
     pub limit_stamp: Option<LimitStamp>,
+    pub lease_stamp: Option<LeaseStamp>,
+}
+
+impl SeenCoordinator {
+    /// The lease stamp if its owner wrote it in this term: one from an earlier term (an owner
+    /// that has not finished its first lease round yet, or a binary that does not stamp)
+    /// says nothing about the lease table now.
+    pub fn lease_generation(&self) -> Option<LeaseStamp> {
+        self.lease_stamp.filter(|s| s.epoch == self.epoch)
+    }
 }
 
 /// Whether a follower reads `lease_limits` now. `held`: the limit it obeys; `seen`: the
 /// coordinator row as it last read it (`None`: not read, or the last read failed);
 /// `since_read`: how long ago it last read `lease_limits` successfully; `refresh`: the longest
-/// it goes without reading it (`Settings::limit_refresh_interval`).
+/// it goes without reading it (`Settings::stamp_refresh_interval`).
 ///
 /// The row's stamp is written in the same transaction as `lease_limits`, so a stamp of the
 /// row's own epoch (its owner published in this term) that is not above the held limit means
@@ -545,6 +556,13 @@ impl MetaStore {
                     (Some(epoch), Some(version)) => Some(LimitStamp { epoch, version }),
                     _ => None,
                 },
+                lease_stamp: match (
+                    get_n(&item, "lease_epoch"),
+                    get_n(&item, "lease_generation"),
+                ) {
+                    (Some(epoch), Some(generation)) => Some(LeaseStamp { epoch, generation }),
+                    _ => None,
+                },
             }))
     }
 
@@ -604,7 +622,56 @@ impl MetaStore {
             heartbeat_ms: Some(heartbeat_ms),
             // Left as the previous owner stamped it: this owner stamps its first publication.
             limit_stamp: None,
+            lease_stamp: None,
         })
+    }
+
+    /// Stamps the lease table's generation on the coordinator item, conditional on `me` still
+    /// holding the post in `epoch`; fails with `ConditionFailed` once deposed. The owner's
+    /// counter is left alone: a stamp is not a renewal.
+    pub async fn stamp_leases(&self, me: &str, stamp: LeaseStamp) -> Result<(), AwsError> {
+        call(
+            &self.aws.metrics,
+            "dynamodb",
+            "UpdateItem",
+            self.aws
+                .dynamodb
+                .update_item()
+                .table_name(&self.table)
+                .key(META_KEY, s(COORDINATOR_ITEM))
+                .update_expression("SET lease_epoch = :e, lease_generation = :g")
+                .condition_expression("#o = :me AND epoch = :e")
+                .expression_attribute_names("#o", "owner")
+                .expression_attribute_values(":me", s(me))
+                .expression_attribute_values(":e", n(stamp.epoch))
+                .expression_attribute_values(":g", n(stamp.generation))
+                .send(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Takes this term's lease stamp off the coordinator item (its lease rounds failed or
+    /// stopped): followers query their leases every heartbeat until a round stamps again.
+    pub async fn clear_lease_stamp(&self, me: &str, epoch: u64) -> Result<(), AwsError> {
+        call(
+            &self.aws.metrics,
+            "dynamodb",
+            "UpdateItem",
+            self.aws
+                .dynamodb
+                .update_item()
+                .table_name(&self.table)
+                .key(META_KEY, s(COORDINATOR_ITEM))
+                .update_expression("REMOVE lease_epoch, lease_generation")
+                .condition_expression("#o = :me AND epoch = :e")
+                .expression_attribute_names("#o", "owner")
+                .expression_attribute_values(":me", s(me))
+                .expression_attribute_values(":e", n(epoch))
+                .send(),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Renews the coordinator lease; fails with `ConditionFailed` once deposed.
@@ -648,7 +715,12 @@ impl MetaStore {
                 .update_item()
                 .table_name(&self.table)
                 .key(META_KEY, s(COORDINATOR_ITEM))
-                .update_expression("SET #o = :vacant, #c = #c + :one, renewed_at = :now")
+                // A vacant post vouches for no lease generation: followers query every
+                // heartbeat until the next owner stamps its own.
+                .update_expression(
+                    "SET #o = :vacant, #c = #c + :one, renewed_at = :now \
+                     REMOVE lease_epoch, lease_generation",
+                )
                 .condition_expression("#o = :me AND epoch = :e")
                 .expression_attribute_names("#o", "owner")
                 .expression_attribute_names("#c", "counter")
@@ -901,7 +973,13 @@ mod tests {
     #[test]
     fn a_follower_reads_lease_limits_only_when_the_stamp_or_the_clock_says_so() {
         let stamp = |epoch, version| LimitStamp { epoch, version };
-        let seen = |epoch, limit_stamp| Some(SeenCoordinator { epoch, limit_stamp });
+        let seen = |epoch, limit_stamp| {
+            Some(SeenCoordinator {
+                epoch,
+                limit_stamp,
+                lease_stamp: None,
+            })
+        };
         let refresh = Duration::from_secs(10);
         let recent = Some(Duration::from_secs(3));
         let held = Some(stamp(4, 7));
@@ -936,11 +1014,26 @@ mod tests {
                 SeenCoordinator {
                     epoch: 4,
                     limit_stamp: s,
+                    lease_stamp: None,
                 },
             )
         };
         assert!(confirms(Some(stamp(4, 7))) && confirms(Some(stamp(4, 6))));
         assert!(!confirms(Some(stamp(4, 8))) && !confirms(Some(stamp(3, 7))) && !confirms(None));
+    }
+
+    #[test]
+    fn only_a_lease_stamp_of_the_rows_own_term_counts() {
+        let seen = |epoch, lease_stamp| SeenCoordinator {
+            epoch,
+            limit_stamp: None,
+            lease_stamp,
+        };
+        let stamp = |epoch, generation| Some(LeaseStamp { epoch, generation });
+        assert_eq!(seen(4, stamp(4, 2)).lease_generation(), stamp(4, 2));
+        // The previous owner's stamp, before this one's first lease round: nothing known.
+        assert_eq!(seen(5, stamp(4, 2)).lease_generation(), None);
+        assert_eq!(seen(4, None).lease_generation(), None);
     }
 
     #[test]

@@ -430,11 +430,11 @@ const FIRST_LIMIT_QUICK_READS: u32 = 10;
 
 /// Reads `lease_limits` into the worker's state. The coordinator reads it every heartbeat; a
 /// follower when the coordinator row it read shows a limit it does not hold, and at least
-/// once a `limit_refresh_interval` ([`crate::meta::limit_read_due`]): the row, which followers read
+/// once a `stamp_refresh_interval` ([`crate::meta::limit_read_due`]): the row, which followers read
 /// every heartbeat anyway, carries the stamp of the latest publication.
 async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let heartbeat = ctx.state.settings.heartbeat_interval;
-    let refresh = ctx.state.settings.limit_refresh_interval();
+    let refresh = ctx.state.settings.stamp_refresh_interval();
     let mut tick = ticker(heartbeat);
     let mut coordinator_reads = ctx.state.coordinator_reads();
     let mut first_retry = FIRST_LIMIT_RETRY;

@@ -269,6 +269,7 @@ mod tests {
                     failover_ms: None,
                     heartbeat_ms: None,
                     limit_stamp: None,
+                    lease_stamp: None,
                 }),
                 heartbeats: vec![],
                 leases: LeaseSummary {

@@ -362,7 +362,7 @@ async fn followers_stay_ready_between_publications() {
     // judged dead on a loaded machine) shows nothing: it is tried again, three times at most.
     let s = settings(&app, &stream, "w0");
     let window = s.stale_after() * 5;
-    assert!(window < s.limit_refresh_interval());
+    assert!(window < s.stamp_refresh_interval());
     let mut quiet_windows = 0;
     for _ in 0..3 {
         let before = published().await;
@@ -451,7 +451,7 @@ async fn a_follower_keeps_its_last_good_limit_when_the_item_is_malformed() {
     // /ready says why.
     broken.insert("version".into(), n(3));
     put_meta_item(&aws, &app, broken).await;
-    let refresh = settings(&app, &stream, "w0").limit_refresh_interval();
+    let refresh = settings(&app, &stream, "w0").stamp_refresh_interval();
     let (reasons, _) = wait_for(
         refresh + HEARTBEAT + MARGIN,
         "the malformed item reported again",

@@ -1,12 +1,16 @@
 //! What the lease protocol costs in DynamoDB reads, counted by a recording proxy in front of the
 //! emulator (items returned by every Scan, Query and GetItem): going from 4 to 8 workers at
 //! 100 shards must raise the fleet's item reads per second by at most 1.4× (a scan of the
-//! lease table by every worker every round would double them).
+//! lease table by every worker every round would double them), and in steady state only the
+//! coordinator reads `lease_limits` and queries its own leases every heartbeat.
 
 use std::time::Duration;
 
 use crate::support::faults::FaultProxy;
 use crate::support::*;
+use kds_worker::aws::AwsClients;
+use kds_worker::config::Settings;
+use kds_worker::meta::LeaseStamp;
 use tokio::time::Instant;
 
 const SHARDS: u32 = 100;
@@ -51,6 +55,38 @@ async fn wait_even(workers: &[TestWorker]) -> Duration {
     .1
 }
 
+/// Waits until the coordinator's lease stamp has stood still for two settling windows: the
+/// hand-offs of the last spread are done and every worker's settling reads are over, so what
+/// is measured next is the steady state.
+async fn wait_quiet(aws: &AwsClients, app: &str, s: &Settings) {
+    let store = meta(aws, app);
+    let still_for = s.settling_window() * 2;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last: Option<(Option<LeaseStamp>, Instant)> = None;
+    loop {
+        let stamp = store
+            .read_coordinator()
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.lease_stamp);
+        match (stamp, last) {
+            (Some(stamp), Some((seen, since))) if seen == stamp => {
+                if since.elapsed() >= still_for {
+                    return;
+                }
+            }
+            (Some(stamp), _) => last = Some((stamp, Instant::now())),
+            (None, _) => last = None,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lease stamp did not stand still for {still_for:?} within 60 s (last {last:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doubling_the_workers_raises_item_reads_by_at_most_1_4x() {
     let aws = aws().await;
@@ -62,15 +98,25 @@ async fn doubling_the_workers_raises_item_reads_by_at_most_1_4x() {
     let mut workers = start_workers_custom(&app, &stream, ids(0..4), &proxied, None, relaxed).await;
     let took = wait_even(&workers).await;
     eprintln!("4 workers: spread in {took:?}");
+    let s = relaxed(settings(&app, &stream, "w0"));
+    wait_quiet(&aws, &app, &s).await;
     let gets_before = proxy.seen("GetItem");
+    let queries_before = proxy.seen("Query");
     let began = Instant::now();
     let (four, four_detail) = measure(&proxy).await;
     // Each follower reads the coordinator item every heartbeat and `lease_limits` only after
     // a publication (the item's stamp): about W + 1 GetItems a heartbeat, not 2 W.
-    let heartbeat = relaxed(settings(&app, &stream, "w0")).heartbeat_interval;
+    let heartbeat = s.heartbeat_interval;
     let heartbeats = began.elapsed().as_secs_f64() / heartbeat.as_secs_f64();
     let gets = (proxy.seen("GetItem") - gets_before) as f64 / heartbeats;
-    eprintln!("4 workers: {gets:.1} GetItems a heartbeat");
+    // Only the coordinator queries its own leases every round; a follower queries when the
+    // lease stamp on the coordinator item moves (nothing moves in steady state).
+    let queries = (proxy.seen("Query") - queries_before) as f64 / heartbeats;
+    eprintln!("4 workers: {gets:.1} GetItems, {queries:.1} Queries a heartbeat");
+    assert!(
+        queries <= 1.5,
+        "{queries:.1} Queries a heartbeat from 4 workers in steady state: followers still query their leases every heartbeat?"
+    );
     assert!(
         gets <= 4.0 * 1.5,
         "{gets:.1} GetItems a heartbeat from 4 workers: followers still read lease_limits every heartbeat?"
@@ -79,6 +125,7 @@ async fn doubling_the_workers_raises_item_reads_by_at_most_1_4x() {
     workers.extend(more);
     let took = wait_even(&workers).await;
     eprintln!("8 workers: spread in {took:?}");
+    wait_quiet(&aws, &app, &s).await;
     let (eight, eight_detail) = measure(&proxy).await;
     let ratio = eight / four;
     eprintln!(
