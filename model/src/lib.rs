@@ -27,5 +27,7 @@ pub mod rows;
 pub mod snapshot;
 
 pub use policy::{FleetInputs, LeaseLimit, compute};
-pub use rows::{CoordinatorRow, HeartbeatRow, LeaseStamp, LimitStamp, PublishedLimit};
+pub use rows::{
+    CoordinatorRow, HeartbeatRow, LeaseStamp, LimitStamp, OwnerHeartbeat, PublishedLimit,
+};
 pub use snapshot::{LeaseSummary, Snapshot};

@@ -53,6 +53,29 @@ pub struct CoordinatorRow {
     /// `None` if no binary that writes it ever coordinated.
     #[serde(default)]
     pub lease_stamp: Option<LeaseStamp>,
+    /// The owner's own heartbeat as of its latest renewal: the counter of the last heartbeat
+    /// its worker had written (and seen acknowledged) before sending the renewal, and the
+    /// process that wrote it. Whoever first saw that renewal at instant `t` knows the
+    /// heartbeat row showed this counter (or a later one) by `t`: a follower taking the post
+    /// over judges the old owner's worker from there, not from its own first look at the
+    /// row. A claim by this binary removes it; one by an older binary, or a step-down, leaves
+    /// the previous process's, which never matches the new owner's row.
+    #[serde(default)]
+    pub owner_heartbeat: Option<OwnerHeartbeat>,
+    /// Written with the lease stamp while a worker has been silent for half its failover
+    /// timeout: how long after that lease round its verdict is due (its leases move then), in
+    /// milliseconds. Followers, who cannot know when the round wrote it, read their leases
+    /// quickly in a window around the instant it gives. Valid only with a lease stamp of the
+    /// item's own epoch.
+    #[serde(default)]
+    pub verdict_due_in_ms: Option<u64>,
+}
+
+/// A heartbeat of the coordinator's own worker, as its renewal records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerHeartbeat {
+    pub counter: u64,
+    pub instance: String,
 }
 
 /// The lease table's (epoch, generation) as stamped on the coordinator item.
@@ -86,6 +109,19 @@ impl CoordinatorRow {
     /// The owner's published `failover_timeout`.
     pub fn failover(&self) -> Option<Duration> {
         self.failover_ms.map(Duration::from_millis)
+    }
+
+    /// What shows the owner alive: a claim or a renewal moves it; a publication's or a lease
+    /// round's stamp does not. The owner's heartbeat its renewals record is part of it, so a
+    /// renewal key seen again (an item deleted and claimed again at the same epoch) cannot
+    /// pair one version's first sighting with another version's heartbeat.
+    pub fn renewal_key(&self) -> (&str, u64, u64, Option<&OwnerHeartbeat>) {
+        (
+            &self.owner,
+            self.epoch,
+            self.counter,
+            self.owner_heartbeat.as_ref(),
+        )
     }
 
     /// The owner's published `heartbeat_interval`: how often it renews the post.

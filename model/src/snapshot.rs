@@ -160,6 +160,8 @@ mod tests {
                 heartbeat_ms: Some(2_000),
                 limit_stamp: None,
                 lease_stamp: None,
+                owner_heartbeat: None,
+                verdict_due_in_ms: None,
             }),
             heartbeats: vec![HeartbeatRow {
                 worker_id: "w-1".into(),

@@ -151,7 +151,7 @@ impl Settings {
 
     /// How long the fleet counts as settling after a change: for the coordinator, a round
     /// whose live count or listed shards changed or one of whose writes landed; for a worker,
-    /// a new limit, or (as coordinator) leases it assigned to itself. Long enough for the
+    /// a new limit, a new lease stamp, or (as coordinator) leases it assigned to itself. Long enough for the
     /// other workers, who see a new limit up to a heartbeat later, to hand leases over, and
     /// for the receivers to take them.
     pub fn settling_window(&self) -> Duration {

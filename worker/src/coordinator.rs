@@ -2,7 +2,8 @@
 //! ([`election_loop`], holding a `Term`), and the duties during one term (one epoch): gather the inputs, apply the policy,
 //! publish `lease_limits` when something changed; keep the lease table in step with the
 //! stream's shards; and assign the leases ([`crate::assignment`]) — the only scan of the lease
-//! table in the fleet.
+//! table in the fleet — stamping the lease generation on the coordinator item whenever who
+//! owns what changed, so followers query their own leases only then.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use crate::inputs::{ShardInfo, list_shards, open_shard_count, watch_desired_repl
 use crate::leases::{Lease, LeaseStore, Pending};
 use crate::meta::{LimitReadError, PublishedLimit, now_iso8601};
 use crate::policy::{self, FleetInputs};
-use crate::state::Role;
+use crate::state::{ChangeSource, Role};
 
 /// The fields whose change warrants a new `lease_limits` version.
 fn same_decision(a: &PublishedLimit, b: &PublishedLimit) -> bool {
@@ -204,15 +205,23 @@ async fn lease_rounds(
         expected_digest: None,
         generation: 0,
         stamped: None,
+        verdict_stamped: false,
+        stamp_uncertain: false,
+        rows_seen: None,
     };
     let mut next_round = Instant::now();
     let mut earliest = Instant::now();
     let mut settle_until = Instant::now();
+    // When the lease table was last scanned, and whether anything moved since (or may have:
+    // a new limit, a failed round).
+    let mut last_full: Option<Instant> = None;
+    let mut moved = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = sleep_until(next_round) => {}
             Ok(()) = round.limits.changed() => {
+                moved = true;
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = sleep_until(earliest) => {}
@@ -220,17 +229,27 @@ async fn lease_rounds(
             }
         }
         let began = Instant::now();
-        let result = lease_round(&ctx, &store, &mut round, &stop).await;
+        // In a still fleet every other round reads only the heartbeats (see `lease_round`).
+        let quiet = !moved
+            && began >= settle_until
+            && began < round.next_sync
+            && last_full.is_some_and(|t| began.duration_since(t) < s.heartbeat_interval * 3 / 2);
+        let result = lease_round(&ctx, &store, &mut round, &stop, quiet).await;
         let scan_took = match &result {
             Ok(outcome) => {
                 if outcome.changed {
                     settle_until = Instant::now() + s.settling_window();
+                }
+                if outcome.full {
+                    last_full = Some(began);
+                    moved = outcome.changed;
                 }
                 outcome.scanned
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lease round failed; retrying next round");
                 round.clear_lease_stamp(&ctx).await;
+                moved = true;
                 began.elapsed()
             }
         };
@@ -286,14 +305,27 @@ struct RoundState {
     generation: u64,
     /// The generation last stamped on the coordinator item.
     stamped: Option<u64>,
+    /// Whether the last stamp written carried a suspect's verdict time.
+    verdict_stamped: bool,
+    /// A stamp write failed in a way that may have landed.
+    stamp_uncertain: bool,
+    /// The workers with a heartbeat row at the last full round.
+    rows_seen: Option<BTreeSet<String>>,
 }
 
 impl RoundState {
     /// Moves the lease generation if this round's scan or writes changed who owns what, and
     /// stamps it on the coordinator item (after the writes: a follower that sees the stamp
     /// finds them when it queries). A stamp that could not be written is tried again next
-    /// round.
-    async fn stamp_lease_generation(&mut self, ctx: &Context, leases: &[Lease], landed: &[Action]) {
+    /// round. While a worker is silent (`suspect_verdict`: when its verdict is due) every
+    /// round stamps, with the time left, so followers read their leases quickly around it.
+    async fn stamp_lease_generation(
+        &mut self,
+        ctx: &Context,
+        leases: &[Lease],
+        landed: &[Action],
+        suspect_verdict: Option<Instant>,
+    ) {
         let scanned = assignment::ownership_digest(leases, &[]);
         if self.expected_digest != Some(scanned) || !landed.is_empty() {
             self.generation += 1;
@@ -303,19 +335,31 @@ impl RoundState {
         } else {
             assignment::ownership_digest(leases, landed)
         });
-        if self.stamped == Some(self.generation) {
+        if self.stamped == Some(self.generation)
+            && suspect_verdict.is_none()
+            && !self.verdict_stamped
+        {
             return;
         }
         let stamp = crate::meta::LeaseStamp {
             epoch: self.epoch,
             generation: self.generation,
         };
-        match ctx.meta.stamp_leases(&self.me, stamp).await {
-            Ok(()) => self.stamped = Some(self.generation),
+        let due_in = suspect_verdict.map(|at| at.saturating_duration_since(Instant::now()));
+        match ctx.meta.stamp_leases(&self.me, stamp, due_in).await {
+            Ok(()) => {
+                self.stamped = Some(self.generation);
+                self.verdict_stamped = due_in.is_some();
+                self.stamp_uncertain = false;
+            }
             // Deposed: the term is ending, and the next owner stamps its own epoch.
             Err(e) if e.is_condition_failed() => {}
+            // The write may still have landed: what it carried counts as written until a
+            // later stamp or a clear says otherwise.
             Err(e) => {
-                tracing::warn!(error = %e, "cannot stamp the lease generation; retrying next round")
+                self.stamp_uncertain = true;
+                self.verdict_stamped |= due_in.is_some();
+                tracing::warn!(error = %e, "cannot stamp the lease generation; retrying next round");
             }
         }
     }
@@ -323,11 +367,15 @@ impl RoundState {
     /// A round failed: the stamp no longer vouches that followers have nothing new to read
     /// (a hand-off may complete unseen), so it comes off until a round succeeds.
     async fn clear_lease_stamp(&mut self, ctx: &Context) {
-        if self.stamped.is_none() {
+        if self.stamped.is_none() && !self.stamp_uncertain {
             return;
         }
         match ctx.meta.clear_lease_stamp(&self.me, self.epoch).await {
-            Ok(()) => self.stamped = None,
+            Ok(()) => {
+                self.stamped = None;
+                self.verdict_stamped = false;
+                self.stamp_uncertain = false;
+            }
             Err(e) if e.is_condition_failed() => {}
             Err(e) => tracing::debug!(error = %e, "cannot clear the lease stamp"),
         }
@@ -362,8 +410,11 @@ struct LiveCount {
 
 /// What one lease round found.
 struct RoundOutcome {
-    /// How long the lease scan took (the pause before the next round scales with it).
+    /// How long the lease scan took (the pause before the next round scales with it; the
+    /// heartbeat scan's in a quiet round).
     scanned: Duration,
+    /// The lease table was scanned (false: a quiet round that found the fleet as it was).
+    full: bool,
     /// Something moved: the live count changed, the stream's listed shards changed (a
     /// term's first sync included), or a write of the plan landed. The rounds then come every
     /// `settling_interval` for a `settling_window`, so the next step (a lease a worker
@@ -405,16 +456,48 @@ async fn remove_dead_rows(ctx: &Context, liveness: &mut LivenessTracker, dead: &
     }
 }
 
+/// One lease round. `quiet` (nothing moved at the last full round, which was under a
+/// heartbeat and a half ago; no settling, no new limit, no sync due): read the heartbeats
+/// first, and if the same workers have rows, nobody is due or silent for two heartbeats and
+/// no verdict time is stamped, stop there. Nothing the coordinator must act on can then have
+/// happened that a lease scan a heartbeat later would not find just as well (a hand-off it
+/// asked for completing, a shard read to its end), and in a still fleet the scan of every
+/// lease, the largest read there is, comes every other round.
 async fn lease_round(
     ctx: &Context,
     store: &LeaseStore,
     round: &mut RoundState,
     stop: &CancellationToken,
+    quiet: bool,
 ) -> Result<RoundOutcome, crate::aws::AwsError> {
     let s = &ctx.state.settings;
     // Owned: `round` is borrowed mutably below.
     let me = round.me.clone();
     let me = me.as_str();
+    if quiet && !round.verdict_stamped {
+        let issued = Instant::now();
+        let rows = ctx.meta.scan_heartbeats().await?;
+        let answered = Instant::now();
+        let judged = round.liveness.observe_read(
+            &rows,
+            round.owners.iter().map(String::as_str),
+            issued,
+            answered,
+            s.failover_timeout,
+        );
+        let with_rows: BTreeSet<String> = rows.iter().map(|r| r.worker_id.clone()).collect();
+        let suspect = round
+            .liveness
+            .next_suspect_verdict(me, answered, s.failover_timeout)
+            .is_some();
+        if judged.dead.is_empty() && !suspect && round.rows_seen.as_ref() == Some(&with_rows) {
+            return Ok(RoundOutcome {
+                scanned: answered.duration_since(issued),
+                full: false,
+                changed: false,
+            });
+        }
+    }
     let began = Instant::now();
     let scan = store.scan().await;
     let scanned = began.elapsed();
@@ -449,6 +532,7 @@ async fn lease_round(
     // waited for before its leases move, but is not counted), and this worker, alive by
     // definition there even before its first row is read.
     let with_rows: BTreeSet<&str> = rows.iter().map(|r| r.worker_id.as_str()).collect();
+    round.rows_seen = Some(with_rows.iter().map(|w| (*w).to_owned()).collect());
     let live_workers = judged
         .live
         .iter()
@@ -465,7 +549,11 @@ async fn lease_round(
         let seq = round.sent;
         let handled = round.handled.wait_for(|h| *h >= seq);
         tokio::select! {
-            _ = stop.cancelled() => return Ok(RoundOutcome { scanned, changed }),
+            _ = stop.cancelled() => return Ok(RoundOutcome {
+                scanned,
+                full: true,
+                changed,
+            }),
             _ = tokio::time::timeout(s.heartbeat_interval, handled) => {}
         }
     }
@@ -497,7 +585,11 @@ async fn lease_round(
     round.limits.mark_unchanged();
     let (Some(limit), Some(listed)) = (ctx.state.limit(), round.listed.as_ref()) else {
         remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
-        return Ok(RoundOutcome { scanned, changed });
+        return Ok(RoundOutcome {
+            scanned,
+            full: true,
+            changed,
+        });
     };
     // This worker is judged by its own row like anyone (a coordinator that cannot write its
     // heartbeat loses its leases like anyone); before its first row is read it counts while
@@ -586,7 +678,14 @@ async fn lease_round(
     // Only writes that landed: a plan refused as stale (the scan is eventually consistent)
     // or failing for good must not keep the rounds quick.
     changed |= !landed.is_empty();
-    round.stamp_lease_generation(ctx, &leases, &landed).await;
+    // A worker that missed heartbeats: its verdict's time goes out with the stamp.
+    let suspect_verdict =
+        round
+            .liveness
+            .next_suspect_verdict(me, Instant::now(), s.failover_timeout);
+    round
+        .stamp_lease_generation(ctx, &leases, &landed, suspect_verdict)
+        .await;
     if assigns_me {
         // This worker's own lease loop looks now, not at its next round, and again every
         // settling interval for a while (the leaseOwner index it queries may lag behind the
@@ -594,7 +693,11 @@ async fn lease_round(
         ctx.state.leases_assigned.notify_one();
     }
     remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
-    Ok(RoundOutcome { scanned, changed })
+    Ok(RoundOutcome {
+        scanned,
+        full: true,
+        changed,
+    })
 }
 
 /// Runs the coordinator's duties for `epoch` until `stop` is cancelled.
@@ -818,6 +921,10 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
     // One try per silence: followers of a post that looks silent because DynamoDB is
     // struggling must not all scan the heartbeats again at every look.
     let mut pre_term_read_tried = false;
+    // This turn renews because the worker's heartbeat just landed.
+    let mut after_heartbeat = false;
+    // The last verdict announcement seen (the stamp it came with, and its time left).
+    let mut last_verdict: Option<(crate::meta::LeaseStamp, u64)> = None;
 
     loop {
         let mut wake = match (&term, recheck_by) {
@@ -836,6 +943,13 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = sleep_until(wake) => {}
+            // A coordinator renews right after each heartbeat of its own worker lands, so the
+            // renewal records it (a successor judges this worker from there) and the two
+            // leave the same instant behind; the tick is a fallback while heartbeats fail.
+            _ = ctx.state.heartbeat_landed.notified(), if term.is_some() => {
+                next_tick = Instant::now();
+                after_heartbeat = true;
+            }
         }
         if let Some(t) = &term
             && Instant::now() >= t.deadline(s)
@@ -851,6 +965,12 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
             next_tick += s.heartbeat_interval;
             if next_tick < Instant::now() {
                 next_tick = Instant::now() + s.heartbeat_interval;
+            }
+            // The fallback tick after a renewal that followed a heartbeat leaves the next
+            // heartbeat an eighth of an interval to land first (still well within a renewal
+            // interval plus the quarter followers allow before they take one as missed).
+            if std::mem::take(&mut after_heartbeat) {
+                next_tick += s.heartbeat_interval / 8;
             }
         }
         ctx.state.loop_went_round(crate::state::Loop::Election);
@@ -871,7 +991,9 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
             }
             let sent = Instant::now();
             let deadline = t.deadline(s);
-            match timeout_at(deadline, ctx.meta.renew_coordinator(&me, t.epoch)).await {
+            let heartbeat = ctx.state.acknowledged_heartbeat();
+            let renewal = ctx.meta.renew_coordinator(&me, t.epoch, heartbeat.as_ref());
+            match timeout_at(deadline, renewal).await {
                 Ok(Ok(_)) => {
                     t.renewed_at = sent;
                     ctx.state.term_renewed(sent);
@@ -933,6 +1055,27 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
             renewal_missed_after(s.heartbeat_interval, r)
         });
         let read_at = Instant::now();
+        // A silent worker's verdict, as the owner's last lease round announced it: a window
+        // from each new announcement (one that stands still, its rounds stopped, is not
+        // moved along look after look), withdrawn when a stamp of the term comes without one.
+        let announced = row.as_ref().and_then(|r| {
+            let stamp = r.lease_stamp.filter(|stamp| stamp.epoch == r.epoch)?;
+            Some((stamp, r.verdict_due_in_ms))
+        });
+        match announced {
+            Some((stamp, Some(ms))) if last_verdict != Some((stamp, ms)) => {
+                last_verdict = Some((stamp, ms));
+                // Bounded: a value written by hand cannot push the window out of reach.
+                let due_in = Duration::from_millis(ms).min(s.failover_timeout * 2);
+                ctx.state
+                    .expect_lease_changes(ChangeSource::Verdict, Some(read_at + due_in));
+            }
+            Some((_, None)) => {
+                last_verdict = None;
+                ctx.state.expect_lease_changes(ChangeSource::Verdict, None);
+            }
+            _ => {}
+        }
         match observer.judge(row, read_at, s.failover_timeout, min_epoch) {
             Verdict::Follow {
                 recheck_by: r,
@@ -944,16 +1087,21 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                     // Renewed since the last read.
                     pre_term_liveness = None;
                     pre_term_read_tried = false;
+                    ctx.state.expect_lease_changes(ChangeSource::Takeover, None);
                 }
                 let suspect = silent_since + missed_after;
                 if read_at < suspect {
                     suspect_at = Some(suspect);
                 } else {
-                    // Unchanged for more than a renewal interval: a renewal was missed.
+                    // Unchanged for more than a renewal interval: a renewal was missed. The
+                    // post (and its worker's leases) may move when it is judged silent.
                     suspect_at = None;
+                    ctx.state
+                        .expect_lease_changes(ChangeSource::Takeover, Some(r));
                     if !pre_term_read_tried {
                         pre_term_read_tried = true;
-                        pre_term_liveness = observe_heartbeats(&ctx).await;
+                        pre_term_liveness =
+                            observe_heartbeats(&ctx, observer.owner_heartbeat_seen()).await;
                     }
                 }
             }
@@ -968,11 +1116,9 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                 // first, so a stale answer costs no failed claim (which would start the
                 // silence clock again). A row that moved on is judged at the next look.
                 if limits.is_none() {
-                    let renewal = |r: &Option<crate::meta::CoordinatorRow>| {
-                        r.as_ref().map(|r| (r.owner.clone(), r.epoch, r.counter))
-                    };
+                    let key = crate::meta::CoordinatorRow::renewal_key;
                     match ctx.meta.read_coordinator().await {
-                        Ok(fresh) if renewal(&fresh) == renewal(&seen) => {}
+                        Ok(fresh) if fresh.as_ref().map(key) == seen.as_ref().map(key) => {}
                         Ok(fresh) => {
                             tracing::debug!(
                                 ?seen,
@@ -1072,7 +1218,11 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
 /// with the old coordinator (usually the same process) unread for about two timeouts: one
 /// until the post is taken over, another until the new term judges it. A follower that read
 /// the heartbeats when the first renewal was missed brings that read to the term instead, so
-/// the worker's leases move about `failover_timeout` after it went silent.
+/// the worker's leases move about `failover_timeout` after it went silent. The old owner's own
+/// worker is judged from earlier still: its last renewal records the heartbeat it followed
+/// (`owner_heartbeat`), so if the row still shows that heartbeat its silence counts from when
+/// this follower first saw that renewal, the same instant the post's silence counts from, and
+/// its leases move when the post does.
 ///
 /// One read is enough, however long ago: the term's first round reads the heartbeats again,
 /// and a worker that wrote anything in between shows a counter or instance never seen
@@ -1081,12 +1231,22 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
 /// counts as a change too). The verdict rule is the term's own, on the same clock. A read
 /// that fails or takes longer than a heartbeat gives `None` (one try per silence: the term
 /// then starts its own clock, as it would without this read).
-async fn observe_heartbeats(ctx: &Context) -> Option<LivenessTracker> {
+async fn observe_heartbeats(
+    ctx: &Context,
+    owner_heartbeat: Option<(&str, &crate::meta::OwnerHeartbeat, Instant)>,
+) -> Option<LivenessTracker> {
     let s = &ctx.state.settings;
     let issued = Instant::now();
     match tokio::time::timeout(s.heartbeat_interval, ctx.meta.scan_heartbeats()).await {
         Ok(Ok(rows)) => {
             let mut liveness = LivenessTracker::default();
+            // The silent owner's own worker: if its row still shows the heartbeat its last
+            // renewal recorded, it has been silent since that renewal was first seen here,
+            // not only since this read (its successor can then reassign its leases when it
+            // takes the post, not a failover timeout after).
+            if let Some((owner, heartbeat, seen_by)) = owner_heartbeat {
+                liveness.seed(owner, heartbeat.counter, &heartbeat.instance, seen_by);
+            }
             liveness.observe_read(
                 &rows,
                 std::iter::empty(),

@@ -105,9 +105,8 @@ impl CoordinatorObserver {
         // Only a claim or a renewal is progress: the owner's publications also write the row
         // (their stamp), and a coordinator that publishes but cannot renew must still be
         // taken over on time.
-        let renewal = |r: &CoordinatorRow| (r.owner.clone(), r.epoch, r.counter);
         let since = match &self.last {
-            Some((last, since)) if renewal(last) == renewal(&row) => *since,
+            Some((last, since)) if last.renewal_key() == row.renewal_key() => *since,
             _ => now,
         };
         self.last = Some((row.clone(), since));
@@ -123,6 +122,20 @@ impl CoordinatorObserver {
                 silent_since: since,
             }
         }
+    }
+
+    /// The row as last read and since when its renewal has stood still on this observer's
+    /// clock (`None` before a row of a live owner was read).
+    pub fn last_renewal(&self) -> Option<(&CoordinatorRow, Instant)> {
+        self.last.as_ref().map(|(row, since)| (row, *since))
+    }
+
+    /// What the silent owner's last renewal proves about its own worker, for a takeover's
+    /// liveness (see [`LivenessTracker::seed`]): its heartbeat row showed the recorded
+    /// counter no later than this observer first saw that renewal.
+    pub fn owner_heartbeat_seen(&self) -> Option<(&str, &crate::meta::OwnerHeartbeat, Instant)> {
+        let (row, since) = self.last_renewal()?;
+        Some((row.owner.as_str(), row.owner_heartbeat.as_ref()?, since))
     }
 
     /// Forget what was seen (after becoming coordinator, or losing a claim race).
@@ -278,6 +291,41 @@ impl LivenessTracker {
             .min()
     }
 
+    /// Starts `worker_id`'s silence clock at `seen_by` when its row shows `counter` written by
+    /// `instance` at the next read: `seen_by` must be no earlier than that write landed (a
+    /// coordinator renewal recording the heartbeat, first seen at `seen_by`, was sent after
+    /// the heartbeat was acknowledged). A row showing anything else at the next read is
+    /// progress, as usual. Only fills a worker this observer has not seen yet.
+    pub fn seed(&mut self, worker_id: &str, counter: u64, instance: &str, seen_by: Instant) {
+        self.seen.entry(worker_id.to_owned()).or_insert(Seen {
+            counter: Some(counter),
+            instance: Some(instance.to_owned()),
+            since: seen_by,
+            failover: None,
+        });
+    }
+
+    /// The earliest verdict due among *suspects*, workers other than `except` silent for at
+    /// least half their timeout as of `now` (two missed heartbeats at four heartbeats a
+    /// timeout, whatever heartbeat each runs): when their leases will likely move. `None`
+    /// when nobody is that silent.
+    pub fn next_suspect_verdict(
+        &self,
+        except: &str,
+        now: Instant,
+        timeout: Duration,
+    ) -> Option<Instant> {
+        let judged_at = self.judged_at?;
+        self.seen
+            .iter()
+            .filter(|(id, _)| id.as_str() != except)
+            .map(|(_, seen)| (seen.since, effective_timeout(timeout, seen.failover)))
+            .filter(|(since, timeout)| now.saturating_duration_since(*since) >= *timeout / 2)
+            .map(|(since, timeout)| since + timeout)
+            .filter(|due| *due > judged_at)
+            .min()
+    }
+
     /// This observer deleted `worker_id`'s row, conditional on the counter and instance it
     /// judged, so nothing was written unseen before it went: while the row is absent the
     /// worker stays silent since its counter last moved, and whatever row appears for it next
@@ -352,6 +400,8 @@ mod tests {
             heartbeat_ms: None,
             limit_stamp: None,
             lease_stamp: None,
+            owner_heartbeat: None,
+            verdict_due_in_ms: None,
         }
     }
 
@@ -532,6 +582,72 @@ mod tests {
         let out = l.observe(&[hb("a", 4)], none(), t0 + T * 3, T);
         assert_eq!(out.live, vec!["a"]);
         assert!(out.dead.is_empty());
+    }
+
+    #[test]
+    fn a_seeded_owner_is_judged_from_its_last_renewal_unless_its_row_moved() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let with = |id: &str, counter: u64, instance: &str| HeartbeatRow {
+            instance: Some(instance.into()),
+            ..hb(id, counter)
+        };
+        // The renewal recording heartbeat 7 of process p1 was first seen at t0; the rows are
+        // read at t0 + 3 s.
+        let seeded = || {
+            let mut l = LivenessTracker::default();
+            l.seed("c", 7, "p1", t0);
+            l
+        };
+        let mut l = seeded();
+        l.observe(&[with("c", 7, "p1"), with("w", 3, "p2")], none(), at(3), T);
+        assert_eq!(l.next_verdict(T), Some(t0 + T), "silent since the renewal");
+        let out = l.observe(&[with("c", 7, "p1"), with("w", 4, "p2")], none(), t0 + T, T);
+        assert_eq!(out.dead, vec![("c".to_owned(), Some(7))]);
+        assert_eq!(out.live, vec!["w"]);
+        // Its row moved on after the renewal, or another process writes it: progress as of
+        // the read, as without a seed.
+        for row in [with("c", 8, "p1"), with("c", 7, "p9")] {
+            let mut l = seeded();
+            l.observe(std::slice::from_ref(&row), none(), at(3), T);
+            assert_eq!(l.next_verdict(T), Some(at(3) + T), "{row:?}");
+        }
+        // A worker already observed keeps what was seen of it.
+        let mut l = LivenessTracker::default();
+        l.observe(&[with("c", 7, "p1")], none(), at(2), T);
+        l.seed("c", 7, "p1", t0);
+        l.observe(&[with("c", 7, "p1")], none(), at(3), T);
+        assert_eq!(l.next_verdict(T), Some(at(2) + T));
+    }
+
+    #[test]
+    fn a_suspect_is_a_worker_silent_for_half_its_timeout_other_than_the_observer() {
+        let mut l = LivenessTracker::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        l.observe(&[hb("me", 1), hb("a", 1), hb("b", 1)], none(), t0, T);
+        // a and the observer's own row silent since t0; b moved at t0 + 3 s.
+        l.observe(
+            &[hb("me", 1), hb("a", 1), hb("b", 2)],
+            none(),
+            t0 + s * 3,
+            T,
+        );
+        let suspect = |now: Instant| l.next_suspect_verdict("me", now, T);
+        assert_eq!(suspect(t0 + s * 4), None, "nobody silent for 5 s yet");
+        assert_eq!(suspect(t0 + s * 5), Some(t0 + T), "a, due at t0 + T");
+        // A row publishing a longer timeout is a suspect only after half of that.
+        let mut l2 = LivenessTracker::default();
+        let slow = HeartbeatRow {
+            failover_ms: Some(40_000),
+            ..hb("c", 1)
+        };
+        l2.observe(std::slice::from_ref(&slow), none(), t0, T);
+        assert_eq!(l2.next_suspect_verdict("me", t0 + s * 19, T), None);
+        assert_eq!(
+            l2.next_suspect_verdict("me", t0 + s * 20, T),
+            Some(t0 + s * 40)
+        );
     }
 
     #[test]

@@ -132,7 +132,8 @@ pub struct QueryInputs {
 /// Whether this round reads the worker's own leases. Everything a follower's query can show
 /// that is new was written or seen by the coordinator, which moves the stamp after such a
 /// round (after its writes): a stamp equal to the one seen before the last query means
-/// nothing changed for anyone since. Anything else reads: no query yet, no stamp of this
+/// nothing changed for anyone as of the coordinator's last round (a round that fails takes
+/// the stamp off, and so does a step-down). Anything else reads: no query yet, no stamp of this
 /// term (no coordinator, one that has not stamped yet, or a binary that does not), a new
 /// stamp, settling, work of its own, and at least every `refresh` whatever the stamp says.
 ///
@@ -162,9 +163,10 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let mut unreadable: BTreeMap<String, (String, Instant)> = BTreeMap::new();
     // Since when this worker holds more than the published limit.
     let mut over_limit_since: Option<Instant> = None;
-    // One round per heartbeat; also at once when the fence changes or a new limit arrives,
-    // and every `settling_interval` for a `settling_window` after a new limit (the leases it
-    // brings are assigned, or handed over, within the next rounds of the coordinator and of
+    // One round per heartbeat (which queries only when `lease_query_due`); also at once when
+    // the fence changes, a new limit arrives or a look shows a new lease stamp, and every
+    // `settling_interval` for a `settling_window` after a new limit or stamp (the leases they
+    // bring are assigned, or handed over, within the next rounds of the coordinator and of
     // the other workers) or after this worker's coordinator assigned leases to it.
     let mut tick = ticker(s.heartbeat_interval);
     let mut settle_until: Option<Instant> = None;
@@ -172,6 +174,9 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let mut fence_moved = false;
     // Looks at the coordinator item: a new lease stamp wakes a round.
     let mut looks = ctx.state.coordinator_reads();
+    // When leases are likely to move (a verdict or a takeover due): rounds every settling
+    // interval within that window.
+    let mut expected = ctx.state.expected_lease_changes();
     let mut last_stamp: Option<LeaseStamp> = None;
     let mut last_query: Option<(Instant, Option<LeaseStamp>)> = None;
     // Work of its own left for the next query: leases owned but not acquired (over the
@@ -179,9 +184,21 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     // written, a drain that ended, a query that failed.
     let mut retry = false;
     loop {
+        let window_opens = expected
+            .borrow()
+            .iter()
+            .flatten()
+            .map(|(from, _)| *from)
+            .filter(|from| *from > Instant::now())
+            .min();
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
+            // A new window: its start is waited for from the next turn.
+            Ok(()) = expected.changed() => {
+                expected.borrow_and_update();
+            }
+            _ = tokio::time::sleep_until(window_opens.unwrap_or_else(Instant::now)), if window_opens.is_some() => {}
             // Fence raised (stop now) or lowered (the first heartbeat, or the end of an
             // outage: resume now), not at the next round.
             _ = fence.changed() => fence_moved = true,
@@ -272,6 +289,12 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
         }
 
         let now = Instant::now();
+        let settling = settle_until.is_some_and(|until| now < until)
+            || expected
+                .borrow()
+                .iter()
+                .flatten()
+                .any(|(from, until)| *from <= now && now < *until);
         let fresh_look = looks
             .borrow()
             .filter(|(_, read_at)| now.duration_since(*read_at) <= s.heartbeat_interval * 2);
@@ -280,7 +303,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             coordinating: ctx.state.role().0 == Role::Coordinator,
             last_query: last_query.map(|(at, stamp)| (now.duration_since(at), stamp)),
             stamp,
-            settling: settle_until.is_some_and(|until| now < until),
+            settling,
             unfinished: std::mem::take(&mut fence_moved)
                 || std::mem::take(&mut retry)
                 || !parked.is_empty()
@@ -301,7 +324,7 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
         // twice as long as this one took, so this worker keeps DynamoDB busy at most a third
         // of the time.
         let pause = query_began.elapsed() * QUERY_PAUSES;
-        if settle_until.is_some_and(|until| Instant::now() < until) {
+        if settling {
             tick.reset_after(pause.max(s.settling_interval()));
         } else if pause > s.heartbeat_interval {
             tick.reset_after(pause);

@@ -11,7 +11,9 @@ use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, TransactWriteItem, Up
 use serde::Serialize;
 
 use crate::aws::{AwsClients, AwsError, Consistency, ScanFilter, call, scan_all};
-pub use crate::model::{CoordinatorRow, HeartbeatRow, LeaseStamp, LimitStamp, PublishedLimit};
+pub use crate::model::{
+    CoordinatorRow, HeartbeatRow, LeaseStamp, LimitStamp, OwnerHeartbeat, PublishedLimit,
+};
 use crate::schema::{
     COORDINATOR_ITEM, LEASE_LIMITS_ITEM, META_KEY, TTL_ATTRIBUTE, WORKER_ITEM_PREFIX,
     worker_item_key,
@@ -563,6 +565,16 @@ impl MetaStore {
                     (Some(epoch), Some(generation)) => Some(LeaseStamp { epoch, generation }),
                     _ => None,
                 },
+                verdict_due_in_ms: get_n(&item, "verdict_due_in_ms"),
+                owner_heartbeat: match (
+                    get_n(&item, "owner_heartbeat"),
+                    get_s(&item, "owner_instance"),
+                ) {
+                    (Some(counter), instance) if !instance.is_empty() => {
+                        Some(OwnerHeartbeat { counter, instance })
+                    }
+                    _ => None,
+                },
             }))
     }
 
@@ -590,7 +602,7 @@ impl MetaStore {
             .key(META_KEY, s(COORDINATOR_ITEM))
             .update_expression(
                 "SET #o = :me, epoch = :next, #c = :zero, renewed_at = :now, failover_ms = :f, \
-                 heartbeat_ms = :h",
+                 heartbeat_ms = :h REMOVE owner_heartbeat, owner_instance",
             )
             .expression_attribute_names("#o", "owner")
             .expression_attribute_names("#c", "counter")
@@ -623,31 +635,46 @@ impl MetaStore {
             // Left as the previous owner stamped it: this owner stamps its first publication.
             limit_stamp: None,
             lease_stamp: None,
+            owner_heartbeat: None,
+            verdict_due_in_ms: None,
         })
     }
 
-    /// Stamps the lease table's generation on the coordinator item, conditional on `me` still
-    /// holding the post in `epoch`; fails with `ConditionFailed` once deposed. The owner's
-    /// counter is left alone: a stamp is not a renewal.
-    pub async fn stamp_leases(&self, me: &str, stamp: LeaseStamp) -> Result<(), AwsError> {
-        call(
-            &self.aws.metrics,
-            "dynamodb",
-            "UpdateItem",
-            self.aws
-                .dynamodb
-                .update_item()
-                .table_name(&self.table)
-                .key(META_KEY, s(COORDINATOR_ITEM))
-                .update_expression("SET lease_epoch = :e, lease_generation = :g")
-                .condition_expression("#o = :me AND epoch = :e")
-                .expression_attribute_names("#o", "owner")
-                .expression_attribute_values(":me", s(me))
-                .expression_attribute_values(":e", n(stamp.epoch))
-                .expression_attribute_values(":g", n(stamp.generation))
-                .send(),
-        )
-        .await?;
+    /// Stamps the lease table's generation on the coordinator item, with the time until the
+    /// next suspect's verdict (`None` removes it; see [`CoordinatorRow::verdict_due_in_ms`]),
+    /// conditional on `me` still holding the post in `epoch`; fails with `ConditionFailed`
+    /// once deposed. The owner's counter is left alone: a stamp is not a renewal.
+    pub async fn stamp_leases(
+        &self,
+        me: &str,
+        stamp: LeaseStamp,
+        verdict_due_in: Option<Duration>,
+    ) -> Result<(), AwsError> {
+        let req = self
+            .aws
+            .dynamodb
+            .update_item()
+            .table_name(&self.table)
+            .key(META_KEY, s(COORDINATOR_ITEM))
+            .condition_expression("#o = :me AND epoch = :e")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":e", n(stamp.epoch))
+            .expression_attribute_values(":g", n(stamp.generation));
+        let req = match verdict_due_in {
+            Some(due) => req
+                .update_expression(
+                    "SET lease_epoch = :e, lease_generation = :g, verdict_due_in_ms = :v",
+                )
+                .expression_attribute_values(
+                    ":v",
+                    n(u64::try_from(due.as_millis()).unwrap_or(u64::MAX)),
+                ),
+            None => req.update_expression(
+                "SET lease_epoch = :e, lease_generation = :g REMOVE verdict_due_in_ms",
+            ),
+        };
+        call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
         Ok(())
     }
 
@@ -663,7 +690,7 @@ impl MetaStore {
                 .update_item()
                 .table_name(&self.table)
                 .key(META_KEY, s(COORDINATOR_ITEM))
-                .update_expression("REMOVE lease_epoch, lease_generation")
+                .update_expression("REMOVE lease_epoch, lease_generation, verdict_due_in_ms")
                 .condition_expression("#o = :me AND epoch = :e")
                 .expression_attribute_names("#o", "owner")
                 .expression_attribute_values(":me", s(me))
@@ -674,29 +701,42 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Renews the coordinator lease; fails with `ConditionFailed` once deposed.
-    pub async fn renew_coordinator(&self, me: &str, epoch: u64) -> Result<u64, AwsError> {
-        let out = call(
-            &self.aws.metrics,
-            "dynamodb",
-            "UpdateItem",
-            self.aws
-                .dynamodb
-                .update_item()
-                .table_name(&self.table)
-                .key(META_KEY, s(COORDINATOR_ITEM))
-                .update_expression("SET #c = #c + :one, renewed_at = :now")
-                .condition_expression("#o = :me AND epoch = :e")
-                .expression_attribute_names("#o", "owner")
-                .expression_attribute_names("#c", "counter")
-                .expression_attribute_values(":me", s(me))
-                .expression_attribute_values(":e", n(epoch))
-                .expression_attribute_values(":one", n(1))
-                .expression_attribute_values(":now", s(now_iso8601()))
-                .return_values(ReturnValue::UpdatedNew)
-                .send(),
-        )
-        .await?;
+    /// Renews the coordinator lease; fails with `ConditionFailed` once deposed. `heartbeat`:
+    /// this worker's last acknowledged heartbeat as the renewal is sent (see
+    /// [`CoordinatorRow::owner_heartbeat`]); `None` leaves none recorded.
+    pub async fn renew_coordinator(
+        &self,
+        me: &str,
+        epoch: u64,
+        heartbeat: Option<&OwnerHeartbeat>,
+    ) -> Result<u64, AwsError> {
+        let req = self
+            .aws
+            .dynamodb
+            .update_item()
+            .table_name(&self.table)
+            .key(META_KEY, s(COORDINATOR_ITEM))
+            .condition_expression("#o = :me AND epoch = :e")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_names("#c", "counter")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":e", n(epoch))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", s(now_iso8601()))
+            .return_values(ReturnValue::UpdatedNew);
+        let req = match heartbeat {
+            Some(h) => req
+                .update_expression(
+                    "SET #c = #c + :one, renewed_at = :now, owner_heartbeat = :hc, \
+                     owner_instance = :hi",
+                )
+                .expression_attribute_values(":hc", n(h.counter))
+                .expression_attribute_values(":hi", s(h.instance.clone())),
+            None => req.update_expression(
+                "SET #c = #c + :one, renewed_at = :now REMOVE owner_heartbeat, owner_instance",
+            ),
+        };
+        let out = call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
         Ok(out
             .attributes
             .as_ref()
@@ -719,7 +759,7 @@ impl MetaStore {
                 // heartbeat until the next owner stamps its own.
                 .update_expression(
                     "SET #o = :vacant, #c = #c + :one, renewed_at = :now \
-                     REMOVE lease_epoch, lease_generation",
+                     REMOVE lease_epoch, lease_generation, verdict_due_in_ms",
                 )
                 .condition_expression("#o = :me AND epoch = :e")
                 .expression_attribute_names("#o", "owner")

@@ -66,6 +66,8 @@ struct Inner {
     coverage: Option<Coverage>,
     lease_rounds: u64,
     last_heartbeat_ok: Option<Instant>,
+    /// The counter of the last heartbeat written and acknowledged.
+    last_heartbeat_counter: Option<u64>,
     last_heartbeat_error: Option<String>,
     last_limit_read_ok: Option<Instant>,
     last_limit_read_error: Option<String>,
@@ -131,6 +133,9 @@ pub struct WorkerState {
     /// Woken when this worker, as coordinator, assigned leases to itself: its lease loop
     /// takes them at once.
     pub leases_assigned: tokio::sync::Notify,
+    /// Woken when a heartbeat write is acknowledged: a coordinator renews its post right
+    /// after, recording that heartbeat (see [`WorkerState::acknowledged_heartbeat`]).
+    pub heartbeat_landed: tokio::sync::Notify,
     /// The `(epoch, version)` of the limit in force, for any loop that waits for a new one
     /// (the coordinator's lease rounds).
     limit_version: tokio::sync::watch::Sender<(u64, u64)>,
@@ -138,7 +143,22 @@ pub struct WorkerState {
     /// or the last read failed); a change wakes the limit loop, which reads `lease_limits`
     /// when the row shows a limit this worker does not hold.
     coordinator_seen: tokio::sync::watch::Sender<Option<(crate::meta::SeenCoordinator, Instant)>>,
+    /// Windows in which this worker's leases are likely to change, one per
+    /// [`ChangeSource`] (see [`WorkerState::expect_lease_changes`]).
+    lease_changes_expected: tokio::sync::watch::Sender<ChangeWindows>,
 }
+
+/// Why this worker's leases may move soon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeSource {
+    /// A silent worker's verdict, as the coordinator item announces it.
+    Verdict = 0,
+    /// The coordinator's own renewal missed: a takeover, and its worker's verdict.
+    Takeover = 1,
+}
+
+/// One `(from, until)` window per [`ChangeSource`].
+pub type ChangeWindows = [Option<(Instant, Instant)>; 2];
 
 /// `GET /status` body.
 #[derive(Debug, Clone, Serialize)]
@@ -178,8 +198,10 @@ impl WorkerState {
             fenced: tokio::sync::watch::Sender::new(true),
             limit_changed: tokio::sync::Notify::new(),
             leases_assigned: tokio::sync::Notify::new(),
+            heartbeat_landed: tokio::sync::Notify::new(),
             limit_version: tokio::sync::watch::Sender::new((0, 0)),
             coordinator_seen: tokio::sync::watch::Sender::new(None),
+            lease_changes_expected: tokio::sync::watch::Sender::new([None; 2]),
             inner: Mutex::new(Inner {
                 role: Role::Follower,
                 epoch: 0,
@@ -190,6 +212,7 @@ impl WorkerState {
                 coverage: None,
                 lease_rounds: 0,
                 last_heartbeat_ok: None,
+                last_heartbeat_counter: None,
                 last_heartbeat_error: None,
                 failing_reads: BTreeMap::new(),
                 failing_stream_calls: BTreeMap::new(),
@@ -282,6 +305,23 @@ impl WorkerState {
             }
         }
         self.update_fence();
+    }
+
+    /// Heartbeat number `counter` of this process was written and acknowledged.
+    pub fn heartbeat_acknowledged(&self, counter: u64) {
+        self.lock().last_heartbeat_counter = Some(counter);
+        self.heartbeat_landed.notify_one();
+    }
+
+    /// This process's last acknowledged heartbeat, as a coordinator renewal records it: its
+    /// row showed this counter (or a later one) before the renewal was sent.
+    pub fn acknowledged_heartbeat(&self) -> Option<crate::meta::OwnerHeartbeat> {
+        self.lock()
+            .last_heartbeat_counter
+            .map(|counter| crate::meta::OwnerHeartbeat {
+                counter,
+                instance: self.instance.clone(),
+            })
     }
 
     /// The instant [`WorkerState::may_process`] turns false unless a heartbeat succeeds first.
@@ -429,7 +469,7 @@ impl WorkerState {
     }
 
     /// The election loop read the coordinator row (`None`: the read failed). Wakes the limit
-    /// loop only when what it shows changed. A row whose stamp shows the held limit is still
+    /// and lease loops only when what it shows changed. A row whose stamp shows the held limit is still
     /// the latest confirms it for `/ready` at once, as a read of `lease_limits` would.
     pub fn coordinator_read(&self, seen: Option<crate::meta::SeenCoordinator>) {
         let now = Instant::now();
@@ -457,6 +497,32 @@ impl WorkerState {
         &self,
     ) -> tokio::sync::watch::Receiver<Option<(crate::meta::SeenCoordinator, Instant)>> {
         self.coordinator_seen.subscribe()
+    }
+
+    /// Leases are likely to move at about `due` for `source` (`None`: no longer): the lease
+    /// loop reads this worker's leases every settling interval from a heartbeat before to two
+    /// after, so it takes what it is given within a fraction of a heartbeat instead of at its
+    /// next look. (`due` comes from a look that may be up to a heartbeat late, hence the
+    /// window's start.) A later estimate from the same source replaces the earlier one.
+    pub fn expect_lease_changes(&self, source: ChangeSource, due: Option<Instant>) {
+        let heartbeat = self.settings.heartbeat_interval;
+        let window = due.and_then(|due| {
+            Some((
+                due.checked_sub(heartbeat).unwrap_or(due),
+                due.checked_add(heartbeat * 2)?,
+            ))
+        });
+        self.lease_changes_expected.send_if_modified(|w| {
+            let slot = &mut w[source as usize];
+            let changed = *slot != window;
+            *slot = window;
+            changed
+        });
+    }
+
+    /// The windows set by [`WorkerState::expect_lease_changes`], waking on each change.
+    pub fn expected_lease_changes(&self) -> tokio::sync::watch::Receiver<ChangeWindows> {
+        self.lease_changes_expected.subscribe()
     }
 
     /// Changes whenever a newer limit is installed.
@@ -780,6 +846,43 @@ mod tests {
             computed_by: "w1".into(),
             updated_at: String::new(),
         }
+    }
+
+    #[test]
+    fn an_expected_lease_change_opens_a_window_around_it() {
+        let st = state();
+        let mut w = st.expected_lease_changes();
+        assert_eq!(*w.borrow_and_update(), [None, None]);
+        let hb = Duration::from_secs(2);
+        let due = Instant::now() + Duration::from_secs(7);
+        st.expect_lease_changes(ChangeSource::Verdict, Some(due));
+        assert!(w.has_changed().unwrap());
+        assert_eq!(w.borrow_and_update()[0], Some((due - hb, due + hb * 2)));
+        // The same estimate again wakes nobody; a later one replaces it; the other source
+        // has its own window; `None` withdraws one.
+        st.expect_lease_changes(ChangeSource::Verdict, Some(due));
+        assert!(!w.has_changed().unwrap());
+        st.expect_lease_changes(ChangeSource::Verdict, Some(due + hb));
+        st.expect_lease_changes(ChangeSource::Takeover, Some(due));
+        assert_eq!(
+            *w.borrow_and_update(),
+            [Some((due, due + hb * 3)), Some((due - hb, due + hb * 2))]
+        );
+        st.expect_lease_changes(ChangeSource::Verdict, None);
+        assert_eq!(
+            *w.borrow_and_update(),
+            [None, Some((due - hb, due + hb * 2))]
+        );
+    }
+
+    #[test]
+    fn the_last_acknowledged_heartbeat_is_what_a_renewal_records() {
+        let st = state();
+        assert_eq!(st.acknowledged_heartbeat(), None);
+        st.heartbeat_acknowledged(3);
+        st.heartbeat_acknowledged(4);
+        let h = st.acknowledged_heartbeat().unwrap();
+        assert_eq!((h.counter, h.instance), (4, st.instance.clone()));
     }
 
     #[test]

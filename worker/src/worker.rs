@@ -324,6 +324,7 @@ async fn heartbeat_loop(ctx: Arc<Context>, stop: CancellationToken) {
                     tracing::info!(instance = %me.instance, "this instance now holds worker id {}", me.worker_id);
                 }
                 ctx.state.heartbeat_result(sent, Ok(()));
+                ctx.state.heartbeat_acknowledged(writes);
             }
             Err(e) if e.is_condition_failed() => {
                 take_over = None;

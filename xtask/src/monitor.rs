@@ -270,6 +270,8 @@ mod tests {
                     heartbeat_ms: None,
                     limit_stamp: None,
                     lease_stamp: None,
+                    owner_heartbeat: None,
+                    verdict_due_in_ms: None,
                 }),
                 heartbeats: vec![],
                 leases: LeaseSummary {

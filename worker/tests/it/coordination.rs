@@ -409,7 +409,7 @@ async fn a_follower_keeps_its_last_good_limit_when_the_item_is_malformed() {
         let store = store.clone();
         tokio::spawn(async move {
             loop {
-                let _ = store.renew_coordinator("ghost", 5).await;
+                let _ = store.renew_coordinator("ghost", 5, None).await;
                 tokio::time::sleep(HEARTBEAT).await;
             }
         })

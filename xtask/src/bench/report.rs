@@ -597,7 +597,8 @@ fn swarm_markdown(results: &[SwarmResult], took: Duration) -> String {
          run took {}. Mode `naive`: every worker also polls \
          the stream itself and renews each of its leases every failover/3, as the original \
          scripts' design would (the coordinator's effect, measured). DynamoDB figures are the fleet's, per second, \
-         over a steady-state window. The KCL columns are a **model** from KCL 2.x's documented \
+         over a steady-state window that starts three heartbeats after the fleet is leased and \
+         balanced (the workers' settling reads after the last move are over by then). The KCL columns are a **model** from KCL 2.x's documented \
          defaults at the row's failover timeout (each lease renewed every failover/3, each \
          worker's lease taker scanning every lease every 2 × failover), not a measurement; \
          both scale with 1/failover, so the ratio holds at either timing.\n\n\

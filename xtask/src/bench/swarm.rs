@@ -23,6 +23,10 @@ use crate::util::secs;
 
 /// The most shards kinesis-mock's CreateStream accepts.
 const MAX_CREATE_SHARDS: u64 = 1000;
+/// Heartbeats waited after the fleet is leased and balanced before the steady-state window:
+/// the worker's settling window (two heartbeats) and one more.
+const SETTLING_HEARTBEATS: u64 = 3;
+
 /// The worker's default timings (heartbeat, failover), at which the smaller fleets run.
 pub const DEFAULT_TIMINGS: Timings = Timings {
     heartbeat_s: 2,
@@ -330,7 +334,12 @@ pub fn run_pair(
     let coverage = swarm.wait(deadline, "coverage", |l| {
         l.held.len() as u64 == workers && balanced(l, shards)
     });
-    // Steady state: what the fleet costs when nothing changes.
+    // Steady state: what the fleet costs when nothing changes. The last moves of the spread
+    // leave each worker reading its leases every quarter heartbeat for two heartbeats (the
+    // worker's settling window); that tail is part of the spread, not of the steady state.
+    std::thread::sleep(Duration::from_secs(
+        SETTLING_HEARTBEATS * timings.heartbeat_s,
+    ));
     let (cpu0, _) = super::usage(pid).unwrap_or((0.0, 0));
     let k0 = kinesis.calls().len();
     let d0 = dynamodb.calls().len();
