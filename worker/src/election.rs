@@ -125,7 +125,7 @@ impl CoordinatorObserver {
     }
 
     /// The row as last read and since when its renewal has stood still on this observer's
-    /// clock (`None` before a row of a live owner was read).
+    /// clock (`None` before a row of a live owner was read, and after a vacant or absent one).
     pub fn last_renewal(&self) -> Option<(&CoordinatorRow, Instant)> {
         self.last.as_ref().map(|(row, since)| (row, *since))
     }

@@ -118,8 +118,9 @@ pub struct QueryInputs {
     /// The coordinator item's lease stamp as last looked at (`None`: no fresh look, or no
     /// stamp of the item's own epoch).
     pub stamp: Option<LeaseStamp>,
-    /// Within the settling window after a change: a new limit, a new stamp, leases it
-    /// assigned to itself as coordinator.
+    /// Within the settling window after a change (a new limit, a new stamp, leases it
+    /// assigned to itself as coordinator), or within a window of expected changes (a silent
+    /// worker's verdict or a takeover due: see `WorkerState::expect_lease_changes`).
     pub settling: bool,
     /// Work of its own the next round finishes: a consumer ended, a checkpoint parked or
     /// draining, leases above the limit, leases it owns but has not acquired yet, an
@@ -167,7 +168,8 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     // the fence changes, a new limit arrives or a look shows a new lease stamp, and every
     // `settling_interval` for a `settling_window` after a new limit or stamp (the leases they
     // bring are assigned, or handed over, within the next rounds of the coordinator and of
-    // the other workers) or after this worker's coordinator assigned leases to it.
+    // the other workers) or after this worker's coordinator assigned leases to it, and
+    // within each window of expected changes (a verdict or a takeover due).
     let mut tick = ticker(s.heartbeat_interval);
     let mut settle_until: Option<Instant> = None;
     let mut fence = ctx.state.fence();
