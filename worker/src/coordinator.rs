@@ -21,11 +21,11 @@ use crate::assignment::{self, Action, FleetView};
 use crate::config::{Settings, WorkerCountSource};
 use crate::context::{Context, ticker};
 use crate::election::{
-    CoordinatorObserver, LivenessTracker, Verdict, claim_epoch, renewal_missed_after,
+    CoordinatorObserver, Liveness, LivenessTracker, Verdict, claim_epoch, renewal_missed_after,
 };
 use crate::inputs::{ShardInfo, list_shards, open_shard_count, watch_desired_replicas};
 use crate::leases::{Lease, LeaseStore, Pending};
-use crate::meta::{LimitReadError, PublishedLimit, now_iso8601};
+use crate::meta::{HeartbeatRow, LimitReadError, PublishedLimit, now_iso8601};
 use crate::policy::{self, FleetInputs};
 use crate::state::{ChangeSource, Role};
 
@@ -456,6 +456,25 @@ async fn remove_dead_rows(ctx: &Context, liveness: &mut LivenessTracker, dead: &
     }
 }
 
+/// Reads the heartbeats and judges them, with the lease owners of the last scan expected:
+/// the rows, the judgement, and when the read was issued and answered.
+async fn read_liveness(
+    ctx: &Context,
+    round: &mut RoundState,
+) -> Result<(Vec<HeartbeatRow>, Liveness, Instant, Instant), crate::aws::AwsError> {
+    let issued = Instant::now();
+    let rows = ctx.meta.scan_heartbeats().await?;
+    let answered = Instant::now();
+    let judged = round.liveness.observe_read(
+        &rows,
+        round.owners.iter().map(String::as_str),
+        issued,
+        answered,
+        ctx.state.settings.failover_timeout,
+    );
+    Ok((rows, judged, issued, answered))
+}
+
 /// One lease round. `quiet` (nothing moved at the last full round, which was under a
 /// heartbeat and a half ago; no settling, no new limit, no sync due): read the heartbeats
 /// first, and if the same workers have rows, nobody is due or silent for two heartbeats and
@@ -475,16 +494,7 @@ async fn lease_round(
     let me = round.me.clone();
     let me = me.as_str();
     if quiet && !round.verdict_stamped {
-        let issued = Instant::now();
-        let rows = ctx.meta.scan_heartbeats().await?;
-        let answered = Instant::now();
-        let judged = round.liveness.observe_read(
-            &rows,
-            round.owners.iter().map(String::as_str),
-            issued,
-            answered,
-            s.failover_timeout,
-        );
+        let (rows, judged, issued, answered) = read_liveness(ctx, round).await?;
         let with_rows: BTreeSet<String> = rows.iter().map(|r| r.worker_id.clone()).collect();
         let suspect = round
             .liveness
@@ -509,16 +519,7 @@ async fn lease_round(
     // row are expected too: dead only after `failover_timeout` of absence on this
     // coordinator's clock, row or no row. They are read even when the scan failed, so the
     // limit keeps following the workers.
-    let issued = Instant::now();
-    let rows = ctx.meta.scan_heartbeats().await?;
-    let answered = Instant::now();
-    let judged = round.liveness.observe_read(
-        &rows,
-        round.owners.iter().map(String::as_str),
-        issued,
-        answered,
-        s.failover_timeout,
-    );
+    let (rows, judged, ..) = read_liveness(ctx, round).await?;
     // Only rows can be deleted (a dead owner without a row has none).
     let dead_rows: Vec<DeadRow> = judged
         .dead
@@ -543,9 +544,11 @@ async fn lease_round(
     // writes hold a new limit back. This round then plans under the limit the new count gives
     // (a death raises it: the dead worker's leases are all assigned now, not a round later),
     // waiting until the publication loop has handled the count — usually one write, a
-    // heartbeat at most (it may be busy with DescribeStreamSummary).
+    // heartbeat at most (it may be busy with DescribeStreamSummary). A term's first round,
+    // with no limit yet, waits for the first publication the same way, so the stream's first
+    // leases are assigned in this round, not in the next.
     let mut changed = round.publish_live(live_workers);
-    if changed && ctx.state.limit().is_some() && scan.is_ok() {
+    if changed && scan.is_ok() {
         let seq = round.sent;
         let handled = round.handled.wait_for(|h| *h >= seq);
         tokio::select! {

@@ -444,6 +444,11 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             .lease_limit_overrun
             .set(excess.len() as i64);
         let now = Instant::now();
+        if !excess.is_empty() && over_limit_since.is_none() {
+            // Given more than the limit this worker holds: usually a higher limit, published
+            // before the assignment, that its next look would show. Read it now.
+            ctx.state.limit_check.notify_one();
+        }
         over_limit_since = if excess.is_empty() {
             None
         } else {

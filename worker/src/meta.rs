@@ -640,6 +640,24 @@ impl MetaStore {
         })
     }
 
+    /// An update of the coordinator item that lands only while `me` holds the post in `epoch`
+    /// (`#o` names `owner`; `:me` and `:e` are bound).
+    fn owner_update(
+        &self,
+        me: &str,
+        epoch: u64,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.aws
+            .dynamodb
+            .update_item()
+            .table_name(&self.table)
+            .key(META_KEY, s(COORDINATOR_ITEM))
+            .condition_expression("#o = :me AND epoch = :e")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":e", n(epoch))
+    }
+
     /// Stamps the lease table's generation on the coordinator item, with the time until the
     /// next suspect's verdict (`None` removes it; see [`CoordinatorRow::verdict_due_in_ms`]),
     /// conditional on `me` still holding the post in `epoch`; fails with `ConditionFailed`
@@ -651,15 +669,7 @@ impl MetaStore {
         verdict_due_in: Option<Duration>,
     ) -> Result<(), AwsError> {
         let req = self
-            .aws
-            .dynamodb
-            .update_item()
-            .table_name(&self.table)
-            .key(META_KEY, s(COORDINATOR_ITEM))
-            .condition_expression("#o = :me AND epoch = :e")
-            .expression_attribute_names("#o", "owner")
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":e", n(stamp.epoch))
+            .owner_update(me, stamp.epoch)
             .expression_attribute_values(":g", n(stamp.generation));
         let req = match verdict_due_in {
             Some(due) => req
@@ -681,23 +691,10 @@ impl MetaStore {
     /// Takes this term's lease stamp off the coordinator item (its lease rounds failed or
     /// stopped): followers query their leases every heartbeat until a round stamps again.
     pub async fn clear_lease_stamp(&self, me: &str, epoch: u64) -> Result<(), AwsError> {
-        call(
-            &self.aws.metrics,
-            "dynamodb",
-            "UpdateItem",
-            self.aws
-                .dynamodb
-                .update_item()
-                .table_name(&self.table)
-                .key(META_KEY, s(COORDINATOR_ITEM))
-                .update_expression("REMOVE lease_epoch, lease_generation, verdict_due_in_ms")
-                .condition_expression("#o = :me AND epoch = :e")
-                .expression_attribute_names("#o", "owner")
-                .expression_attribute_values(":me", s(me))
-                .expression_attribute_values(":e", n(epoch))
-                .send(),
-        )
-        .await?;
+        let req = self
+            .owner_update(me, epoch)
+            .update_expression("REMOVE lease_epoch, lease_generation, verdict_due_in_ms");
+        call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
         Ok(())
     }
 
@@ -711,16 +708,8 @@ impl MetaStore {
         heartbeat: Option<&OwnerHeartbeat>,
     ) -> Result<u64, AwsError> {
         let req = self
-            .aws
-            .dynamodb
-            .update_item()
-            .table_name(&self.table)
-            .key(META_KEY, s(COORDINATOR_ITEM))
-            .condition_expression("#o = :me AND epoch = :e")
-            .expression_attribute_names("#o", "owner")
+            .owner_update(me, epoch)
             .expression_attribute_names("#c", "counter")
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":e", n(epoch))
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":now", s(now_iso8601()))
             .return_values(ReturnValue::UpdatedNew);
@@ -746,32 +735,19 @@ impl MetaStore {
 
     /// Leaves the post vacant (owner ""), keeping the epoch so the successor's is higher.
     pub async fn step_down(&self, me: &str, epoch: u64) -> Result<(), AwsError> {
-        call(
-            &self.aws.metrics,
-            "dynamodb",
-            "UpdateItem",
-            self.aws
-                .dynamodb
-                .update_item()
-                .table_name(&self.table)
-                .key(META_KEY, s(COORDINATOR_ITEM))
-                // A vacant post vouches for no lease generation: followers query every
-                // heartbeat until the next owner stamps its own.
-                .update_expression(
-                    "SET #o = :vacant, #c = #c + :one, renewed_at = :now \
-                     REMOVE lease_epoch, lease_generation, verdict_due_in_ms",
-                )
-                .condition_expression("#o = :me AND epoch = :e")
-                .expression_attribute_names("#o", "owner")
-                .expression_attribute_names("#c", "counter")
-                .expression_attribute_values(":vacant", s(""))
-                .expression_attribute_values(":me", s(me))
-                .expression_attribute_values(":e", n(epoch))
-                .expression_attribute_values(":one", n(1))
-                .expression_attribute_values(":now", s(now_iso8601()))
-                .send(),
-        )
-        .await?;
+        let req = self
+            .owner_update(me, epoch)
+            // A vacant post vouches for no lease generation: followers query every heartbeat
+            // until the next owner stamps its own.
+            .update_expression(
+                "SET #o = :vacant, #c = #c + :one, renewed_at = :now \
+                 REMOVE lease_epoch, lease_generation, verdict_due_in_ms",
+            )
+            .expression_attribute_names("#c", "counter")
+            .expression_attribute_values(":vacant", s(""))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":now", s(now_iso8601()));
+        call(&self.aws.metrics, "dynamodb", "UpdateItem", req.send()).await?;
         Ok(())
     }
 

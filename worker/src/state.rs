@@ -133,6 +133,9 @@ pub struct WorkerState {
     /// Woken when this worker, as coordinator, assigned leases to itself: its lease loop
     /// takes them at once.
     pub leases_assigned: tokio::sync::Notify,
+    /// Woken when the lease loop finds this worker owning more leases than the limit it holds
+    /// allows: the limit loop reads `lease_limits` at once (see `lease_manager`).
+    pub limit_check: tokio::sync::Notify,
     /// Woken when a heartbeat write is acknowledged: a coordinator renews its post right
     /// after, recording that heartbeat (see [`WorkerState::acknowledged_heartbeat`]).
     pub heartbeat_landed: tokio::sync::Notify,
@@ -199,6 +202,7 @@ impl WorkerState {
             limit_changed: tokio::sync::Notify::new(),
             leases_assigned: tokio::sync::Notify::new(),
             heartbeat_landed: tokio::sync::Notify::new(),
+            limit_check: tokio::sync::Notify::new(),
             limit_version: tokio::sync::watch::Sender::new((0, 0)),
             coordinator_seen: tokio::sync::watch::Sender::new(None),
             lease_changes_expected: tokio::sync::watch::Sender::new([None; 2]),

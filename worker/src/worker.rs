@@ -449,6 +449,12 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
             _ = tick.tick() => {}
             // A row read that shows something new: a newer limit is read now, not a tick later.
             Ok(()) = coordinator_reads.changed() => {}
+            // The lease loop found itself given more leases than the limit it holds: the
+            // coordinator publishes before it assigns, so a higher limit is out. Read now,
+            // not at the look that would show its stamp.
+            _ = ctx.state.limit_check.notified() => {
+                last_read = None;
+            }
         }
         ctx.state.loop_went_round(crate::state::Loop::Limit);
         // A row read more than two heartbeats ago (the election loop is stuck in a slow call,

@@ -474,22 +474,21 @@ async fn a_follower_keeps_its_last_good_limit_when_the_item_is_malformed() {
     w.shutdown().await;
 }
 
-/// The coordinator dies: the follower that takes the post over read the heartbeats when it
-/// saw a renewal missed, so it judges the old coordinator dead soon after the takeover — a
-/// successor that started judging at its term's start would need a whole failover timeout
-/// more — and its leases move about one timeout after the crash.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_coordinators_leases_move_one_timeout_after_the_crash() {
-    // Long enough that the two cases are far apart: a timeout against a few heartbeats.
-    const LONG_FAILOVER: Duration = Duration::from_secs(6);
-    let aws = aws().await;
-    let (app, stream) = (unique("coorddeath"), unique("coorddeath"));
-    create_stream(&aws, &stream, 6).await;
-    let mut workers = start_workers_custom(
-        &app,
-        &stream,
+/// Long enough that a failover timeout and a few heartbeats are far apart.
+const LONG_FAILOVER: Duration = Duration::from_secs(6);
+
+/// Three workers with [`LONG_FAILOVER`] on a 6-shard stream, two shards each.
+async fn three_spread_with_long_failover(
+    aws: &kds_worker::aws::AwsClients,
+    app: &str,
+    stream: &str,
+) -> Vec<TestWorker> {
+    create_stream(aws, stream, 6).await;
+    let workers = start_workers_custom(
+        app,
+        stream,
         (0..3).map(|i| format!("w{i}")),
-        &aws,
+        aws,
         None,
         |mut s| {
             s.failover_timeout = LONG_FAILOVER;
@@ -497,7 +496,19 @@ async fn a_dead_coordinators_leases_move_one_timeout_after_the_crash() {
         },
     )
     .await;
-    wait_spread(&aws, &app, &workers, 2, 2, LONG_FAILOVER * 3).await;
+    wait_spread(aws, app, &workers, 2, 2, LONG_FAILOVER * 3).await;
+    workers
+}
+
+/// The coordinator dies: the follower that takes the post over read the heartbeats when it
+/// saw a renewal missed, so it judges the old coordinator dead soon after the takeover — a
+/// successor that started judging at its term's start would need a whole failover timeout
+/// more — and its leases move about one timeout after the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_coordinators_leases_move_one_timeout_after_the_crash() {
+    let aws = aws().await;
+    let (app, stream) = (unique("coorddeath"), unique("coorddeath"));
+    let mut workers = three_spread_with_long_failover(&aws, &app, &stream).await;
     let idx = workers.iter().position(|w| w.is_coordinator()).unwrap();
     workers.remove(idx).crash().await;
     let crashed = std::time::Instant::now();
@@ -523,6 +534,76 @@ async fn a_dead_coordinators_leases_move_one_timeout_after_the_crash() {
         "judged dead {judged:?} after the takeover: the successor did not bring the heartbeats it read"
     );
     wait_spread(&aws, &app, &workers, 3, 3, LONG_FAILOVER * 2).await;
+    for w in workers {
+        w.shutdown().await;
+    }
+}
+
+/// The coordinator dies: its last renewal recorded its own worker's last heartbeat, so the
+/// successor judges that worker dead in its very first lease round — its first publication
+/// already counts the two survivors — instead of one failover timeout after the heartbeat read
+/// it made when it saw a renewal missed (which would publish an unchanged limit first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_judges_the_old_coordinators_worker_when_it_takes_the_post() {
+    let aws = aws().await;
+    let (app, stream) = (unique("seed"), unique("seed"));
+    let mut workers = three_spread_with_long_failover(&aws, &app, &stream).await;
+    let idx = workers.iter().position(|w| w.is_coordinator()).unwrap();
+    let old = workers.remove(idx);
+    let old_id = old.state.settings.worker_id.clone();
+    old.crash().await;
+    // What the successor will find: the last renewal's record and the row as it stays.
+    let store = meta(&aws, &app);
+    let item = store.read_coordinator().await.unwrap().unwrap();
+    let row = store
+        .scan_heartbeats()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.worker_id == old_id)
+        .expect("the crashed coordinator's heartbeat row");
+    let before = store.read_limit().await.unwrap().unwrap();
+    let recorded = item
+        .owner_heartbeat
+        .clone()
+        .expect("renewals record the owner's heartbeat");
+    let (last, _) = wait_for(
+        LONG_FAILOVER * 3,
+        "a publication by a new coordinator counting 2 workers",
+        || {
+            let store = &store;
+            async move {
+                let l = store.read_limit().await.ok()??;
+                (l.epoch > before.epoch && l.live_workers == 2).then_some(l)
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "recorded heartbeat {} of {}, row at {} of {:?}; publications {}.{} -> {}.{}",
+        recorded.counter,
+        recorded.instance,
+        row.counter,
+        row.instance,
+        before.epoch,
+        before.version,
+        last.epoch,
+        last.version
+    );
+    if row.counter == recorded.counter && row.instance.as_deref() == Some(&recorded.instance) {
+        // The row still shows the recorded heartbeat: judged in the first round, so the
+        // term's first publication is this one.
+        assert_eq!(
+            last.version,
+            before.version + 1,
+            "the successor published before judging the old coordinator's worker dead"
+        );
+    } else {
+        // The crash came between a heartbeat landing and the renewal recording it (a few
+        // milliseconds a heartbeat): the read made at the missed renewal decides, as before.
+        eprintln!("the row moved past the recorded heartbeat: nothing to check this time");
+    }
+    assert_eq!(last.max_leases_per_worker, 3);
     for w in workers {
         w.shutdown().await;
     }
