@@ -233,6 +233,10 @@ async fn lease_rounds(
         let quiet = !moved
             && began >= settle_until
             && began < round.next_sync
+            && !round.limits.has_changed().unwrap_or(true)
+            && round.stamped == Some(round.generation)
+            && !round.stamp_uncertain
+            && !round.verdict_stamped
             && last_full.is_some_and(|t| began.duration_since(t) < s.heartbeat_interval * 3 / 2);
         let result = lease_round(&ctx, &store, &mut round, &stop, quiet).await;
         let scan_took = match &result {
@@ -242,7 +246,7 @@ async fn lease_rounds(
                 }
                 if outcome.full {
                     last_full = Some(began);
-                    moved = outcome.changed;
+                    moved = outcome.changed || outcome.awaiting;
                 }
                 outcome.scanned
             }
@@ -415,12 +419,15 @@ struct RoundOutcome {
     scanned: Duration,
     /// The lease table was scanned (false: a quiet round that found the fleet as it was).
     full: bool,
+    /// The scan showed a request (`pendingOwner`) its owner has not acted on yet: the next
+    /// round scans again to plan the step after it, quiet or not.
+    awaiting: bool,
     /// Something moved: the live count changed, the stream's listed shards changed (a
     /// term's first sync included), or a write of the plan landed. The rounds then come every
     /// `settling_interval` for a `settling_window`, so the next step (a lease a worker
     /// released, a worker that appeared meanwhile) is planned within a quarter heartbeat. A
     /// fleet where nothing moves (one whose unread shards wait for capacity included) is
-    /// scanned once a heartbeat.
+    /// scanned every other heartbeat (see `lease_round`'s quiet rounds).
     changed: bool,
 }
 
@@ -476,9 +483,10 @@ async fn read_liveness(
 }
 
 /// One lease round. `quiet` (nothing moved at the last full round, which was under a
-/// heartbeat and a half ago; no settling, no new limit, no sync due): read the heartbeats
-/// first, and if the same workers have rows, nobody is due or silent for two heartbeats and
-/// no verdict time is stamped, stop there. Nothing the coordinator must act on can then have
+/// heartbeat and a half ago and showed no request waiting for its owner; no settling, no new
+/// limit, no sync due, the stamp written): read the heartbeats first, and if the same workers
+/// have rows, the live count is the one published, and nobody is due or silent for half its
+/// timeout, stop there. Nothing the coordinator must act on can then have
 /// happened that a lease scan a heartbeat later would not find just as well (a hand-off it
 /// asked for completing, a shard read to its end), and in a still fleet the scan of every
 /// lease, the largest read there is, comes every other round.
@@ -493,18 +501,32 @@ async fn lease_round(
     // Owned: `round` is borrowed mutably below.
     let me = round.me.clone();
     let me = me.as_str();
-    if quiet && !round.verdict_stamped {
+    if quiet {
         let (rows, judged, issued, answered) = read_liveness(ctx, round).await?;
         let with_rows: BTreeSet<String> = rows.iter().map(|r| r.worker_id.clone()).collect();
         let suspect = round
             .liveness
             .next_suspect_verdict(me, answered, s.failover_timeout)
             .is_some();
-        if judged.dead.is_empty() && !suspect && round.rows_seen.as_ref() == Some(&with_rows) {
+        // The count the limit was last published for (a worker judged dead and back with the
+        // same row id changes it without changing the set of rows).
+        let live_count = judged
+            .live
+            .iter()
+            .filter(|w| with_rows.contains(w.as_str()) && w.as_str() != me)
+            .count() as u64
+            + 1;
+        let published_for = round.live_tx.borrow().map(|c| c.workers);
+        if judged.dead.is_empty()
+            && !suspect
+            && round.rows_seen.as_ref() == Some(&with_rows)
+            && published_for == Some(live_count)
+        {
             return Ok(RoundOutcome {
                 scanned: answered.duration_since(issued),
                 full: false,
                 changed: false,
+                awaiting: false,
             });
         }
     }
@@ -556,6 +578,7 @@ async fn lease_round(
                 scanned,
                 full: true,
                 changed,
+                awaiting: false,
             }),
             _ = tokio::time::timeout(s.heartbeat_interval, handled) => {}
         }
@@ -592,6 +615,7 @@ async fn lease_round(
             scanned,
             full: true,
             changed,
+            awaiting: false,
         });
     };
     // This worker is judged by its own row like anyone (a coordinator that cannot write its
@@ -700,6 +724,7 @@ async fn lease_round(
         scanned,
         full: true,
         changed,
+        awaiting: leases.iter().any(|l| l.pending.is_some()),
     })
 }
 

@@ -133,7 +133,7 @@ pub struct QueryInputs {
 /// Whether this round reads the worker's own leases. Everything a follower's query can show
 /// that is new was written or seen by the coordinator, which moves the stamp after such a
 /// round (after its writes): a stamp equal to the one seen before the last query means
-/// nothing changed for anyone as of the coordinator's last round (a round that fails takes
+/// nothing changed for anyone as of the coordinator's last full round (a round that fails takes
 /// the stamp off, and so does a step-down). Anything else reads: no query yet, no stamp of this
 /// term (no coordinator, one that has not stamped yet, or a binary that does not), a new
 /// stamp, settling, work of its own, and at least every `refresh` whatever the stamp says.

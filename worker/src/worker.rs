@@ -441,6 +441,8 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let mut first_retry = FIRST_LIMIT_RETRY;
     let mut quick_reads = 0;
     let mut last_read: Option<Instant> = None;
+    // Read once now, whatever the stamp says (see `WorkerState::limit_check`).
+    let mut force_read = false;
     let mut last_seen: Option<(u64, u64)> = None;
     let mut last_problem: Option<String> = None;
     loop {
@@ -452,9 +454,7 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
             // The lease loop found itself given more leases than the limit it holds: the
             // coordinator publishes before it assigns, so a higher limit is out. Read now,
             // not at the look that would show its stamp.
-            _ = ctx.state.limit_check.notified() => {
-                last_read = None;
-            }
+            _ = ctx.state.limit_check.notified() => force_read = true,
         }
         ctx.state.loop_went_round(crate::state::Loop::Limit);
         // A row read more than two heartbeats ago (the election loop is stuck in a slow call,
@@ -465,6 +465,7 @@ async fn limit_loop(ctx: Arc<Context>, stop: CancellationToken) {
         let seen = fresh.map(|(seen, _)| seen);
         let held = ctx.state.limit().map(|l| l.stamp());
         if ctx.state.role().0 == Role::Follower
+            && !std::mem::take(&mut force_read)
             && !crate::meta::limit_read_due(held, seen, last_read.map(|t| t.elapsed()), refresh)
         {
             // The look that showed the stamp already counted as a read for /ready.
