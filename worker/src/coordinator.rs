@@ -168,8 +168,9 @@ const SCAN_PAUSES: u32 = 2;
 /// They are the term's only reader of the heartbeats: the live-worker count goes from here to
 /// the publication loop through `live_tx`.
 ///
-/// Rounds start every `heartbeat_interval` (every `settling_interval` for a while after a
-/// round in which something moved: see [`RoundOutcome::changed`]), but never sooner than [`SCAN_PAUSES`] scan
+/// Rounds start every half `heartbeat_interval` (every `settling_interval` for a while after a
+/// round in which something moved: see [`RoundOutcome::changed`]; in a still fleet most are
+/// quiet, reading only the heartbeats), but never sooner than [`SCAN_PAUSES`] scan
 /// durations after the last round ended: on a large table the scan dominates, and the
 /// DynamoDB it shares with every heartbeat must not be kept busy by it (a slow table is
 /// scanned at most a third of the time). Within that bound a round also starts early:
@@ -237,7 +238,7 @@ async fn lease_rounds(
             && round.stamped == Some(round.generation)
             && !round.stamp_uncertain
             && !round.verdict_stamped
-            && last_full.is_some_and(|t| began.duration_since(t) < s.heartbeat_interval * 3 / 2);
+            && last_full.is_some_and(|t| began.duration_since(t) < s.heartbeat_interval * 7 / 4);
         let result = lease_round(&ctx, &store, &mut round, &stop, quiet).await;
         let scan_took = match &result {
             Ok(outcome) => {
@@ -258,11 +259,14 @@ async fn lease_rounds(
             }
         };
         earliest = Instant::now() + scan_took * SCAN_PAUSES;
+        // Rounds come every half heartbeat (a quarter while settling), so a row's last change
+        // is seen, and its silence dated, within half a heartbeat; in a still fleet most of
+        // them are quiet (heartbeats only).
         next_round = began
-            + if result.is_ok() && Instant::now() < settle_until {
-                s.settling_interval()
-            } else {
-                s.heartbeat_interval
+            + match &result {
+                Err(_) => s.heartbeat_interval,
+                Ok(_) if Instant::now() < settle_until => s.settling_interval(),
+                Ok(_) => s.heartbeat_interval / 2,
             };
         // A failed round retries at the usual pace (a fast-failing scan must not spin on a
         // deadline it never gets past).
@@ -427,7 +431,7 @@ struct RoundOutcome {
     /// `settling_interval` for a `settling_window`, so the next step (a lease a worker
     /// released, a worker that appeared meanwhile) is planned within a quarter heartbeat. A
     /// fleet where nothing moves (one whose unread shards wait for capacity included) is
-    /// scanned every other heartbeat (see `lease_round`'s quiet rounds).
+    /// scanned every second heartbeat (see `lease_round`'s quiet rounds).
     changed: bool,
 }
 
@@ -482,14 +486,15 @@ async fn read_liveness(
     Ok((rows, judged, issued, answered))
 }
 
-/// One lease round. `quiet` (nothing moved at the last full round, which was under a
-/// heartbeat and a half ago and showed no request waiting for its owner; no settling, no new
+/// One lease round. `quiet` (nothing moved at the last full round, which was under two
+/// heartbeats ago and showed no request waiting for its owner; no settling, no new
 /// limit, no sync due, the stamp written): read the heartbeats first, and if the same workers
 /// have rows, the live count is the one published, and nobody is due or silent for half its
 /// timeout, stop there. Nothing the coordinator must act on can then have
-/// happened that a lease scan a heartbeat later would not find just as well (a hand-off it
-/// asked for completing, a shard read to its end), and in a still fleet the scan of every
-/// lease, the largest read there is, comes every other round.
+/// happened that a lease scan a little later would not find just as well (a shard read to its
+/// end, a lease given up), and in a still fleet the scan of every lease, the largest read
+/// there is, comes every fourth round (every second heartbeat) while the heartbeats are read
+/// every half heartbeat.
 async fn lease_round(
     ctx: &Context,
     store: &LeaseStore,
