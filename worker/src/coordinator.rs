@@ -486,6 +486,19 @@ async fn read_liveness(
     Ok((rows, judged, issued, answered))
 }
 
+/// The count the limit is computed from: workers judged live that have a heartbeat row (an
+/// owner without one is waited for before its leases move, but is not counted), and `me`,
+/// alive by definition there even before its first row is read.
+fn live_count(judged: &Liveness, rows: &[HeartbeatRow], me: &str) -> u64 {
+    let with_rows: BTreeSet<&str> = rows.iter().map(|r| r.worker_id.as_str()).collect();
+    judged
+        .live
+        .iter()
+        .filter(|w| with_rows.contains(w.as_str()) && w.as_str() != me)
+        .count() as u64
+        + 1
+}
+
 /// One lease round. `quiet` (nothing moved at the last full round, which was under two
 /// heartbeats ago and showed no request waiting for its owner; no settling, no new
 /// limit, no sync due, the stamp written): read the heartbeats first, and if the same workers
@@ -515,12 +528,7 @@ async fn lease_round(
             .is_some();
         // The count the limit was last published for (a worker judged dead and back with the
         // same row id changes it without changing the set of rows).
-        let live_count = judged
-            .live
-            .iter()
-            .filter(|w| with_rows.contains(w.as_str()) && w.as_str() != me)
-            .count() as u64
-            + 1;
+        let live_count = live_count(&judged, &rows, me);
         let published_for = round.live_tx.borrow().map(|c| c.workers);
         if judged.dead.is_empty()
             && !suspect
@@ -556,17 +564,8 @@ async fn lease_round(
             c.map(|c| (id.clone(), c, row.instance.clone()))
         })
         .collect();
-    // The count the limit is computed from: workers with a live row (an owner without one is
-    // waited for before its leases move, but is not counted), and this worker, alive by
-    // definition there even before its first row is read.
-    let with_rows: BTreeSet<&str> = rows.iter().map(|r| r.worker_id.as_str()).collect();
-    round.rows_seen = Some(with_rows.iter().map(|w| (*w).to_owned()).collect());
-    let live_workers = judged
-        .live
-        .iter()
-        .filter(|w| with_rows.contains(w.as_str()) && w.as_str() != me)
-        .count() as u64
-        + 1;
+    round.rows_seen = Some(rows.iter().map(|r| r.worker_id.clone()).collect());
+    let live_workers = live_count(&judged, &rows, me);
     // Sent at once: neither the sync (creating every lease item of a new stream) nor the
     // writes hold a new limit back. This round then plans under the limit the new count gives
     // (a death raises it: the dead worker's leases are all assigned now, not a round later),
@@ -954,6 +953,8 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
     // One try per silence: followers of a post that looks silent because DynamoDB is
     // struggling must not all scan the heartbeats again at every look.
     let mut pre_term_read_tried = false;
+    // The epoch of the silent post a takeover window was opened for.
+    let mut takeover_watch: Option<u64> = None;
     // This turn renews because the worker's heartbeat just landed.
     let mut after_heartbeat = false;
     // The last verdict announcement seen (the stamp it came with, and its time left).
@@ -1109,6 +1110,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
             }
             _ => {}
         }
+        let row_epoch = row.as_ref().map(|r| r.epoch);
         match observer.judge(row, read_at, s.failover_timeout, min_epoch) {
             Verdict::Follow {
                 recheck_by: r,
@@ -1120,7 +1122,12 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                     // Renewed since the last read.
                     pre_term_liveness = None;
                     pre_term_read_tried = false;
-                    ctx.state.expect_lease_changes(ChangeSource::Takeover, None);
+                    // The silent owner renewed after all: no takeover, withdraw the window.
+                    // A new term is what the window waits for: it closes by itself.
+                    if takeover_watch.is_some() && takeover_watch == row_epoch {
+                        ctx.state.expect_lease_changes(ChangeSource::Takeover, None);
+                    }
+                    takeover_watch = None;
                 }
                 let suspect = silent_since + missed_after;
                 if read_at < suspect {
@@ -1131,6 +1138,7 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                     suspect_at = None;
                     ctx.state
                         .expect_lease_changes(ChangeSource::Takeover, Some(r));
+                    takeover_watch = row_epoch;
                     if !pre_term_read_tried {
                         pre_term_read_tried = true;
                         pre_term_liveness =

@@ -59,8 +59,8 @@ pub struct Args {
     #[arg(long)]
     pub report_only: bool,
     /// Which consumer the SIGKILL hits: the one named `c1` (the default), or this worker's
-    /// coordinator as its `/status` says (c1 where no consumer serves `/status` or none says
-    /// it is the coordinator: the peers and the naive design).
+    /// coordinator, or one of its followers, as their `/status` says (c1 where no consumer
+    /// serves `/status` or none says so: the peers and the naive design).
     #[arg(long, value_enum, default_value = "c1")]
     pub kill: Victim,
 }
@@ -72,6 +72,8 @@ pub enum Victim {
     C1,
     /// This worker's coordinator at that moment, as its `/status` says.
     Coordinator,
+    /// The first of this worker's consumers (c0, c1, …) whose `/status` says it follows.
+    Follower,
 }
 
 /// How long each phase of the script lasts.
@@ -404,6 +406,10 @@ fn run_system(
         Victim::Coordinator => roles
             .iter()
             .find(|(_, r)| r.as_deref() == Some("coordinator"))
+            .map(|(n, _)| n.clone()),
+        Victim::Follower => roles
+            .iter()
+            .find(|(_, r)| r.as_deref() == Some("follower"))
             .map(|(n, _)| n.clone()),
     }
     .unwrap_or_else(|| "c1".to_owned());
