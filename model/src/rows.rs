@@ -62,7 +62,7 @@ pub struct CoordinatorRow {
     /// the previous process's, which never matches the new owner's row.
     #[serde(default)]
     pub owner_heartbeat: Option<OwnerHeartbeat>,
-    /// Written with the lease stamp while a worker has been silent for half its failover
+    /// Written with the lease stamp while a worker has been silent for three quarters of its failover
     /// timeout: how long after that lease round its verdict is due (its leases move then), in
     /// milliseconds. Followers, who cannot know when the round wrote it, read their leases
     /// quickly in a window around the instant it gives. Valid only with a lease stamp of the

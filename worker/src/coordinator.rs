@@ -502,7 +502,7 @@ fn live_count(judged: &Liveness, rows: &[HeartbeatRow], me: &str) -> u64 {
 /// One lease round. `quiet` (nothing moved at the last full round, which was under two
 /// heartbeats ago and showed no request waiting for its owner; no settling, no new
 /// limit, no sync due, the stamp written): read the heartbeats first, and if the same workers
-/// have rows, the live count is the one published, and nobody is due or silent for half its
+/// have rows, the live count is the one published, and nobody is due or silent for three quarters of its
 /// timeout, stop there. Nothing the coordinator must act on can then have
 /// happened that a lease scan a little later would not find just as well (a shard read to its
 /// end, a lease given up), and in a still fleet the scan of every lease, the largest read
@@ -1136,9 +1136,13 @@ pub async fn election_loop(ctx: Arc<Context>, stop: CancellationToken) -> Option
                     // Unchanged for more than a renewal interval: a renewal was missed. The
                     // post (and its worker's leases) may move when it is judged silent.
                     suspect_at = None;
-                    ctx.state
-                        .expect_lease_changes(ChangeSource::Takeover, Some(r));
-                    takeover_watch = row_epoch;
+                    // The window only once the takeover is near (within two heartbeats): a
+                    // renewal that is merely late, on a loaded table, costs no reads.
+                    if read_at + s.heartbeat_interval * 2 >= r {
+                        ctx.state
+                            .expect_lease_changes(ChangeSource::Takeover, Some(r));
+                        takeover_watch = row_epoch;
+                    }
                     if !pre_term_read_tried {
                         pre_term_read_tried = true;
                         pre_term_liveness =

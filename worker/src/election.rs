@@ -306,9 +306,11 @@ impl LivenessTracker {
     }
 
     /// The earliest verdict due among *suspects*, workers other than `except` silent for at
-    /// least half their timeout as of `now` (two missed heartbeats at four heartbeats a
-    /// timeout, whatever heartbeat each runs): when their leases will likely move. `None`
-    /// when nobody is that silent.
+    /// least three quarters of their timeout as of `now` (three missed heartbeats at four
+    /// heartbeats a timeout, whatever heartbeat each runs: by then its own fence is up, so a
+    /// suspect is all but certainly gone, and an overloaded table that merely delays
+    /// heartbeats seldom makes one): when their leases will likely move. `None` when nobody
+    /// is that silent.
     pub fn next_suspect_verdict(
         &self,
         except: &str,
@@ -320,7 +322,7 @@ impl LivenessTracker {
             .iter()
             .filter(|(id, _)| id.as_str() != except)
             .map(|(_, seen)| (seen.since, effective_timeout(timeout, seen.failover)))
-            .filter(|(since, timeout)| now.saturating_duration_since(*since) >= *timeout / 2)
+            .filter(|(since, timeout)| now.saturating_duration_since(*since) >= *timeout * 3 / 4)
             .map(|(since, timeout)| since + timeout)
             .filter(|due| *due > judged_at)
             .min()
@@ -621,7 +623,7 @@ mod tests {
     }
 
     #[test]
-    fn a_suspect_is_a_worker_silent_for_half_its_timeout_other_than_the_observer() {
+    fn a_suspect_is_a_worker_silent_for_three_quarters_of_its_timeout_other_than_the_observer() {
         let mut l = LivenessTracker::default();
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
@@ -634,18 +636,18 @@ mod tests {
             T,
         );
         let suspect = |now: Instant| l.next_suspect_verdict("me", now, T);
-        assert_eq!(suspect(t0 + s * 4), None, "nobody silent for 5 s yet");
-        assert_eq!(suspect(t0 + s * 5), Some(t0 + T), "a, due at t0 + T");
-        // A row publishing a longer timeout is a suspect only after half of that.
+        assert_eq!(suspect(t0 + s * 7), None, "nobody silent for 7.5 s yet");
+        assert_eq!(suspect(t0 + s * 8), Some(t0 + T), "a, due at t0 + T");
+        // A row publishing a longer timeout is a suspect only after three quarters of that.
         let mut l2 = LivenessTracker::default();
         let slow = HeartbeatRow {
             failover_ms: Some(40_000),
             ..hb("c", 1)
         };
         l2.observe(std::slice::from_ref(&slow), none(), t0, T);
-        assert_eq!(l2.next_suspect_verdict("me", t0 + s * 19, T), None);
+        assert_eq!(l2.next_suspect_verdict("me", t0 + s * 29, T), None);
         assert_eq!(
-            l2.next_suspect_verdict("me", t0 + s * 20, T),
+            l2.next_suspect_verdict("me", t0 + s * 30, T),
             Some(t0 + s * 40)
         );
     }
