@@ -99,6 +99,21 @@ pub const MAX_BALANCE_MOVES_PER_ROUND: usize = 2;
 /// Assignment writes the coordinator keeps in flight at once.
 const ASSIGNMENT_WRITES_IN_FLIGHT: usize = 4;
 
+/// Lists the stream's shards (one `ListShards`, paged), recorded for `/status`.
+async fn list_stream(ctx: &Context) -> Result<Vec<ShardInfo>, crate::aws::AwsError> {
+    let listing = list_shards(&ctx.aws, &ctx.state.settings.stream_name).await;
+    ctx.state.stream_call(
+        "ListShards",
+        listing.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+    );
+    listing
+}
+
+/// The ids of listed shards.
+fn shard_ids(listed: &[ShardInfo]) -> BTreeSet<String> {
+    listed.iter().map(|sh| sh.shard_id.clone()).collect()
+}
+
 /// Keeps one lease per shard that still needs reading, from one ListShards and the round's
 /// scan: creates leases for new shards (parents before children, so children wait), deletes
 /// leases of shards the stream no longer lists (expired after the retention period). A closed
@@ -109,14 +124,9 @@ async fn sync_leases(
     store: &LeaseStore,
     leases: &[Lease],
 ) -> Result<BTreeSet<String>, crate::aws::AwsError> {
-    let listing = list_shards(&ctx.aws, &ctx.state.settings.stream_name).await;
-    ctx.state.stream_call(
-        "ListShards",
-        listing.as_ref().map(|_| ()).map_err(|e| e.to_string()),
-    );
-    let mut listed = listing?;
+    let mut listed = list_stream(ctx).await?;
     let have: BTreeSet<&str> = leases.iter().map(|l| l.shard_id.as_str()).collect();
-    let listed_ids: BTreeSet<String> = listed.iter().map(|sh| sh.shard_id.clone()).collect();
+    let listed_ids = shard_ids(&listed);
     // Shards without parents first, then by id: a parent's lease exists before its child's.
     listed.sort_by(|a, b| {
         (!a.parents.is_empty(), &a.shard_id).cmp(&(!b.parents.is_empty(), &b.shard_id))
@@ -233,7 +243,6 @@ async fn lease_rounds(
         // In a still fleet every other round reads only the heartbeats (see `lease_round`).
         let quiet = !moved
             && began >= settle_until
-            && began < round.next_sync
             && !round.limits.has_changed().unwrap_or(true)
             && round.stamped == Some(round.generation)
             && !round.stamp_uncertain
@@ -499,11 +508,31 @@ fn live_count(judged: &Liveness, rows: &[HeartbeatRow], me: &str) -> u64 {
         + 1
 }
 
+/// In a quiet round with the stream's sync due: whether the stream still lists exactly the
+/// shards the last sync made leases for (then there is nothing to create or delete, and the
+/// next sync is due a `shard_poll_interval` later). A listing that differs, or fails, leaves
+/// the sync to a full round, which lists again after its scan (a listing older than the scan
+/// could delete a lease created in between).
+async fn stream_unchanged(ctx: &Context, round: &mut RoundState) -> bool {
+    if Instant::now() < round.next_sync {
+        return true;
+    }
+    match list_stream(ctx).await {
+        Ok(listed) if round.listed.as_ref() == Some(&shard_ids(&listed)) => {
+            round.next_sync = Instant::now() + ctx.state.settings.shard_poll_interval;
+            true
+        }
+        _ => false,
+    }
+}
+
 /// One lease round. `quiet` (nothing moved at the last full round, which was under two
 /// heartbeats ago and showed no request waiting for its owner; no settling, no new
-/// limit, no sync due, the stamp written): read the heartbeats first, and if the same workers
-/// have rows, the live count is the one published, and nobody is due or silent for three quarters of its
-/// timeout, stop there. Nothing the coordinator must act on can then have
+/// limit, the stamp written): read the heartbeats first, and if the same workers have rows,
+/// the live count is the one published, nobody is due or silent for three quarters of its
+/// timeout, and (when the sync is due) the stream lists the shards it listed, stop there.
+/// The sync's listing is a Kinesis call; the scan it would otherwise need is the round's
+/// largest read, and `shard_poll_interval` may be shorter than two heartbeats. Nothing the coordinator must act on can then have
 /// happened that a lease scan a little later would not find just as well (a shard read to its
 /// end, a lease given up), and in a still fleet the scan of every lease, the largest read
 /// there is, comes every fourth round (every second heartbeat) while the heartbeats are read
@@ -534,6 +563,7 @@ async fn lease_round(
             && !suspect
             && round.rows_seen.as_ref() == Some(&with_rows)
             && published_for == Some(live_count)
+            && stream_unchanged(ctx, round).await
         {
             return Ok(RoundOutcome {
                 scanned: answered.duration_since(issued),

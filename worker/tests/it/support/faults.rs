@@ -107,6 +107,8 @@ struct Shared {
     faults: BTreeMap<String, Fault>,
     /// Requests seen per operation (passed or not).
     seen: BTreeMap<String, u64>,
+    /// Requests seen per operation and table (a request without a `TableName` is not here).
+    seen_by_table: BTreeMap<(String, String), u64>,
     /// Requests answered or cut by a fault, per operation.
     faulted: BTreeMap<String, u64>,
     /// Items returned by DynamoDB reads, per operation (`Count` of a Scan or Query page, one
@@ -171,6 +173,17 @@ impl FaultProxy {
             .unwrap_or(&0)
     }
 
+    /// Requests seen for `operation` on `table` so far.
+    pub fn seen_on(&self, operation: &str, table: &str) -> u64 {
+        *self
+            .shared
+            .lock()
+            .unwrap()
+            .seen_by_table
+            .get(&(operation.to_owned(), table.to_owned()))
+            .unwrap_or(&0)
+    }
+
     /// Items DynamoDB returned to `operation` calls so far.
     pub fn items(&self, operation: &str) -> u64 {
         *self
@@ -214,6 +227,11 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Mutex<Sh
         let fault = {
             let mut g = shared.lock().unwrap();
             *g.seen.entry(operation.clone()).or_default() += 1;
+            if let Some(table) = table_name(&request) {
+                *g.seen_by_table
+                    .entry((operation.clone(), table))
+                    .or_default() += 1;
+            }
             let fault = g
                 .faults
                 .get(&operation)
@@ -282,6 +300,14 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Mutex<Sh
             return;
         }
     }
+}
+
+/// The `TableName` a DynamoDB request names, from its JSON body.
+fn table_name(request: &Message) -> Option<String> {
+    let body = String::from_utf8_lossy(&request.bytes[request.head.len()..]);
+    let rest = body.split("\"TableName\":").nth(1)?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    Some(rest[..rest.find('"')?].to_owned())
 }
 
 /// Items a DynamoDB read returned, from its JSON answer.
