@@ -173,7 +173,8 @@ async fn sync_leases(
 const SCAN_PAUSES: u32 = 2;
 
 /// The coordinator's lease rounds: one scan of the lease table and of the heartbeats, the
-/// lease table synced with the stream when `shard_poll_interval` is due (from the same scan),
+/// lease table synced with the stream when `shard_poll_interval` is due (from the same scan;
+/// a quiet round that finds the stream listing the shards of the last sync needs none),
 /// a plan for the whole fleet, and its writes (each conditional on the lease as scanned).
 /// They are the term's only reader of the heartbeats: the live-worker count goes from here to
 /// the publication loop through `live_tx`.
@@ -240,10 +241,11 @@ async fn lease_rounds(
             }
         }
         let began = Instant::now();
-        // In a still fleet every other round reads only the heartbeats (see `lease_round`).
+        // In a still fleet three rounds in four read only the heartbeats (see `lease_round`).
         let quiet = !moved
             && began >= settle_until
             && !round.limits.has_changed().unwrap_or(true)
+            && !round.resharded(&ctx)
             && round.stamped == Some(round.generation)
             && !round.stamp_uncertain
             && !round.verdict_stamped
@@ -305,8 +307,11 @@ struct RoundState {
     handled: watch::Receiver<u64>,
     /// Published limits: a change no round has planned under yet starts one.
     limits: watch::Receiver<(u64, u64)>,
-    /// The stream's shard ids at the last sync.
+    /// The stream's shard ids at the last completed sync (every lease created and deleted):
+    /// the ids of the lease table then.
     listed: Option<BTreeSet<String>>,
+    /// When the stream is next listed: by a full round's sync, or by a quiet round, which
+    /// moves it on when the listing shows the ids of the last sync.
     next_sync: Instant,
     /// The published shard count the last sync ran under: a new one (a reshard the
     /// publication loop saw) syncs at once, not when `next_sync` comes.
@@ -331,6 +336,13 @@ struct RoundState {
 }
 
 impl RoundState {
+    /// The publication loop published a shard count no completed sync ran under (a reshard
+    /// it saw first, or a sync that failed): the next round syncs, and it is a full one.
+    fn resharded(&self, ctx: &Context) -> bool {
+        let published = ctx.state.limit().map(|l| l.shard_count);
+        published.is_some() && published != self.synced_for
+    }
+
     /// Moves the lease generation if this round's scan or writes changed who owns what, and
     /// stamps it on the coordinator item (after the writes: a follower that sees the stamp
     /// finds them when it queries). A stamp that could not be written is tried again next
@@ -509,34 +521,38 @@ fn live_count(judged: &Liveness, rows: &[HeartbeatRow], me: &str) -> u64 {
 }
 
 /// In a quiet round with the stream's sync due: whether the stream still lists exactly the
-/// shards the last sync made leases for (then there is nothing to create or delete, and the
-/// next sync is due a `shard_poll_interval` later). A listing that differs, or fails, leaves
-/// the sync to a full round, which lists again after its scan (a listing older than the scan
-/// could delete a lease created in between).
+/// shards of the last completed sync. The sync would then change nothing the stream changed;
+/// a lease item lost from the table meanwhile (deleted by hand) is recreated by the next full
+/// round, which syncs whenever its scan's ids differ from the last sync's. The next listing
+/// is due a `shard_poll_interval` later, also after a failed one (as after a failed sync). A
+/// listing that differs leaves the sync to a full round, which lists again after its scan (a
+/// listing older than the scan could delete a lease created in between).
 async fn stream_unchanged(ctx: &Context, round: &mut RoundState) -> bool {
     if Instant::now() < round.next_sync {
         return true;
     }
-    match list_stream(ctx).await {
-        Ok(listed) if round.listed.as_ref() == Some(&shard_ids(&listed)) => {
-            round.next_sync = Instant::now() + ctx.state.settings.shard_poll_interval;
+    let listing = list_stream(ctx).await;
+    round.next_sync = Instant::now() + ctx.state.settings.shard_poll_interval;
+    match listing {
+        Ok(listed) => round.listed.as_ref() == Some(&shard_ids(&listed)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the stream's shards; trying again later");
             true
         }
-        _ => false,
     }
 }
 
-/// One lease round. `quiet` (nothing moved at the last full round, which was under two
-/// heartbeats ago and showed no request waiting for its owner; no settling, no new
-/// limit, the stamp written): read the heartbeats first, and if the same workers have rows,
-/// the live count is the one published, nobody is due or silent for three quarters of its
-/// timeout, and (when the sync is due) the stream lists the shards it listed, stop there.
-/// The sync's listing is a Kinesis call; the scan it would otherwise need is the round's
-/// largest read, and `shard_poll_interval` may be shorter than two heartbeats. Nothing the coordinator must act on can then have
-/// happened that a lease scan a little later would not find just as well (a shard read to its
-/// end, a lease given up), and in a still fleet the scan of every lease, the largest read
-/// there is, comes every fourth round (every second heartbeat) while the heartbeats are read
-/// every half heartbeat.
+/// One lease round. `quiet` (nothing moved at the last full round, which was under 1.75
+/// heartbeats ago and showed no request waiting for its owner; no settling, no new limit or
+/// unsynced reshard, the stamp written): read the heartbeats first, and if the same workers
+/// have rows, the live count is the one published, nobody is due or silent for three
+/// quarters of its timeout, and (when the sync is due) the stream lists the shards of the
+/// last sync, stop there. Nothing the coordinator must act on can then have happened that a
+/// lease scan a little later would not find just as well (a shard read to its end, a lease
+/// given up), and in a still fleet the scan of every lease, the largest read there is, comes
+/// every fourth round (every second heartbeat) while the heartbeats are read every half
+/// heartbeat. The sync's listing is a Kinesis call: with `shard_poll_interval` under two
+/// heartbeats, a sync that needed the scan would make most rounds full ones.
 async fn lease_round(
     ctx: &Context,
     store: &LeaseStore,
@@ -625,8 +641,12 @@ async fn lease_round(
         }
     };
     let published_shards = ctx.state.limit().map(|l| l.shard_count);
-    let resharded = published_shards.is_some() && published_shards != round.synced_for;
-    if Instant::now() >= round.next_sync || resharded {
+    // After a completed sync the lease table holds exactly the listed shards; a scan that
+    // differs (an item deleted by hand, or a sync that failed half-way) syncs at once.
+    let drifted = round.listed.as_ref().is_some_and(|listed| {
+        leases.len() != listed.len() || leases.iter().any(|l| !listed.contains(&l.shard_id))
+    });
+    if Instant::now() >= round.next_sync || round.resharded(ctx) || drifted {
         match sync_leases(ctx, store, &leases).await {
             Ok(ids) => {
                 changed |= round.listed.as_ref() != Some(&ids);

@@ -400,6 +400,78 @@ async fn a_lease_with_a_mistyped_counter_is_still_read() {
     w.shutdown().await;
 }
 
+/// 1c. A lease item deleted while its shard is read (by hand, or by another tool): the
+///     coordinator's next full round finds the lease table short of what the stream lists and
+///     creates the lease again, so the shard is read again (from the start: its checkpoint
+///     went with the item), never by two workers at once, and nothing put is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_lease_comes_back_and_its_shard_is_read_again() {
+    let aws = aws().await;
+    let (app, stream) = (unique("deleted"), unique("deleted"));
+    create_stream(&aws, &stream, 2).await;
+    let sh = shards(&aws, &stream).await;
+    let ledger = Arc::new(Ledger::default());
+    let workers = start_workers_with(
+        &app,
+        &stream,
+        ["w0".into(), "w1".into()],
+        &aws,
+        Some(ledger.clone()),
+    )
+    .await;
+    wait_spread(&aws, &app, &workers, 1, 1, Duration::from_secs(30)).await;
+    let mut produced = put_to(&aws, &stream, &sh[0], "before", 20).await;
+    wait_processed(&ledger, &produced, "shard 0's first records").await;
+
+    aws.dynamodb
+        .delete_item()
+        .table_name(&app)
+        .key(LEASE_KEY, s(&sh[0].id))
+        .send()
+        .await
+        .expect("DeleteItem of a lease");
+    let deleted_at = Instant::now();
+    let store = lease_store(&aws, &app);
+    // A full round comes every second heartbeat at most; the next round assigns the lease.
+    let (owner, took) = wait_until(
+        HEARTBEAT * 4 + MARGIN,
+        "shard 0's lease to be back and held",
+        || {
+            let store = store.clone();
+            let id = sh[0].id.clone();
+            async move {
+                match store.get(&id).await.unwrap() {
+                    Some(l) => l
+                        .owner
+                        .clone()
+                        .ok_or_else(|| format!("back, unowned: {l:?}")),
+                    None => Err("no lease item".into()),
+                }
+            }
+        },
+    )
+    .await;
+    eprintln!("deleted lease: back and held by {owner} {took:?} after the delete");
+    let after = put_to(&aws, &stream, &sh[0], "after-delete", 20).await;
+    produced.extend(after.iter().cloned());
+    let took = wait_processed(
+        &ledger,
+        &after,
+        "shard 0's records after its lease was deleted",
+    )
+    .await;
+    eprintln!(
+        "deleted lease: records put after it processed within {took:?} ({:?} after the delete)",
+        deleted_at.elapsed()
+    );
+    let report = ledger.check(&produced);
+    eprintln!("{report}");
+    assert_none_lost_never_two_readers(&report);
+    for w in workers {
+        w.shutdown().await;
+    }
+}
+
 /// 2. A lease item whose `leaseOwner` is not a string. DynamoDB refuses such an item while the
 ///    `leaseOwner-index` exists (the index key is a string), so it comes from a lease table
 ///    made without the index (by another tool), which the workers find at start and index.
