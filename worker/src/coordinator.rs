@@ -118,12 +118,12 @@ fn shard_ids(listed: &[ShardInfo]) -> BTreeSet<String> {
 /// scan: creates leases for new shards (parents before children, so children wait), deletes
 /// leases of shards the stream no longer lists (expired after the retention period). A closed
 /// shard keeps its `SHARD_END` lease while it is listed, so a missing lease always means
-/// "new", never "finished". Returns the listed ids.
+/// "new", never "finished". Returns the listed ids, and whether it created any lease.
 async fn sync_leases(
     ctx: &Context,
     store: &LeaseStore,
     leases: &[Lease],
-) -> Result<BTreeSet<String>, crate::aws::AwsError> {
+) -> Result<(BTreeSet<String>, bool), crate::aws::AwsError> {
     let mut listed = list_stream(ctx).await?;
     let have: BTreeSet<&str> = leases.iter().map(|l| l.shard_id.as_str()).collect();
     let listed_ids = shard_ids(&listed);
@@ -166,7 +166,7 @@ async fn sync_leases(
             "lease table synced with the stream"
         );
     }
-    Ok(listed_ids)
+    Ok((listed_ids, created > 0))
 }
 
 /// After a round, the coordinator waits at least this many times the lease scan's duration.
@@ -591,7 +591,7 @@ async fn lease_round(
     }
     let began = Instant::now();
     let scan = store.scan().await;
-    let scanned = began.elapsed();
+    let mut scanned = began.elapsed();
     if let Ok(leases) = &scan {
         round.owners = leases.iter().filter_map(|l| l.owner.clone()).collect();
     }
@@ -633,7 +633,7 @@ async fn lease_round(
             _ = tokio::time::timeout(s.heartbeat_interval, handled) => {}
         }
     }
-    let leases = match scan {
+    let mut leases = match scan {
         Ok(leases) => leases,
         Err(e) => {
             remove_dead_rows(ctx, &mut round.liveness, &dead_rows).await;
@@ -648,11 +648,33 @@ async fn lease_round(
     });
     if Instant::now() >= round.next_sync || round.resharded(ctx) || drifted {
         match sync_leases(ctx, store, &leases).await {
-            Ok(ids) => {
+            Ok((ids, created)) => {
                 changed |= round.listed.as_ref() != Some(&ids);
                 round.listed = Some(ids);
                 // A failed sync leaves the reshard to be synced at the next round.
                 round.synced_for = published_shards;
+                // The leases just created (a new stream's above all: a reshard's children wait
+                // for their parents anyway) are planned in this round, not a settling
+                // interval later (3.75 s at a 15 s heartbeat). Only the new items are taken
+                // from a second scan: every other lease is planned as the first scan showed
+                // it, before the heartbeats were read. A scan that fails, or does not show
+                // them yet (it is eventually consistent), leaves them to the next round.
+                if created {
+                    let began = Instant::now();
+                    match store.scan().await {
+                        Ok(rescanned) => {
+                            let known: BTreeSet<String> =
+                                leases.iter().map(|l| l.shard_id.clone()).collect();
+                            leases.extend(
+                                rescanned
+                                    .into_iter()
+                                    .filter(|l| !known.contains(&l.shard_id)),
+                            );
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot scan the leases just created"),
+                    }
+                    scanned += began.elapsed();
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot sync the lease table with the stream's shards")

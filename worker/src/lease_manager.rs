@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::assignment;
+use crate::config::SETTLING_INTERVAL_MIN;
 use crate::consumer::{ConsumerExit, consume};
 use crate::context::{Context, ticker};
 use crate::leases::{Held, Lease, LeaseStore, Pending};
@@ -107,6 +108,24 @@ fn reason_label(reason: &str) -> &'static str {
 /// before its next scheduled round.
 const QUERY_PAUSES: u32 = 2;
 
+/// Reads a worker makes, quicker than its settling reads, after its first limit while it has
+/// no lease yet. The coordinator publishes a limit before it assigns under it, in the same
+/// round, so a worker that has just learnt its first limit is usually given its leases a
+/// moment later; at a long heartbeat the settling reads alone would find them up to a quarter
+/// heartbeat later (3.75 s at 15 s). Once per start: a bounded burst, not a cadence.
+pub const FIRST_LEASE_READS: u32 = 3;
+
+/// The gap before the next read while a worker waits for its first leases, `done` of the
+/// [`FIRST_LEASE_READS`] made: [`SETTLING_INTERVAL_MIN`] doubled at each read, never above
+/// `settling_interval`; `None` once they are all made (the settling reads go on).
+pub fn first_lease_gap(done: u32, settling_interval: Duration) -> Option<Duration> {
+    (done < FIRST_LEASE_READS).then(|| {
+        SETTLING_INTERVAL_MIN
+            .saturating_mul(1 << done.min(16))
+            .min(settling_interval)
+    })
+}
+
 /// What decides whether a round reads this worker's leases (see [`lease_query_due`]).
 #[derive(Debug, Clone, Copy)]
 pub struct QueryInputs {
@@ -181,6 +200,10 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
     let mut expected = ctx.state.expected_lease_changes();
     let mut last_stamp: Option<LeaseStamp> = None;
     let mut last_query: Option<(Instant, Option<LeaseStamp>)> = None;
+    // Until its first leases after its first limit: how many quick reads were made (see
+    // `FIRST_LEASE_READS`); `None` before the first limit and once they are over.
+    let mut first_reads: Option<u32> = None;
+    let mut had_limit = false;
     // Work of its own left for the next query: leases owned but not acquired (over the
     // per-round bound, or a write that failed), a hand-off or release that could not be
     // written, a drain that ended, a query that failed.
@@ -219,6 +242,14 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
             // A new limit (the first one at start, a lower one after a scale-up): obey it now.
             _ = ctx.state.limit_changed.notified() => {
                 settle_until = Some(Instant::now() + s.settling_window());
+                if !had_limit {
+                    had_limit = true;
+                    // The coordinator's own worker queries every round and is woken when it
+                    // assigns itself leases.
+                    first_reads = (consumers.is_empty()
+                        && ctx.state.role().0 != Role::Coordinator)
+                        .then_some(0);
+                }
             }
             // This worker, as coordinator, just assigned leases to itself (the index it
             // queries may not show them yet: the settling reads look again soon).
@@ -326,8 +357,15 @@ pub async fn lease_loop(ctx: Arc<Context>, stop: CancellationToken) {
         // twice as long as this one took, so this worker keeps DynamoDB busy at most a third
         // of the time.
         let pause = query_began.elapsed() * QUERY_PAUSES;
+        // A failed read counts as one of the first-lease reads; a read that finds leases ends
+        // them.
+        let found = matches!(&owned, Ok(v) if !v.is_empty());
+        let first_gap = first_reads
+            .filter(|_| !found)
+            .and_then(|done| first_lease_gap(done, s.settling_interval()));
+        first_reads = first_gap.and(first_reads.map(|done| done + 1));
         if settling {
-            tick.reset_after(pause.max(s.settling_interval()));
+            tick.reset_after(pause.max(first_gap.unwrap_or(s.settling_interval())));
         } else if pause > s.heartbeat_interval {
             tick.reset_after(pause);
         }
@@ -804,6 +842,24 @@ mod tests {
     use super::*;
 
     const REFRESH: Duration = Duration::from_secs(50);
+
+    #[test]
+    fn first_lease_reads_double_from_the_settling_minimum_and_stop() {
+        let ms = Duration::from_millis;
+        // A 15 s heartbeat (settling reads 3.75 s apart): 250 ms, 500 ms, 1 s, then over.
+        let gaps: Vec<Option<Duration>> =
+            (0..5).map(|done| first_lease_gap(done, ms(3750))).collect();
+        assert_eq!(
+            gaps,
+            [Some(ms(250)), Some(ms(500)), Some(ms(1000)), None, None]
+        );
+        // Never further apart than the settling reads themselves (a 2 s heartbeat: 500 ms).
+        let gaps: Vec<Option<Duration>> =
+            (0..4).map(|done| first_lease_gap(done, ms(500))).collect();
+        assert_eq!(gaps, [Some(ms(250)), Some(ms(500)), Some(ms(500)), None]);
+        // Any count is safe.
+        assert_eq!(first_lease_gap(u32::MAX, ms(500)), None);
+    }
 
     fn stamp(epoch: u64, generation: u64) -> Option<LeaseStamp> {
         Some(LeaseStamp { epoch, generation })
