@@ -199,6 +199,26 @@ async fn wait_processed(ledger: &Ledger, names: &BTreeSet<String>, what: &str) -
     took
 }
 
+/// Workers w0 and w1 on a two-shard stream, processing into `ledger`, once each reads one
+/// shard; and how long the spread took.
+async fn two_readers(
+    app: &str,
+    stream: &str,
+    aws: &AwsClients,
+    ledger: &Arc<Ledger>,
+) -> (Vec<TestWorker>, Duration) {
+    let workers = start_workers_with(
+        app,
+        stream,
+        ["w0".into(), "w1".into()],
+        aws,
+        Some(ledger.clone()),
+    )
+    .await;
+    let took = wait_spread(aws, app, &workers, 1, 1, Duration::from_secs(30)).await;
+    (workers, took)
+}
+
 fn assert_none_lost_never_two_readers(report: &Report) {
     assert!(
         report.overlaps.is_empty() && report.lost.is_empty(),
@@ -263,15 +283,7 @@ async fn a_lease_without_a_counter_is_still_read() {
     put_lease(&aws, &app, &sh[1].id, vec![("checkpoint", s(TRIM_HORIZON))]).await;
     let mut produced = put_to(&aws, &stream, &sh[1], "before", 20).await;
     let ledger = Arc::new(Ledger::default());
-    let workers = start_workers_with(
-        &app,
-        &stream,
-        ["w0".into(), "w1".into()],
-        &aws,
-        Some(ledger.clone()),
-    )
-    .await;
-    wait_spread(&aws, &app, &workers, 1, 1, Duration::from_secs(30)).await;
+    let (workers, _) = two_readers(&app, &stream, &aws, &ledger).await;
     let took = wait_processed(&ledger, &produced, "shard 1 (created without a counter)").await;
     eprintln!("lease created without leaseCounter: its records processed {took:?} after spread");
     let store = lease_store(&aws, &app);
@@ -411,15 +423,7 @@ async fn a_deleted_lease_comes_back_and_its_shard_is_read_again() {
     create_stream(&aws, &stream, 2).await;
     let sh = shards(&aws, &stream).await;
     let ledger = Arc::new(Ledger::default());
-    let workers = start_workers_with(
-        &app,
-        &stream,
-        ["w0".into(), "w1".into()],
-        &aws,
-        Some(ledger.clone()),
-    )
-    .await;
-    wait_spread(&aws, &app, &workers, 1, 1, Duration::from_secs(30)).await;
+    let (workers, _) = two_readers(&app, &stream, &aws, &ledger).await;
     let mut produced = put_to(&aws, &stream, &sh[0], "before", 20).await;
     wait_processed(&ledger, &produced, "shard 0's first records").await;
 
@@ -509,15 +513,7 @@ async fn a_lease_whose_owner_is_not_a_string_is_still_read() {
     let mut produced = put_to(&aws, &stream, &sh[0], "before0", 20).await;
     produced.extend(put_to(&aws, &stream, &sh[1], "before1", 20).await);
     let ledger = Arc::new(Ledger::default());
-    let workers = start_workers_with(
-        &app,
-        &stream,
-        ["w0".into(), "w1".into()],
-        &aws,
-        Some(ledger.clone()),
-    )
-    .await;
-    let took = wait_spread(&aws, &app, &workers, 1, 1, Duration::from_secs(30)).await;
+    let (workers, took) = two_readers(&app, &stream, &aws, &ledger).await;
     eprintln!("non-string owners (N, BOOL): one lease each after {took:?}");
     let took = wait_processed(&ledger, &produced, "records put before the workers started").await;
     eprintln!("non-string owners: earlier records processed {took:?} later");
