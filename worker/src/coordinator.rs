@@ -531,15 +531,18 @@ async fn stream_unchanged(ctx: &Context, round: &mut RoundState) -> bool {
     if Instant::now() < round.next_sync {
         return true;
     }
-    let listing = list_stream(ctx).await;
-    round.next_sync = Instant::now() + ctx.state.settings.shard_poll_interval;
-    match listing {
+    let unchanged = match list_stream(ctx).await {
         Ok(listed) => round.listed.as_ref() == Some(&shard_ids(&listed)),
         Err(e) => {
             tracing::warn!(error = %e, "cannot list the stream's shards; trying again later");
             true
         }
+    };
+    // A listing that differs leaves the sync due, so the full round it leads to syncs.
+    if unchanged {
+        round.next_sync = Instant::now() + ctx.state.settings.shard_poll_interval;
     }
+    unchanged
 }
 
 /// One lease round. `quiet` (nothing moved at the last full round, which was under 1.75
